@@ -1,0 +1,391 @@
+"""The Baichuan forward pass, top to bottom, and the `Model` that holds the weights.
+
+Every function below takes the array module `xp` (numpy or cupy) so the same lines run on the CPU and the GPU.
+Weights are looked up by their checkpoint names in a mapping `w`; a linear weight is either a float array
+(out_features, in_features) or a `bcnp.quant.QuantizedWeight`, and `linear` hides the difference.
+
+Shapes: T new tokens, S = tokens in the cache after appending them, H hidden, nh heads, hd head_dim.
+"""
+import json
+import math
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from .config import Config
+from .quant import QuantizedWeight
+
+
+# --- the building blocks ---------------------------------------------------------------------------------------
+
+def rms_norm(xp, x, weight, eps):
+    # x * rsqrt(mean(x^2) + eps) * w, in float32 like the original
+    variance = xp.mean(x * x, axis=-1, keepdims=True)
+    return x * (1.0 / xp.sqrt(variance + eps)) * weight
+
+
+def linear(x, w):
+    """x @ w.T for x (T, in) and w (out, in); a quantized weight multiplies with its own kernels."""
+    if isinstance(w, QuantizedWeight):
+        return w.matmul(x)
+    return x @ w.T
+
+
+def silu(xp, x):
+    return x / (1.0 + xp.exp(-x))
+
+
+def swiglu_mlp(xp, x, w, p):
+    """down_proj(silu(gate_proj(x)) * up_proj(x))."""
+    gate = linear(x, w[p + "mlp.gate_proj.weight"])
+    up = linear(x, w[p + "mlp.up_proj.weight"])
+    return linear(silu(xp, gate) * up, w[p + "mlp.down_proj.weight"])
+
+
+def alibi_slopes(n_heads):
+    """The original `_get_interleave(n)`: a geometric sequence 2^(-8/n)^(i+1) for a power of two, else the
+    sequence of the power of two below n followed by every other slope of the one above (40 heads: 32 + 8)."""
+    def power_of_2(n):
+        start = 2 ** (-(2 ** -(math.log2(n) - 3)))
+        return [start * start ** i for i in range(n)]
+
+    if math.log2(n_heads).is_integer():
+        return power_of_2(n_heads)
+    p = 2 ** math.floor(math.log2(n_heads))
+    return power_of_2(p) + power_of_2(2 * p)[0::2][: n_heads - p]
+
+
+def attention_bias(xp, config, q_pos, k_pos):
+    """Additive score bias (nh or 1, T, S): the causal mask, plus ALiBi for 13B.
+
+    The original adds slope·j; slope·(j - i) gives the same softmax (the row shift cancels) and stays small at
+    long contexts, where slope·j would cost float32 precision."""
+    distance = (k_pos[None, :] - q_pos[:, None]).astype(xp.float32)         # (T, S), j - i
+    causal = xp.where(distance > 0, xp.float32(-xp.inf), xp.float32(0.0))   # future keys masked
+    if config.position_embedding != "alibi":
+        return causal[None]
+    slopes = xp.asarray(alibi_slopes(config.num_attention_heads), dtype=xp.float32)
+    return slopes[:, None, None] * distance[None] + causal[None]
+
+
+def rope_inv_freq(xp, config):
+    hd = config.head_dim
+    return 1.0 / (config.rope_theta ** (xp.arange(0, hd, 2, dtype=xp.float32) / hd))
+
+
+def rope(xp, x, positions, inv_freq):
+    """Rotary embedding, `rotate_half` style: (x1, x2) -> x·cos + (-x2, x1)·sin, x (T, nh, hd)."""
+    freqs = positions.astype(xp.float32)[:, None] * inv_freq[None, :]        # (T, hd/2)
+    emb = xp.concatenate([freqs, freqs], axis=-1)[:, None, :]                # (T, 1, hd)
+    half = x.shape[-1] // 2
+    rotated = xp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * xp.cos(emb) + rotated * xp.sin(emb)
+
+
+def softmax(xp, x):
+    e = xp.exp(x - x.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def attention(xp, q, k, v, bias):
+    """softmax(q·kᵀ/√hd + bias)·v per head; q (nh, T, hd), k and v (nh, S, hd) -> (nh, T, hd)."""
+    scores = (q @ k.transpose(0, 2, 1)) / math.sqrt(q.shape[-1]) + bias      # (nh, T, S)
+    return softmax(xp, scores) @ v
+
+
+# --- the KV cache ----------------------------------------------------------------------------------------------
+
+@dataclass
+class KVCache:
+    """Keys and values of every layer for positions [0, length), preallocated for the whole context.
+
+    Layout (layers, nh, max_len, hd), as in the original, so each head's keys are contiguous. On the CPU
+    np.zeros maps untouched pages lazily: a 4096-token 13B cache costs memory only as it fills."""
+    k: object
+    v: object
+    length: int = 0
+
+    @property
+    def max_len(self):
+        return self.k.shape[2]
+
+
+def new_cache(xp, config, max_len=None, dtype=None):
+    max_len = config.max_position if max_len is None else max_len
+    shape = (config.num_hidden_layers, config.num_attention_heads, max_len, config.head_dim)
+    dtype = xp.float32 if dtype is None else dtype
+    return KVCache(xp.zeros(shape, dtype=dtype), xp.zeros(shape, dtype=dtype))
+
+
+# --- the transformer ---------------------------------------------------------------------------------------------
+
+def decoder_layer(xp, x, w, i, config, cache, positions, bias, inv_freq):
+    """One pre-norm block: x + attention(rms_norm(x)), then x + mlp(rms_norm(x)). x (T, H)."""
+    p = f"model.layers.{i}."
+    T, H, nh, hd = x.shape[0], config.hidden_size, config.num_attention_heads, config.head_dim
+
+    h = rms_norm(xp, x, w[p + "input_layernorm.weight"], config.rms_norm_eps)
+    qkv = linear(h, w[p + "self_attn.W_pack.weight"])                       # (T, 3H): rows of W_pack are q | k | v
+    q, k, v = (qkv[:, j * H:(j + 1) * H].reshape(T, nh, hd) for j in range(3))
+    if inv_freq is not None:
+        q, k = rope(xp, q, positions, inv_freq), rope(xp, k, positions, inv_freq)
+
+    start, end = cache.length, cache.length + T
+    cache.k[i, :, start:end] = k.transpose(1, 0, 2)                          # (nh, T, hd)
+    cache.v[i, :, start:end] = v.transpose(1, 0, 2)
+    keys, values = cache.k[i, :, :end], cache.v[i, :, :end]                  # (nh, S, hd)
+    if keys.dtype != xp.float32:                                             # float16 cache on the GPU
+        keys, values = keys.astype(xp.float32), values.astype(xp.float32)
+    out = attention(xp, q.transpose(1, 0, 2), keys, values, bias)            # (nh, T, hd)
+    x = x + linear(out.transpose(1, 0, 2).reshape(T, H), w[p + "self_attn.o_proj.weight"])
+
+    h = rms_norm(xp, x, w[p + "post_attention_layernorm.weight"], config.rms_norm_eps)
+    return x + swiglu_mlp(xp, h, w, p)
+
+
+def transformer(xp, w, config, ids, cache, hidden=None, last_only=False):
+    """Token ids (T,) -> logits (T, V) (or (1, V) with last_only), appending T positions to the cache.
+
+    `hidden`, when a list, receives the embedding output, each layer's input and the final norm's output."""
+    T = len(ids)
+    if cache.length + T > cache.max_len:
+        raise ValueError(f"{cache.length} cached + {T} new tokens exceed the context of {cache.max_len}")
+    positions = xp.arange(cache.length, cache.length + T)
+    bias = attention_bias(xp, config, positions, xp.arange(cache.length + T))
+    inv_freq = rope_inv_freq(xp, config) if config.position_embedding == "rope" else None
+
+    x = w["model.embed_tokens.weight"][xp.asarray(ids)].astype(xp.float32)  # (T, H)
+    for i in range(config.num_hidden_layers):
+        if hidden is not None:
+            hidden.append(x)
+        x = decoder_layer(xp, x, w, i, config, cache, positions, bias, inv_freq)
+    cache.length += T
+
+    x = rms_norm(xp, x, w["model.norm.weight"], config.rms_norm_eps)
+    if hidden is not None:
+        hidden.append(x)
+    if last_only:
+        x = x[-1:]
+    return linear(x, w["lm_head.weight"])                                   # (T, V)
+
+
+# --- the model: weights, cache and generation around `transformer` ---------------------------------------------
+
+LINEAR_SUFFIXES = ("self_attn.W_pack.weight", "self_attn.o_proj.weight",
+                   "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight")
+
+
+def is_linear(name):
+    return name == "lm_head.weight" or name.endswith(LINEAR_SUFFIXES)
+
+
+def to_numpy(a):
+    """Host NumPy from either array module (cupy arrays have .get())."""
+    return a.get() if hasattr(a, "get") else np.asarray(a)
+
+
+def random_weights(config, seed=0, std=0.02, dtype=np.float32):
+    """Seeded random weights in the checkpoint layout (norm weights near 1), for tests, benchmarks and the demo."""
+    rng = np.random.default_rng(seed)
+    w = {}
+    for name, shape in config.weight_shapes().items():
+        if len(shape) == 1:
+            w[name] = (1.0 + 0.1 * rng.standard_normal(shape, dtype=np.float32)).astype(dtype)
+        else:
+            w[name] = (std * rng.standard_normal(shape, dtype=np.float32)).astype(dtype)
+    return w
+
+
+class CheckpointWeights(dict):
+    """Weights straight from a checkpoint: memory-mapped, converted to float32 the first time they are used.
+
+    Opening the real 13B (26.5 GB of bfloat16) must not materialise it, so conversion waits for use;
+    `Model.quantize` reads each tensor once through `tensor(name)` without keeping the float copy."""
+
+    def __init__(self, tensors):
+        super().__init__()
+        self.tensors = tensors
+
+    def tensor(self, name):
+        return self.tensors[name]
+
+    def __missing__(self, name):
+        self[name] = array = self.tensors[name].float32()
+        return array
+
+    def names(self):
+        return list(self.tensors)
+
+
+class Model:
+    """Baichuan-13B / 7B: `config`, the weights `w` (by checkpoint name), the array module `xp`."""
+
+    def __init__(self, config, w, xp=np, tokenizer=None, generation_config=None, path=None):
+        from .sampling import GenerationConfig
+        self.config, self.w, self.xp = config, w, xp
+        self.tokenizer = tokenizer
+        self.generation_config = generation_config or GenerationConfig()
+        self.path = path
+
+    # --- loading ---
+
+    @classmethod
+    def from_pretrained(cls, path):
+        """A Hugging Face directory (.bin or .safetensors shards) or one written by `python -m bcnp.convert`."""
+        from .checkpoint import read_checkpoint
+        from .convert import expected_converted_shapes
+        from .sampling import GenerationConfig
+
+        path = os.fspath(path)
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"{path}: no such model directory")
+        config = Config.from_json(path)
+        with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+            bcnp_section = json.load(f).get("bcnp")
+        if bcnp_section is None:
+            tensors = read_checkpoint(path, config.weight_shapes())
+            w = CheckpointWeights(tensors)
+        else:
+            bits = (bcnp_section.get("quantization") or {}).get("bits")
+            tensors = read_checkpoint(path, expected_converted_shapes(config, bits))
+            w = CheckpointWeights({n: t for n, t in tensors.items() if not n.endswith((".qweight", ".scales"))})
+            for name in tensors:
+                if name.endswith(".qweight"):
+                    base = name[: -len(".qweight")]
+                    out_features, in_features = config.weight_shapes()[base + ".weight"]
+                    w[base + ".weight"] = QuantizedWeight(tensors[name].numpy(), tensors[base + ".scales"].numpy(),
+                                                          bits=8 if tensors[name].dtype == "int8" else 4,
+                                                          in_features=in_features)
+        tokenizer = None
+        if os.path.exists(os.path.join(path, "tokenizer.model")):
+            from .tokenizer import Tokenizer
+            tokenizer = Tokenizer(os.path.join(path, "tokenizer.model"))
+        return cls(config, w, np, tokenizer, GenerationConfig.from_json(path), path)
+
+    def _with_weights(self, w, xp):
+        return Model(self.config, w, xp, self.tokenizer, self.generation_config, self.path)
+
+    def quantize(self, bits):
+        """Every linear weight to `bits` (8 or 4; lm_head always 8), the embedding to float16; one tensor at a
+        time, so a bfloat16 13B quantizes in little more memory than its quantized size."""
+        if bits not in (8, 4):
+            raise ValueError(f"quantize: bits must be 8 or 4, got {bits!r}")
+        if self.xp is not np:
+            raise ValueError("quantize on the CPU, then move: model.quantize(8).cuda()")
+        names = self.w.names() if isinstance(self.w, CheckpointWeights) else list(self.w)
+        quantized = {}
+        for name in names:
+            if isinstance(self.w, CheckpointWeights) and name not in self.w:
+                array = self.w.tensor(name).float32()          # read once, not kept
+            else:
+                array = self.w[name]
+            if isinstance(array, QuantizedWeight) or not is_linear(name):
+                quantized[name] = array.astype(np.float16) if name == "model.embed_tokens.weight" else array
+            else:
+                quantized[name] = QuantizedWeight.from_float(array, 8 if name == "lm_head.weight" else bits)
+        return self._with_weights(quantized, np)
+
+    def cuda(self):
+        from .backend import to_device
+        return to_device(self)
+
+    def cpu(self):
+        from .backend import to_host
+        return to_host(self)
+
+    # --- running ---
+
+    def new_cache(self, max_len=None):
+        return new_cache(self.xp, self.config, max_len)
+
+    def forward(self, ids, cache):
+        """Logits (T_new, V) for `ids` appended after what `cache` holds; always host float32."""
+        return to_numpy(transformer(self.xp, self.w, self.config, self._check_ids(ids), cache))
+
+    def logits(self, ids):
+        """Logits (T, V) of one full forward pass with a fresh cache."""
+        ids = self._check_ids(ids)
+        return self.forward(ids, self.new_cache(len(ids)))
+
+    def hidden_states(self, ids):
+        """(L + 1, T, H): the embedding output, each layer's input, the final norm's output."""
+        ids = self._check_ids(ids)
+        hidden = []
+        transformer(self.xp, self.w, self.config, ids, self.new_cache(len(ids)), hidden=hidden)
+        return np.stack([to_numpy(h) for h in hidden])
+
+    def _check_ids(self, ids):
+        ids = np.asarray(ids)
+        if ids.ndim != 1 or ids.size == 0 or not np.issubdtype(ids.dtype, np.integer):
+            raise ValueError(f"token ids must be a non-empty 1-D sequence of integers, got shape {ids.shape} "
+                             f"dtype {ids.dtype}")
+        if ids.min() < 0 or ids.max() >= self.config.vocab_size:
+            raise ValueError(f"token ids must be in [0, {self.config.vocab_size}), got {ids.min()}..{ids.max()}")
+        return ids.astype(np.int64)
+
+    def generate(self, ids, max_new_tokens=None, temperature=None, top_k=None, top_p=None,
+                 repetition_penalty=None, do_sample=None, seed=None):
+        """Yield new token ids one at a time; stop at eos (not yielded), max_new_tokens or a full context.
+        Unset arguments come from the checkpoint's generation_config.json."""
+        from .sampling import next_token
+        g = self.generation_config
+        max_new_tokens = g.max_new_tokens if max_new_tokens is None else max_new_tokens
+        settings = dict(temperature=g.temperature if temperature is None else temperature,
+                        top_k=g.top_k if top_k is None else top_k,
+                        top_p=g.top_p if top_p is None else top_p,
+                        repetition_penalty=g.repetition_penalty if repetition_penalty is None else repetition_penalty,
+                        do_sample=g.do_sample if do_sample is None else do_sample)
+        ids = self._check_ids(ids)
+        if len(ids) >= self.config.max_position:
+            raise ValueError(f"prompt has {len(ids)} tokens; the context holds {self.config.max_position} "
+                             "(prompt plus at least one new token)")
+        rng = np.random.default_rng(seed)
+        cache = self.new_cache(min(self.config.max_position, len(ids) + max(max_new_tokens, 0)))
+        seen = [int(t) for t in ids]
+        step = ids
+        for _ in range(max_new_tokens):
+            logits = to_numpy(transformer(self.xp, self.w, self.config, step, cache, last_only=True))[0]
+            token = next_token(logits, seen, rng=rng, **settings)
+            if token == self.config.eos_token_id:
+                return
+            yield token
+            seen.append(token)
+            if cache.length >= cache.max_len:
+                return
+            step = np.array([token])
+
+    # --- chat ---
+
+    def build_chat_input(self, messages, max_new_tokens=0):
+        from .chat import build_chat_input
+        g = self.generation_config
+        return build_chat_input(self._require_tokenizer(), messages, model_max_length=self.config.max_position,
+                                max_new_tokens=max_new_tokens, generation_max_new_tokens=g.max_new_tokens,
+                                user_token_id=g.user_token_id, assistant_token_id=g.assistant_token_id)
+
+    def __call__(self, messages, stream=False, **generate_kwargs):
+        """The seed's chat API: {'response': text, 'history': messages + [reply]}, or with stream=True an
+        iterator of text pieces as they are produced."""
+        pieces = self._chat_stream(messages, generate_kwargs)
+        if stream:
+            return pieces
+        response = "".join(pieces)
+        return {"response": response, "history": list(messages) + [{"role": "assistant", "content": response}]}
+
+    def _chat_stream(self, messages, generate_kwargs):
+        from .tokenizer import StreamDecoder
+        ids = self.build_chat_input(messages, generate_kwargs.get("max_new_tokens") or 0)
+        decoder = StreamDecoder(self._require_tokenizer())
+        for token in self.generate(ids, **generate_kwargs):
+            text = decoder.put(token)
+            if text:
+                yield text
+        text = decoder.end()
+        if text:
+            yield text
+
+    def _require_tokenizer(self):
+        if self.tokenizer is None:
+            raise ValueError(f"{self.path or 'this model'}: no tokenizer.model in the model directory")
+        return self.tokenizer

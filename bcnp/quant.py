@@ -1,0 +1,254 @@
+"""Block quantization of linear weights: GGML Q8_0 (8 bits) and Q4_0 (4 bits) on flat arrays (SPEC section 4).
+
+A weight w (out, in) is cut along `in` into blocks of 32; each block gets one float16 scale d and 32 codes:
+
+    8 bits (Q8_0): d = max|x| / 127,       q = round(x / d)              int8 in [-127, 127],  x^ = q * d
+    4 bits (Q4_0): d = m / -8 (m = the     q = min(15, trunc(x / d + 8.5))  0..15, two per byte,  x^ = (q - 8) * d
+                   value of largest magnitude, with its sign)
+
+stored as two flat arrays: qweight (int8 (out, in), or uint8 (out, in/2) with byte j of a block holding code j in
+its low nibble and code j + 16 in its high nibble) and scales (float16 (out, in/32)). The arithmetic is GGML's to
+the bit: d and 1/d are computed in float32, only the stored scale is float16, round() is half away from zero, and a
+block of zeros has d = 0 (1/d taken as 0). Rows whose length is not a multiple of 32 are padded with zeros.
+
+Two implementations of the same functions:
+- `quantize`, `dequantize`, `pack_nibbles`, `unpack_nibbles` below are the specification in plain NumPy: read
+  these to know what the format is.
+- `quantize_fast`, `dequantize_fast` (same signatures) run the compiled kernels of csrc/quant.pyx, bit-identical
+  (the tests check), multi-threaded; use them for real tensors. `QuantizedWeight` -- the quantized linear layer the
+  model calls -- always uses the compiled kernels, including the fused decode matvec.
+
+Threads: an explicit `threads` argument, else $OMP_NUM_THREADS, else all cores.
+"""
+import numpy as np
+
+try:
+    from . import _quant
+except ImportError as e:                                    # pragma: no cover - a broken install
+    raise ImportError("bcnp._quant (the compiled kernels of csrc/quant.pyx) is missing or failed to load "
+                      f"({e}); build it with `pip install -e .` (or `python setup.py build_ext --inplace`)") from e
+
+BLOCK = 32
+BITS = (8, 4)
+
+
+# --- the specification, in NumPy ------------------------------------------------------------------------------
+
+def _check_bits(bits):
+    if bits not in BITS:
+        raise ValueError(f"bits must be 8 or 4, got {bits!r}")
+
+
+def padded_width(in_features):
+    return -(-in_features // BLOCK) * BLOCK
+
+
+def _weight_blocks(w, name):
+    """w as float32 (out, in_pad), zero-padded to whole blocks, checked finite."""
+    w = np.asarray(w)
+    if w.ndim != 2 or w.shape[1] == 0 or not np.issubdtype(w.dtype, np.floating):
+        raise ValueError(f"{name}: expected a 2-D float array (out_features, in_features), "
+                         f"got {w.dtype} with shape {w.shape}")
+    w = w.astype(np.float32, copy=False)
+    bad = ~np.isfinite(w)
+    if bad.any():
+        r, c = np.argwhere(bad)[0]
+        raise ValueError(f"{name}: non-finite value {w[r, c]} at [{r}, {c}]; cannot quantize")
+    pad = padded_width(w.shape[1]) - w.shape[1]
+    if pad:
+        w = np.pad(w, ((0, 0), (0, pad)))
+    return w
+
+
+def _inverse(d):
+    """1/d per block, 0 where d is 0 -- or where 1/d overflows (d < 2^-128; its float16 scale is 0 anyway and GGML
+    leaves the case undefined: such a block is stored like a zero block)."""
+    with np.errstate(divide="ignore", over="ignore"):
+        inv = np.float32(1) / d
+    return np.where(np.isfinite(inv), inv, np.float32(0))
+
+
+def _round_half_away(v):
+    """C's roundf: truncate, then step away from zero when the dropped fraction is at least one half."""
+    t = np.trunc(v)
+    return np.where(np.abs(v - t) >= 0.5, t + np.sign(v), t)
+
+
+def _float16_scales(d, name, bits):
+    d16 = d.astype(np.float16)
+    if np.isinf(d16).any():
+        r, b = np.argwhere(np.isinf(d16))[0]
+        raise ValueError(f"{name}: block [{r}, {BLOCK * b}:{BLOCK * (b + 1)}] has a scale {float(d[r, b])} too large "
+                         f"for float16 at {bits} bits (max |w| < {65504 * (127 if bits == 8 else 8)})")
+    return d16
+
+
+def quantize(w, bits, name="weight"):
+    """w float (out, in) -> (qweight, scales): int8 (out, in_pad) for 8 bits, packed uint8 (out, in_pad/2) for 4;
+    scales float16 (out, in_pad/32). The readable reference; `quantize_fast` is the same, compiled."""
+    _check_bits(bits)
+    w = _weight_blocks(w, name)
+    blocks = w.reshape(w.shape[0], -1, BLOCK)                     # (out, n_blocks, 32)
+    if bits == 8:
+        d = np.abs(blocks).max(axis=-1) / np.float32(127)         # (out, n_blocks) float32
+        q = _round_half_away(blocks * _inverse(d)[..., None]).astype(np.int8)
+        qweight = q.reshape(w.shape)
+    else:
+        first_largest = np.abs(blocks).argmax(axis=-1)[..., None]
+        m = np.take_along_axis(blocks, first_largest, axis=-1)[..., 0]
+        d = m / np.float32(-8)
+        x = blocks * _inverse(d)[..., None] + np.float32(8.5)      # two float32 roundings, as GGML (no fma)
+        q = np.minimum(15, np.trunc(x)).astype(np.uint8)
+        qweight = pack_nibbles(q.reshape(w.shape))
+    return qweight, _float16_scales(d, name, bits)
+
+
+def dequantize(qweight, scales, bits, in_features=None):
+    """(qweight, scales) -> float32 (out, in): code * float32(scale); cut to in_features when given."""
+    _check_bits(bits)
+    q = unpack_nibbles(qweight).astype(np.int8) - np.int8(8) if bits == 4 else np.asarray(qweight)
+    out = q.shape[0]
+    blocks = q.reshape(out, -1, BLOCK).astype(np.float32)
+    w = (blocks * np.asarray(scales).astype(np.float32)[..., None]).reshape(out, -1)
+    return w if in_features is None else w[:, :in_features]
+
+
+def pack_nibbles(q):
+    """codes (..., 32k) uint8 in 0..15 -> (..., 16k): byte j of a block = code j | code j+16 << 4."""
+    q = np.asarray(q)
+    if q.shape[-1] % BLOCK or (q.size and q.max() > 15):
+        raise ValueError(f"pack_nibbles: expected codes 0..15 in rows of a multiple of 32, got shape {q.shape}")
+    blocks = q.astype(np.uint8).reshape(*q.shape[:-1], -1, 2, BLOCK // 2)
+    return (blocks[..., 0, :] | (blocks[..., 1, :] << 4)).reshape(*q.shape[:-1], -1)
+
+
+def unpack_nibbles(packed):
+    """The inverse of pack_nibbles: (..., 16k) -> codes (..., 32k)."""
+    packed = np.asarray(packed, dtype=np.uint8)
+    blocks = packed.reshape(*packed.shape[:-1], -1, 1, BLOCK // 2)
+    return np.concatenate([blocks & 0x0F, blocks >> 4], axis=-2).reshape(*packed.shape[:-1], -1)
+
+
+# --- the same, compiled ------------------------------------------------------------------------------------------
+
+def _c_contiguous(a, dtype):
+    a = np.asarray(a)
+    return a if a.dtype == dtype and a.flags.c_contiguous else np.ascontiguousarray(a, dtype=dtype)
+
+
+def quantize_fast(w, bits, name="weight", threads=None):
+    """`quantize`, compiled and multi-threaded; bit-identical."""
+    _check_bits(bits)
+    w = np.asarray(w)
+    if w.ndim != 2 or w.shape[1] == 0 or not np.issubdtype(w.dtype, np.floating):
+        raise ValueError(f"{name}: expected a 2-D float array (out_features, in_features), "
+                         f"got {w.dtype} with shape {w.shape}")
+    w = _c_contiguous(w, np.float32)
+    pad = padded_width(w.shape[1]) - w.shape[1]
+    if pad:
+        w = np.pad(w, ((0, 0), (0, pad)))
+    kernel = _quant.quantize_q8_0 if bits == 8 else _quant.quantize_q4_0
+    qweight, scales = kernel(w, name, threads or 0)
+    return qweight, scales.view(np.float16)
+
+
+def dequantize_fast(qweight, scales, bits, in_features=None, threads=None, out=None):
+    """`dequantize`, compiled and multi-threaded; bit-identical. `out`: a float32 (out, in_pad) to fill."""
+    _check_bits(bits)
+    kernel = _quant.dequantize_q8_0 if bits == 8 else _quant.dequantize_q4_0
+    q = _c_contiguous(qweight, np.int8 if bits == 8 else np.uint8)
+    w = kernel(q, _c_contiguous(scales, np.float16).view(np.uint16), out, threads or 0)
+    return w if in_features is None else w[:, :in_features]
+
+
+# --- the quantized linear layer --------------------------------------------------------------------------------
+
+class QuantizedWeight:
+    """A quantized linear weight W (out_features, in_features): `qweight`, `scales` as in `quantize` (either may be
+    a read-only np.memmap of a converted checkpoint), padded to whole blocks along `in`.
+
+    `matmul(x)` is x @ W.T: one token (decode) goes through the fused kernel straight from the blocks; several tokens
+    (prefill) dequantize W a tile of rows at a time and multiply with BLAS."""
+
+    TILE_BYTES = 64 * 2**20                 # float32 scratch per tile of dequantized rows
+
+    def __init__(self, qweight, scales, bits, in_features=None):
+        _check_bits(bits)
+        dtype = np.int8 if bits == 8 else np.uint8
+        qweight, scales = np.asarray(qweight), np.asarray(scales)
+        if qweight.dtype != dtype or qweight.ndim != 2:
+            raise ValueError(f"QuantizedWeight: {bits}-bit qweight must be 2-D {np.dtype(dtype)}, "
+                             f"got {qweight.dtype} with shape {qweight.shape}")
+        in_pad = qweight.shape[1] * (1 if bits == 8 else 2)
+        if in_pad % BLOCK or scales.dtype != np.float16 or scales.shape != (qweight.shape[0], in_pad // BLOCK):
+            raise ValueError(f"QuantizedWeight: scales must be float16 {(qweight.shape[0], in_pad // BLOCK)} for "
+                             f"qweight {qweight.shape} at {bits} bits, got {scales.dtype} {scales.shape}")
+        in_features = in_pad if in_features is None else int(in_features)
+        if padded_width(in_features) != in_pad or in_features <= 0:
+            raise ValueError(f"QuantizedWeight: in_features {in_features} does not pad to the stored width {in_pad}")
+        self.qweight = _c_contiguous(qweight, dtype)
+        self.scales = _c_contiguous(scales, np.float16)
+        self.bits = bits
+        self.out_features, self.in_features, self.in_padded = qweight.shape[0], in_features, in_pad
+
+    @classmethod
+    def from_float(cls, w, bits, name="weight", threads=None):
+        w = np.asarray(w)
+        return cls(*quantize_fast(w, bits, name, threads), bits, in_features=w.shape[-1])
+
+    @property
+    def shape(self):
+        return (self.out_features, self.in_features)
+
+    @property
+    def nbytes(self):
+        return self.qweight.nbytes + self.scales.nbytes
+
+    def __repr__(self):
+        return f"QuantizedWeight(shape={self.shape}, bits={self.bits}, nbytes={self.nbytes})"
+
+    def dequantize(self, threads=None):
+        """float32 (out_features, in_features)."""
+        return dequantize_fast(self.qweight, self.scales, self.bits, self.in_features, threads)
+
+    def _padded(self, x):
+        """x (..., in_features) as contiguous float32 (..., in_padded), zeros in the padding."""
+        x = np.asarray(x, dtype=np.float32)
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"QuantizedWeight {self.shape}: input has {x.shape[-1]} features, "
+                             f"expected {self.in_features}")
+        if self.in_padded != self.in_features:
+            x = np.concatenate([x, np.zeros((*x.shape[:-1], self.in_padded - self.in_features), np.float32)], -1)
+        return np.ascontiguousarray(x)
+
+    def matvec(self, x, threads=None):
+        """y = W x for one token x (in_features,) -> (out_features,), fused: W is never expanded to float.
+        x is quantized per block of 32 to int8 (scale dx = max|x_b| / 127) and every block contributes its exact
+        integer dot product times d_w * dx, so |y - dequantize() @ x| <= sum_b |d_w,b| dx_b / 2 sum_i |q_i|
+        (the rounding of x) plus float32 summation error (about n_blocks * 2^-24 * sum |W x|)."""
+        x = self._padded(x)
+        if x.ndim != 1:
+            raise ValueError(f"QuantizedWeight.matvec: x must be 1-D, got shape {x.shape}")
+        kernel = _quant.matvec_q8_0 if self.bits == 8 else _quant.matvec_q4_0
+        return kernel(self.qweight, self.scales.view(np.uint16), x, None, threads or 0)
+
+    def matmul(self, x, threads=None):
+        """x (T, in_features) -> x @ W.T (T, out_features); x (in_features,) -> (out_features,)."""
+        x = np.asarray(x, dtype=np.float32)
+        if x.ndim == 1:
+            return self.matvec(x, threads)
+        if x.ndim != 2:
+            raise ValueError(f"QuantizedWeight.matmul: x must be 1-D or 2-D, got shape {x.shape}")
+        if x.shape[0] == 1:
+            return self.matvec(x[0], threads)[None, :]
+        x = self._padded(x)
+        y = np.empty((x.shape[0], self.out_features), np.float32)
+        rows = max(1, min(self.out_features, self.TILE_BYTES // (4 * self.in_padded)))
+        scratch = np.empty((rows, self.in_padded), np.float32)
+        kernel = _quant.dequantize_q8_0 if self.bits == 8 else _quant.dequantize_q4_0
+        scales = self.scales.view(np.uint16)
+        for r in range(0, self.out_features, rows):
+            n = min(rows, self.out_features - r)
+            w = kernel(self.qweight[r:r + n], scales[r:r + n], scratch[:n], threads or 0)
+            y[:, r:r + n] = x @ w.T
+        return y

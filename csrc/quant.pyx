@@ -1,0 +1,266 @@
+# cython: language_level=3
+"""Compiled block-quantization kernels (GGML Q8_0 / Q4_0 on flat arrays); the C lives in quant_kernels.h.
+
+bcnp/quant.py holds the NumPy specification of every function here and is the module to call; these wrappers
+check shapes, split rows across OpenMP threads and raise on bad input.  Scales travel as their float16 bits
+(uint16), so a float16 array is passed as `scales.view(np.uint16)`.  Inputs are const memoryviews: read-only
+memory-mapped weights work without a copy.
+
+threads: 0 = the OMP_NUM_THREADS environment variable if it is set now, else OpenMP's default (all cores).
+"""
+import os
+
+from cython.parallel cimport prange
+from libc.stdint cimport int8_t, int32_t, int64_t, uint8_t, uint16_t, uint64_t
+cimport openmp
+
+import numpy as np
+
+cdef extern from "quant_kernels.h" nogil:
+    const char *bcnp_simd_name()
+    float bcnp_f16_to_f32(uint16_t h)
+    uint16_t bcnp_f32_to_f16(float f)
+    int BCNP_OK, BCNP_NONFINITE, BCNP_SCALE_OVERFLOW
+    int bcnp_quantize_row_q8_0(const float *x, int64_t n, int8_t *q, uint16_t *d, int64_t *bad)
+    int bcnp_quantize_row_q4_0(const float *x, int64_t n, uint8_t *q, uint16_t *d, int64_t *bad)
+    void bcnp_dequantize_row_q8_0(const int8_t *q, const uint16_t *d, int64_t n, float *y)
+    void bcnp_dequantize_row_q4_0(const uint8_t *q, const uint16_t *d, int64_t n, float *y)
+    void bcnp_quantize_activation(const float *x, int64_t n, int q4_layout, int8_t *xq, float *dx, int32_t *bias)
+    float bcnp_dot_q8_0(const int8_t *w, const uint16_t *d, const int8_t *xq, const float *dx, int64_t nb)
+    float bcnp_dot_q4_0(const uint8_t *w, const uint16_t *d, const int8_t *xq, const float *dx,
+                        const int32_t *bias, int64_t nb)
+    uint64_t bcnp_sum_words(const uint64_t *a, int64_t n)
+
+SIMD = bcnp_simd_name().decode()          # which dot-product implementation was compiled in
+
+
+def resolve_threads(threads=0):
+    """The thread count to use: `threads` if positive, else $OMP_NUM_THREADS, else OpenMP's default."""
+    if threads is not None and threads > 0:
+        return int(threads)
+    env = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    return openmp.omp_get_max_threads()
+
+
+def _check_width(Py_ssize_t n, str what):
+    if n <= 0 or n % 32:
+        raise ValueError(f"{what}: width {n} is not a positive multiple of 32 (pad rows first)")
+
+
+def _check_scales(d, Py_ssize_t rows, Py_ssize_t n, str what):
+    if d.shape[0] != rows or d.shape[1] != n // 32:
+        raise ValueError(f"{what}: scales have shape {tuple(d.shape)[:2]}, expected ({rows}, {n // 32})")
+
+
+def _raise_on_status(const float[:, ::1] w, int32_t[::1] status, int64_t[::1] bad, str name, int bits):
+    cdef Py_ssize_t r
+    for r in range(status.shape[0]):
+        if status[r] == BCNP_NONFINITE:
+            raise ValueError(f"{name}: non-finite value {w[r, bad[r]]} at [{r}, {bad[r]}]; cannot quantize")
+        if status[r] == BCNP_SCALE_OVERFLOW:
+            c = bad[r]
+            block = np.asarray(w[r, c:c + 32])
+            raise ValueError(f"{name}: block [{r}, {c}:{c + 32}] has max |w| = {np.abs(block).max()}, too large for a "
+                             f"float16 scale at {bits} bits (max |w| < {65504 * (127 if bits == 8 else 8)})")
+
+
+# ---- quantize / dequantize ------------------------------------------------------------------------------------
+
+def quantize_q8_0(const float[:, ::1] w not None, str name="weight", int threads=0):
+    """w (rows, n) float32, n % 32 == 0 -> (q int8 (rows, n), d uint16 float16 bits (rows, n/32))."""
+    cdef Py_ssize_t rows = w.shape[0], n = w.shape[1], r
+    _check_width(n, name)
+    q = np.empty((rows, n), np.int8)
+    d = np.empty((rows, n // 32), np.uint16)
+    cdef int8_t[:, ::1] qv = q
+    cdef uint16_t[:, ::1] dv = d
+    cdef int32_t[::1] status = np.zeros(rows, np.int32)
+    cdef int64_t[::1] bad = np.zeros(rows, np.int64)
+    cdef int nt = resolve_threads(threads)
+    with nogil:
+        for r in prange(rows, num_threads=nt, schedule="static"):
+            status[r] = bcnp_quantize_row_q8_0(&w[r, 0], n, &qv[r, 0], &dv[r, 0], &bad[r])
+    _raise_on_status(w, status, bad, name, 8)
+    return q, d
+
+
+def quantize_q4_0(const float[:, ::1] w not None, str name="weight", int threads=0):
+    """w (rows, n) float32, n % 32 == 0 -> (q uint8 packed (rows, n/2), d uint16 float16 bits (rows, n/32))."""
+    cdef Py_ssize_t rows = w.shape[0], n = w.shape[1], r
+    _check_width(n, name)
+    q = np.empty((rows, n // 2), np.uint8)
+    d = np.empty((rows, n // 32), np.uint16)
+    cdef uint8_t[:, ::1] qv = q
+    cdef uint16_t[:, ::1] dv = d
+    cdef int32_t[::1] status = np.zeros(rows, np.int32)
+    cdef int64_t[::1] bad = np.zeros(rows, np.int64)
+    cdef int nt = resolve_threads(threads)
+    with nogil:
+        for r in prange(rows, num_threads=nt, schedule="static"):
+            status[r] = bcnp_quantize_row_q4_0(&w[r, 0], n, &qv[r, 0], &dv[r, 0], &bad[r])
+    _raise_on_status(w, status, bad, name, 4)
+    return q, d
+
+
+def _output(out, Py_ssize_t rows, Py_ssize_t n, str what):
+    if out is None:
+        return np.empty((rows, n), np.float32)
+    if out.shape[0] != rows or out.shape[1] != n:
+        raise ValueError(f"{what}: out has shape {tuple(out.shape)[:2]}, expected ({rows}, {n})")
+    return out
+
+
+def dequantize_q8_0(const int8_t[:, ::1] q not None, const uint16_t[:, ::1] d not None, float[:, ::1] out=None,
+                    int threads=0):
+    """q int8 (rows, n), d (rows, n/32) float16 bits -> float32 (rows, n), into `out` when given."""
+    cdef Py_ssize_t rows = q.shape[0], n = q.shape[1], r
+    _check_width(n, "dequantize_q8_0")
+    _check_scales(d, rows, n, "dequantize_q8_0")
+    y = _output(out, rows, n, "dequantize_q8_0")
+    cdef float[:, ::1] yv = y
+    cdef int nt = resolve_threads(threads)
+    with nogil:
+        for r in prange(rows, num_threads=nt, schedule="static"):
+            bcnp_dequantize_row_q8_0(&q[r, 0], &d[r, 0], n, &yv[r, 0])
+    return np.asarray(y)
+
+
+def dequantize_q4_0(const uint8_t[:, ::1] q not None, const uint16_t[:, ::1] d not None, float[:, ::1] out=None,
+                    int threads=0):
+    """q uint8 packed (rows, n/2), d (rows, n/32) float16 bits -> float32 (rows, n), into `out` when given."""
+    cdef Py_ssize_t rows = q.shape[0], n = 2 * q.shape[1], r
+    _check_width(n, "dequantize_q4_0")
+    _check_scales(d, rows, n, "dequantize_q4_0")
+    y = _output(out, rows, n, "dequantize_q4_0")
+    cdef float[:, ::1] yv = y
+    cdef int nt = resolve_threads(threads)
+    with nogil:
+        for r in prange(rows, num_threads=nt, schedule="static"):
+            bcnp_dequantize_row_q4_0(&q[r, 0], &d[r, 0], n, &yv[r, 0])
+    return np.asarray(y)
+
+
+# ---- nibble packing ------------------------------------------------------------------------------------------
+
+def pack_nibbles(const uint8_t[:, ::1] codes not None):
+    """codes (rows, n) in 0..15, n % 32 == 0 -> (rows, n/2): byte j of a block = code j | code j+16 << 4."""
+    cdef Py_ssize_t rows = codes.shape[0], n = codes.shape[1], r, b, j
+    _check_width(n, "pack_nibbles")
+    packed = np.empty((rows, n // 2), np.uint8)
+    cdef uint8_t[:, ::1] p = packed
+    cdef uint8_t too_big = 0
+    with nogil:
+        for r in range(rows):
+            for b in range(n // 32):
+                for j in range(16):
+                    too_big |= codes[r, 32 * b + j] | codes[r, 32 * b + j + 16]
+                    p[r, 16 * b + j] = (codes[r, 32 * b + j] & 0x0F) | (codes[r, 32 * b + j + 16] << 4)
+    if too_big > 15:
+        raise ValueError("pack_nibbles: codes must lie in 0..15")
+    return packed
+
+
+def unpack_nibbles(const uint8_t[:, ::1] packed not None):
+    """The inverse of pack_nibbles: (rows, n/2) -> codes (rows, n)."""
+    cdef Py_ssize_t rows = packed.shape[0], n = 2 * packed.shape[1], r, b, j
+    _check_width(n, "unpack_nibbles")
+    codes = np.empty((rows, n), np.uint8)
+    cdef uint8_t[:, ::1] c = codes
+    with nogil:
+        for r in range(rows):
+            for b in range(n // 32):
+                for j in range(16):
+                    c[r, 32 * b + j] = packed[r, 16 * b + j] & 0x0F
+                    c[r, 32 * b + j + 16] = packed[r, 16 * b + j] >> 4
+    return codes
+
+
+# ---- decode matvec: y = W x straight from the blocks -------------------------------------------------------------
+
+def _matvec_output(out, Py_ssize_t rows):
+    if out is None:
+        return np.empty(rows, np.float32)
+    if out.shape[0] != rows:
+        raise ValueError(f"matvec: out has {out.shape[0]} elements, expected {rows}")
+    return out
+
+
+def matvec_q8_0(const int8_t[:, ::1] q not None, const uint16_t[:, ::1] d not None, const float[::1] x not None,
+                float[::1] out=None, int threads=0):
+    """y (rows,) = W x for W = Q8_0 blocks (q int8 (rows, n), d (rows, n/32)), x float32 (n,)."""
+    cdef Py_ssize_t rows = q.shape[0], n = q.shape[1], nb = n // 32, r
+    _check_width(n, "matvec_q8_0")
+    _check_scales(d, rows, n, "matvec_q8_0")
+    if x.shape[0] != n:
+        raise ValueError(f"matvec_q8_0: x has {x.shape[0]} elements, the weight's rows {n}")
+    y = _matvec_output(out, rows)
+    cdef float[::1] yv = y
+    cdef int8_t[::1] xq = np.empty(n, np.int8)
+    cdef float[::1] dx = np.empty(nb, np.float32)
+    cdef int nt = resolve_threads(threads)
+    with nogil:
+        bcnp_quantize_activation(&x[0], n, 0, &xq[0], &dx[0], NULL)
+        for r in prange(rows, num_threads=nt, schedule="static"):
+            yv[r] = bcnp_dot_q8_0(&q[r, 0], &d[r, 0], &xq[0], &dx[0], nb)
+    return np.asarray(y)
+
+
+def matvec_q4_0(const uint8_t[:, ::1] q not None, const uint16_t[:, ::1] d not None, const float[::1] x not None,
+                float[::1] out=None, int threads=0):
+    """y (rows,) = W x for W = Q4_0 blocks (q uint8 packed (rows, n/2), d (rows, n/32)), x float32 (n,)."""
+    cdef Py_ssize_t rows = q.shape[0], n = 2 * q.shape[1], nb = n // 32, r
+    _check_width(n, "matvec_q4_0")
+    _check_scales(d, rows, n, "matvec_q4_0")
+    if x.shape[0] != n:
+        raise ValueError(f"matvec_q4_0: x has {x.shape[0]} elements, the weight's rows {n}")
+    y = _matvec_output(out, rows)
+    cdef float[::1] yv = y
+    cdef int8_t[::1] xq = np.empty(n, np.int8)
+    cdef float[::1] dx = np.empty(nb, np.float32)
+    cdef int32_t[::1] bias = np.empty(16 * (nb // 4) + 1, np.int32)
+    cdef int nt = resolve_threads(threads)
+    with nogil:
+        bcnp_quantize_activation(&x[0], n, 1, &xq[0], &dx[0], &bias[0])
+        for r in prange(rows, num_threads=nt, schedule="static"):
+            yv[r] = bcnp_dot_q4_0(&q[r, 0], &d[r, 0], &xq[0], &dx[0], &bias[0], nb)
+    return np.asarray(y)
+
+
+# ---- helpers for tests and benchmarks ------------------------------------------------------------------------
+
+def f32_to_f16_bits(const float[::1] x not None):
+    """float32 -> float16 bits, nearest even: the conversion the quantizers use for scales."""
+    out = np.empty(x.shape[0], np.uint16)
+    cdef uint16_t[::1] o = out
+    cdef Py_ssize_t i
+    with nogil:
+        for i in range(x.shape[0]):
+            o[i] = bcnp_f32_to_f16(x[i])
+    return out
+
+
+def f16_bits_to_f32(const uint16_t[::1] h not None):
+    out = np.empty(h.shape[0], np.float32)
+    cdef float[::1] o = out
+    cdef Py_ssize_t i
+    with nogil:
+        for i in range(h.shape[0]):
+            o[i] = bcnp_f16_to_f32(h[i])
+    return out
+
+
+def stream_read(const uint64_t[::1] a not None, int threads=0):
+    """Sum of all words of `a`, each thread streaming one contiguous slice: a memory read-bandwidth probe."""
+    cdef int nt = resolve_threads(threads), t
+    cdef Py_ssize_t n = a.shape[0], lo, hi
+    cdef uint64_t[::1] partial = np.zeros(nt, np.uint64)
+    if n == 0:
+        return 0
+    with nogil:
+        for t in prange(nt, num_threads=nt, schedule="static", chunksize=1):
+            lo = n * t // nt
+            hi = n * (t + 1) // nt
+            partial[t] = bcnp_sum_words(&a[lo], hi - lo)
+    return int(np.asarray(partial).sum())
