@@ -375,7 +375,11 @@ class Model:
 
     def _chat_stream(self, messages, generate_kwargs):
         from .tokenizer import StreamDecoder
-        ids = self.build_chat_input(messages, generate_kwargs.get("max_new_tokens") or 0)
+        # The checkpoint's default (2048) assumes the real 4096-token context; keep half for the prompt otherwise.
+        max_new_tokens = (generate_kwargs.get("max_new_tokens")
+                          or min(self.generation_config.max_new_tokens, self.config.max_position // 2))
+        generate_kwargs = {**generate_kwargs, "max_new_tokens": max_new_tokens}
+        ids = self.build_chat_input(messages, max_new_tokens)
         decoder = StreamDecoder(self._require_tokenizer())
         for token in self.generate(ids, **generate_kwargs):
             text = decoder.put(token)

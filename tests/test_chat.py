@@ -1,0 +1,140 @@
+"""The chat template of Baichuan-13B-Chat (SPEC §3): golden token ids from the original code, then the rules
+of round dropping and truncation as properties."""
+import json
+import os
+import pathlib
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bcnp.chat import build_chat_input
+from bcnp.tokenizer import Tokenizer
+
+FIXTURES = pathlib.Path(__file__).parent / "fixtures"
+CHAT = json.loads((FIXTURES / "chat_input.json").read_text(encoding="utf-8"))
+USER, ASSISTANT = 195, 196
+
+
+def tokenizer_for(name):
+    if name == "tiny-spm":
+        return Tokenizer(FIXTURES / CHAT["tokenizers"][name])
+    directory = os.environ.get("BCNP_TOKENIZER_DIR")
+    path = pathlib.Path(directory or "") / f"{name}.model"
+    if not directory or not path.is_file():
+        pytest.skip(f"{name}.model not found (set BCNP_TOKENIZER_DIR to the folder holding the released tokenizers)")
+    return Tokenizer(path)
+
+
+@pytest.mark.parametrize("case", CHAT["cases"], ids=[c["case"] for c in CHAT["cases"]])
+def test_matches_the_original_build_chat_input(case):
+    tokenizer = tokenizer_for(case["tokenizer"])
+    assert [tokenizer.encode(m["content"]) for m in case["messages"]] == case["content_token_ids"]
+    ids = build_chat_input(tokenizer, case["messages"], model_max_length=case["model_max_length"],
+                           max_new_tokens=case["max_new_tokens_arg"],
+                           generation_max_new_tokens=case["generation_config_max_new_tokens"])
+    assert ids == case["input_ids"]
+    assert len(ids) <= case["max_input_tokens"]
+
+
+class CharTokenizer:
+    """One token per character (ids 1000 + code point), so lengths are easy to reason about."""
+
+    def encode(self, text):
+        return [1000 + ord(c) for c in text]
+
+
+def test_layout_system_rounds_and_role_tokens():
+    t = CharTokenizer()
+    messages = [{"role": "system", "content": "S"}, {"role": "user", "content": "ab"},
+                {"role": "assistant", "content": "c"}, {"role": "user", "content": "d"}]
+    ids = build_chat_input(t, messages, model_max_length=100, max_new_tokens=10)
+    assert ids == t.encode("S") + [USER] + t.encode("ab") + [ASSISTANT] + t.encode("c") + [USER] + t.encode("d") + [
+        ASSISTANT]
+    # ending on an assistant message: no role token appended (the model continues that reply)
+    ids = build_chat_input(t, messages[:3], model_max_length=100, max_new_tokens=10)
+    assert ids[-2:] == [ASSISTANT, 1000 + ord("c")]
+    # other role ids, as a checkpoint's generation_config.json may set them
+    ids = build_chat_input(t, messages[1:2], model_max_length=100, max_new_tokens=10, user_token_id=7,
+                           assistant_token_id=8)
+    assert ids == [7] + t.encode("ab") + [8]
+
+
+def test_max_new_tokens_zero_or_none_means_the_generation_config_value():
+    t = CharTokenizer()
+    messages = [{"role": "user", "content": "x" * 50}]
+    for unset in (0, None):
+        ids = build_chat_input(t, messages, model_max_length=100, max_new_tokens=unset, generation_max_new_tokens=90)
+        assert len(ids) == 10                                   # 100 - 90 tokens: the newest message is cut
+    assert len(build_chat_input(t, messages, model_max_length=4096, max_new_tokens=0)) == 52    # default 2048
+
+
+def test_a_newest_message_longer_than_the_budget_is_cut_from_the_left():
+    t = CharTokenizer()
+    ids = build_chat_input(t, [{"role": "user", "content": "abcdefghij"}], model_max_length=10, max_new_tokens=4)
+    assert ids == t.encode("fghij") + [ASSISTANT]
+
+
+# Conversations: an optional system prompt, then rounds of a user message and (except maybe the last) a reply.
+texts = st.text(alphabet="abcdef", max_size=12)
+conversations = st.tuples(
+    st.one_of(st.none(), texts),
+    st.lists(st.tuples(texts, texts), min_size=1, max_size=5),
+    st.booleans(),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(conversations, st.integers(2, 80), st.integers(1, 40))
+def test_keeps_the_longest_run_of_newest_rounds_that_fits(conversation, model_max_length, max_new_tokens):
+    system, exchanges, last_reply = conversation
+    if max_new_tokens >= model_max_length:
+        return
+    t = CharTokenizer()
+    messages = [{"role": "system", "content": system}] if system is not None else []
+    rounds = []
+    for i, (question, answer) in enumerate(exchanges):
+        messages.append({"role": "user", "content": question})
+        rounds.append([USER] + t.encode(question))
+        if i < len(exchanges) - 1 or last_reply:
+            messages.append({"role": "assistant", "content": answer})
+            rounds[-1] += [ASSISTANT] + t.encode(answer)
+
+    ids = build_chat_input(t, messages, model_max_length=model_max_length, max_new_tokens=max_new_tokens)
+
+    # SPEC §3: the newest round always, older ones while the history still fits in max_history_tokens
+    max_input_tokens = model_max_length - max_new_tokens
+    system_tokens = t.encode(system or "")
+    max_history_tokens = max_input_tokens - len(system_tokens)
+    first = len(rounds) - 1
+    while first > 0 and sum(len(r) for r in rounds[first - 1:]) <= max_history_tokens:
+        first -= 1
+    expected = system_tokens + [token for r in rounds[first:] for token in r]
+    if not last_reply:
+        expected.append(ASSISTANT)
+    assert ids == expected[-max_input_tokens:]
+    assert len(ids) <= max_input_tokens
+
+
+@pytest.mark.parametrize("messages, message", [
+    ([], "non-empty list"),
+    ("hello", "non-empty list"),
+    (["hello"], r"messages\[0\] must be a dict"),
+    ([{"role": "bot", "content": "hi"}], r"messages\[0\]\['role'\] must be one of system, user, assistant"),
+    ([{"content": "hi"}], r"messages\[0\]\['role'\]"),
+    ([{"role": "user", "content": 3}], r"messages\[0\]\['content'\] must be a str, got int"),
+    ([{"role": "user"}], r"messages\[0\]\['content'\] must be a str"),
+    ([{"role": "user", "content": "a"}, {"role": "system", "content": "b"}],
+     r"messages\[1\]: a system message may only come first"),
+])
+def test_invalid_messages_are_a_clear_value_error(messages, message):
+    with pytest.raises(ValueError, match=message):
+        build_chat_input(CharTokenizer(), messages, model_max_length=100, max_new_tokens=10)
+
+
+def test_no_room_for_the_prompt_is_a_clear_value_error():
+    messages = [{"role": "user", "content": "hi"}]
+    with pytest.raises(ValueError, match="max_new_tokens=2048 leaves no room for the prompt in a context of 256"):
+        build_chat_input(CharTokenizer(), messages, model_max_length=256, max_new_tokens=0)
+    with pytest.raises(ValueError, match="max_new_tokens must be an integer >= 0"):
+        build_chat_input(CharTokenizer(), messages, model_max_length=256, max_new_tokens=-1)
