@@ -215,15 +215,17 @@ class CheckpointWeights(dict):
         return array
 
     def names(self):
-        return list(self.tensors)
+        """Every weight name: those still in the checkpoint and those already set (quantized on disk)."""
+        return list(dict.fromkeys([*self.tensors, *self]))
 
 
 class Model:
     """Baichuan-13B / 7B: `config`, the weights `w` (by checkpoint name), the array module `xp`."""
 
-    def __init__(self, config, w, xp=np, tokenizer=None, generation_config=None, path=None):
+    def __init__(self, config, w, xp=np, tokenizer=None, generation_config=None, path=None, cache_dtype=None):
         from .sampling import GenerationConfig
         self.config, self.w, self.xp = config, w, xp
+        self.cache_dtype = cache_dtype            # None: float32; the GPU keeps a float16 cache
         self.tokenizer = tokenizer
         self.generation_config = generation_config or GenerationConfig()
         self.path = path
@@ -297,7 +299,7 @@ class Model:
     # --- running ---
 
     def new_cache(self, max_len=None):
-        return new_cache(self.xp, self.config, max_len)
+        return new_cache(self.xp, self.config, max_len, self.cache_dtype)
 
     def forward(self, ids, cache):
         """Logits (T_new, V) for `ids` appended after what `cache` holds; always host float32."""

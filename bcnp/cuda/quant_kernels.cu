@@ -1,0 +1,234 @@
+// GPU kernels of bcnp/backend.py, compiled at run time by cupy.RawModule (NVRTC; nvcc compiles it too).
+//
+// Weights are rows of n_pad values (n_pad a multiple of 32) in the flat layouts of SPEC section 4:
+//   Q8_0  int8 codes q, one float16 scale d per block of 32:        w = q * d
+//   Q4_0  16 bytes per block, byte j = code j | code (j + 16) << 4:  w = (code - 8) * d
+//   F16   float16 values, no scales (the unquantized weights of a float16 model)
+//
+// Every kernel has a NumPy twin in backend.py that does the same float32 operations in the same order
+// (the tests compare them), so the arithmetic here is spelled out: __fmul_rn / __fadd_rn stop the compiler from
+// fusing a multiply and an add into one FMA, whose single rounding NumPy could not reproduce.
+//
+// No #include: float16 travels as its bits (unsigned short) and is converted with PTX `cvt`, as cuda_fp16.h
+// itself does, so the file needs no headers under NVRTC.
+
+#define ROWS 4     // rows per warp in the matvecs: each x value read from cache serves ROWS rows
+#define WARPS 2    // warps per block: small blocks spread a 5120-row matrix evenly over all SMs
+
+__device__ __forceinline__ float half_to_float(unsigned short h) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+}
+
+__device__ __forceinline__ unsigned short float_to_half(float f) {
+    unsigned short h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+    return h;
+}
+
+// Byte k of a word as the float 2^23 + byte: the byte becomes the low mantissa bits of 0x4B000000. Subtracting
+// 2^23 (+ the code offset) then gives the code exactly, with integer ops instead of the slower int->float unit.
+__device__ __forceinline__ float byte_as_float(unsigned int word, int k) {
+    return __int_as_float(0x4B000000u | ((word >> (8 * k)) & 0xFFu));
+}
+
+// Codes of 4 consecutive int8 values: flip the sign bits so each byte is q + 128, then subtract 2^23 + 128.
+__device__ __forceinline__ float4 q8_values(unsigned int word) {
+    word ^= 0x80808080u;
+    return make_float4(byte_as_float(word, 0) - 8388736.0f, byte_as_float(word, 1) - 8388736.0f,
+                       byte_as_float(word, 2) - 8388736.0f, byte_as_float(word, 3) - 8388736.0f);
+}
+
+// 4 nibbles (one per byte of `nibbles`, already masked to 0..15) minus the Q4_0 offset 8: subtract 2^23 + 8.
+__device__ __forceinline__ float4 q4_values(unsigned int nibbles) {
+    return make_float4(byte_as_float(nibbles, 0) - 8388616.0f, byte_as_float(nibbles, 1) - 8388616.0f,
+                       byte_as_float(nibbles, 2) - 8388616.0f, byte_as_float(nibbles, 3) - 8388616.0f);
+}
+
+__device__ __forceinline__ float4 f16_values(uint2 halves) {     // little-endian: the low half comes first
+    return make_float4(half_to_float((unsigned short)(halves.x & 0xFFFFu)),
+                       half_to_float((unsigned short)(halves.x >> 16)),
+                       half_to_float((unsigned short)(halves.y & 0xFFFFu)),
+                       half_to_float((unsigned short)(halves.y >> 16)));
+}
+
+// ((v0 x0 + v1 x1) + v2 x2) + v3 x3, continuing the running sum s (s = 0 starts a new one)
+__device__ __forceinline__ float dot4(float s, float4 v, float4 x) {
+    s = __fadd_rn(s, __fmul_rn(v.x, x.x));
+    s = __fadd_rn(s, __fmul_rn(v.y, x.y));
+    s = __fadd_rn(s, __fmul_rn(v.z, x.z));
+    return __fadd_rn(s, __fmul_rn(v.w, x.w));
+}
+
+// The sum of v over the 32 lanes of a warp, by halving: lane i adds lane i ^ 16, then i ^ 8, ... (every lane
+// ends with the same value: a + b == b + a in floating point).
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int offset = 16; offset > 0; offset /= 2)
+        v = __fadd_rn(v, __shfl_xor_sync(0xFFFFFFFFu, v, offset));
+    return v;
+}
+
+// --- decode: y = W x for one token --------------------------------------------------------------------------------
+//
+// Memory-bound: each weight byte is read once, 4 bytes per lane per row, so a warp reads 128 contiguous bytes of
+// each of its ROWS rows per step. x (float32, n_pad values, zero beyond in_features) is read through the cache as
+// float4: at most 55 KB, the same for every row, so it stays in L1/L2 while the weights stream past.
+// Lane `lane` of step `s` takes word w = 32 s + lane of each row. Rows past the end repeat the last row (their
+// loads stay in bounds) and are not stored.
+//
+// Per lane and row: acc += d * (sum of the word's products), words in step order; then warp_sum(acc).
+
+extern "C" __global__ void matvec_q8_0(const unsigned int* __restrict__ q,       // (rows, n_pad / 4) words
+                                       const unsigned short* __restrict__ d,     // (rows, n_pad / 32) float16
+                                       const float* __restrict__ x,              // (n_pad,)
+                                       float* __restrict__ y, int rows, int n_pad) {
+    const int lane = threadIdx.x % 32;
+    const int row0 = (blockIdx.x * WARPS + threadIdx.x / 32) * ROWS;
+    const int words = n_pad / 4, blocks = n_pad / 32;
+    const float4* x4 = reinterpret_cast<const float4*>(x);
+    float acc[ROWS];
+#pragma unroll
+    for (int r = 0; r < ROWS; r++) acc[r] = 0.0f;
+
+#pragma unroll 4
+    for (int w = lane; w < words; w += 32) {            // word w holds values 4w .. 4w+3 of block w / 8
+        const float4 xv = __ldg(x4 + w);
+#pragma unroll
+        for (int r = 0; r < ROWS; r++) {
+            const long long row = min(row0 + r, rows - 1);
+            const float s = dot4(0.0f, q8_values(q[row * words + w]), xv);
+            acc[r] = __fadd_rn(acc[r], __fmul_rn(s, half_to_float(d[row * blocks + w / 8])));
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < ROWS; r++) {
+        const float sum = warp_sum(acc[r]);
+        if (lane == 0 && row0 + r < rows) y[row0 + r] = sum;
+    }
+}
+
+// Q4_0: word w = 4 bytes at byte 4m of block b (b = w / 4, m = w % 4): its low nibbles are values 4m .. 4m+3 of
+// the block, its high nibbles values 16 + 4m .. 16 + 4m + 3. Sum order: the 4 low, then the 4 high.
+extern "C" __global__ void matvec_q4_0(const unsigned int* __restrict__ q,       // (rows, n_pad / 8) words
+                                       const unsigned short* __restrict__ d,     // (rows, n_pad / 32) float16
+                                       const float* __restrict__ x,              // (n_pad,)
+                                       float* __restrict__ y, int rows, int n_pad) {
+    const int lane = threadIdx.x % 32;
+    const int row0 = (blockIdx.x * WARPS + threadIdx.x / 32) * ROWS;
+    const int words = n_pad / 8, blocks = n_pad / 32;
+    const float4* x4 = reinterpret_cast<const float4*>(x);
+    float acc[ROWS];
+#pragma unroll
+    for (int r = 0; r < ROWS; r++) acc[r] = 0.0f;
+
+#pragma unroll 4
+    for (int w = lane; w < words; w += 32) {
+        const int b = w / 4, m = w % 4;
+        const float4 x_low = __ldg(x4 + 8 * b + m);        // x[32b + 4m ..]
+        const float4 x_high = __ldg(x4 + 8 * b + 4 + m);   // x[32b + 16 + 4m ..]
+#pragma unroll
+        for (int r = 0; r < ROWS; r++) {
+            const long long row = min(row0 + r, rows - 1);
+            const unsigned int word = q[row * words + w];
+            float s = dot4(0.0f, q4_values(word & 0x0F0F0F0Fu), x_low);
+            s = dot4(s, q4_values((word >> 4) & 0x0F0F0F0Fu), x_high);
+            acc[r] = __fadd_rn(acc[r], __fmul_rn(s, half_to_float(d[row * blocks + b])));
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < ROWS; r++) {
+        const float sum = warp_sum(acc[r]);
+        if (lane == 0 && row0 + r < rows) y[row0 + r] = sum;
+    }
+}
+
+// F16: word w = 4 float16 values 4w .. 4w+3 (8 bytes); no scale: acc += the word's sum.
+extern "C" __global__ void matvec_f16(const uint2* __restrict__ wt,              // (rows, n_pad / 4) words
+                                      const float* __restrict__ x,               // (n_pad,)
+                                      float* __restrict__ y, int rows, int n_pad) {
+    const int lane = threadIdx.x % 32;
+    const int row0 = (blockIdx.x * WARPS + threadIdx.x / 32) * ROWS;
+    const int words = n_pad / 4;
+    const float4* x4 = reinterpret_cast<const float4*>(x);
+    float acc[ROWS];
+#pragma unroll
+    for (int r = 0; r < ROWS; r++) acc[r] = 0.0f;
+
+#pragma unroll 4
+    for (int w = lane; w < words; w += 32) {
+        const float4 xv = __ldg(x4 + w);
+#pragma unroll
+        for (int r = 0; r < ROWS; r++) {
+            const long long row = min(row0 + r, rows - 1);
+            acc[r] = __fadd_rn(acc[r], dot4(0.0f, f16_values(wt[row * words + w]), xv));
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < ROWS; r++) {
+        const float sum = warp_sum(acc[r]);
+        if (lane == 0 && row0 + r < rows) y[row0 + r] = sum;
+    }
+}
+
+// --- prefill: W to float32 or float16, for cuBLAS -------------------------------------------------------------------
+//
+// One thread per word; out is (rows, n_pad). q * d is exact in float32 (8-bit code times 11-bit scale), so the
+// float32 output equals bcnp.quant.dequantize bit for bit and the float16 output is that value rounded to nearest.
+
+__device__ __forceinline__ void store4(float* out, float4 v) { *reinterpret_cast<float4*>(out) = v; }
+
+__device__ __forceinline__ void store4(unsigned short* out, float4 v) {
+    uint2 h;
+    h.x = (unsigned int)float_to_half(v.x) | ((unsigned int)float_to_half(v.y) << 16);
+    h.y = (unsigned int)float_to_half(v.z) | ((unsigned int)float_to_half(v.w) << 16);
+    *reinterpret_cast<uint2*>(out) = h;
+}
+
+__device__ __forceinline__ float4 scale4(float4 v, float d) {
+    return make_float4(__fmul_rn(v.x, d), __fmul_rn(v.y, d), __fmul_rn(v.z, d), __fmul_rn(v.w, d));
+}
+
+template <typename Out>
+__device__ void dequantize_q8_0(const unsigned int* q, const unsigned short* d, Out* out, int rows, int n_pad) {
+    const long long words = (long long)n_pad / 4, total = rows * words;
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total; i += stride) {
+        const long long row = i / words, w = i % words;
+        const float scale = half_to_float(d[row * (n_pad / 32) + w / 8]);
+        store4(out + 4 * i, scale4(q8_values(q[i]), scale));
+    }
+}
+
+template <typename Out>
+__device__ void dequantize_q4_0(const unsigned int* q, const unsigned short* d, Out* out, int rows, int n_pad) {
+    const long long words = (long long)n_pad / 8, total = rows * words;
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total; i += stride) {
+        const long long row = i / words, w = i % words, b = w / 4, m = w % 4;
+        const float scale = half_to_float(d[row * (n_pad / 32) + b]);
+        Out* block = out + row * n_pad + 32 * b;
+        store4(block + 4 * m, scale4(q4_values(q[i] & 0x0F0F0F0Fu), scale));
+        store4(block + 16 + 4 * m, scale4(q4_values((q[i] >> 4) & 0x0F0F0F0Fu), scale));
+    }
+}
+
+extern "C" __global__ void dequantize_q8_0_f32(const unsigned int* q, const unsigned short* d, float* out,
+                                               int rows, int n_pad) {
+    dequantize_q8_0(q, d, out, rows, n_pad);
+}
+
+extern "C" __global__ void dequantize_q8_0_f16(const unsigned int* q, const unsigned short* d, unsigned short* out,
+                                               int rows, int n_pad) {
+    dequantize_q8_0(q, d, out, rows, n_pad);
+}
+
+extern "C" __global__ void dequantize_q4_0_f32(const unsigned int* q, const unsigned short* d, float* out,
+                                               int rows, int n_pad) {
+    dequantize_q4_0(q, d, out, rows, n_pad);
+}
+
+extern "C" __global__ void dequantize_q4_0_f16(const unsigned int* q, const unsigned short* d, unsigned short* out,
+                                               int rows, int n_pad) {
+    dequantize_q4_0(q, d, out, rows, n_pad);
+}

@@ -1,0 +1,439 @@
+"""The GPU backend (bcnp.backend).
+
+Without a GPU (CI): the whole forward pass runs through `to_device(model, xp=strict_xp)`, an array module that
+refuses implicit conversions to NumPy as CuPy does, with the CUDA kernels replaced by their NumPy twins; the twins
+are checked against bcnp.quant and against a line-by-line transcription of the kernels; the CUDA source compiles
+with nvcc where nvcc exists; asking for CUDA without CuPy is one clear error.
+With a GPU (marker gpu): the golden fixtures on CuPy, the kernels against their twins, decode against prefill.
+"""
+import re
+import shutil
+import subprocess
+import sys
+import types
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+import strict_xp
+from bcnp import Model
+from bcnp import backend
+from bcnp.backend import BackendError, DeviceQuantizedWeight, to_device, to_host
+from bcnp.quant import QuantizedWeight, dequantize, quantize
+from conftest import FIXTURES, MODELS
+
+
+def scaled_error(got, want):
+    """SPEC §7: max |Δ| / max(1, max |logit|)."""
+    return float(np.abs(got - want).max() / max(1.0, float(np.abs(want).max())))
+
+
+def prefill_then_decode(model, prompt, split=26):
+    """Logits of `split` tokens at once, then one token at a time (the cached path)."""
+    cache = model.new_cache()
+    return np.concatenate([model.forward(prompt[:split], cache)] + [model.forward([t], cache) for t in prompt[split:]])
+
+
+@pytest.fixture(scope="module", params=MODELS)
+def fixture_model(request):
+    return Model.from_pretrained(FIXTURES / request.param / "hf"), np.load(FIXTURES / request.param / "golden.npz")
+
+
+# --- the strict array module ---------------------------------------------------------------------------------------
+
+def test_strict_module_refuses_every_implicit_conversion_to_numpy():
+    a = strict_xp.asarray([1.0, 2.0], dtype=np.float32)
+    refused = [lambda: np.asarray(a), lambda: a + np.ones(2), lambda: np.ones(2) * a, lambda: np.exp(a),
+               lambda: np.concatenate([a, a]), lambda: strict_xp.concatenate([a, np.ones(2)]),
+               lambda: a[np.array([0])], lambda: a.__setitem__(0, np.ones(1))]
+    for conversion in refused:
+        with pytest.raises(TypeError, match="strict_xp|does not support ufuncs"):
+            conversion()
+    # what CuPy allows: scalars of either kind, xp functions, explicit copies both ways
+    b = strict_xp.exp(a * np.float32(2) + 1.0)
+    assert isinstance(b, strict_xp.StrictArray) and isinstance(b.get(), np.ndarray)
+    np.testing.assert_allclose(b.get(), np.exp(np.array([3.0, 5.0], np.float32)))
+    assert isinstance(a.sum(), strict_xp.StrictArray) and float(a.sum()) == 3.0
+
+
+def test_a_stray_numpy_call_in_the_forward_pass_fails_on_the_strict_module(monkeypatch):
+    model = Model.from_pretrained(FIXTURES / MODELS[0] / "hf")
+    import bcnp.model
+    monkeypatch.setattr(bcnp.model, "silu", lambda xp, x: x / (1.0 + np.exp(-x)))     # np. where xp. belongs
+    model.logits([1, 2, 3])                                                             # NumPy does not notice
+    with pytest.raises(TypeError, match="strict_xp|does not support ufuncs"):
+        to_device(model, xp=strict_xp, dtype="float32").logits([1, 2, 3])
+
+
+# --- the whole forward pass on the strict module -------------------------------------------------------------------
+
+def test_float32_forward_on_the_strict_module_equals_numpy_and_the_original(fixture_model):
+    model, golden = fixture_model
+    device = to_device(model, xp=strict_xp, dtype="float32")
+    assert device.xp is strict_xp and all(isinstance(v, strict_xp.StrictArray) for v in device.w.values())
+    for i in range(3):
+        prompt = golden[f"prompt_{i}"]
+        logits = device.logits(prompt)
+        assert scaled_error(logits, model.logits(prompt)) <= 1e-5
+        assert scaled_error(logits, golden[f"logits_full_{i}"]) <= 1e-4
+    assert scaled_error(prefill_then_decode(device, golden["prompt_2"]), golden["logits_prefill_decode_2"]) <= 1e-4
+
+
+def test_float16_forward_on_the_strict_module_is_within_the_float16_tolerance(fixture_model):
+    model, golden = fixture_model
+    device = to_device(model, xp=strict_xp)                      # the GPU default: float16 weights and cache
+    linears = [v for v in device.w.values() if isinstance(v, DeviceQuantizedWeight)]
+    assert linears and all(v.bits == 16 and v.qweight.dtype == np.float16 for v in linears)
+    assert device.new_cache(4).k.dtype == np.float16
+    assert scaled_error(device.logits(golden["prompt_2"]), golden["logits_full_2"]) <= 1e-2
+    assert scaled_error(prefill_then_decode(device, golden["prompt_2"]), golden["logits_prefill_decode_2"]) <= 1e-2
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_forward_on_the_strict_module_matches_the_cpu_quantized_model(fixture_model, bits):
+    model, golden = fixture_model
+    prompt = golden["prompt_2"]
+    cpu = model.quantize(bits)
+    want = cpu.logits(prompt)                          # dequantized float32 weights, BLAS: the exact reference
+    device = to_device(cpu, xp=strict_xp, dtype="float32")
+    assert scaled_error(device.logits(prompt), want) <= 1e-5
+    # one token at a time runs the matvec twins (the CPU's own decode rounds x to int8: not the reference here)
+    assert scaled_error(prefill_then_decode(device, prompt), want) <= 1e-5
+    half = to_device(cpu, xp=strict_xp)
+    assert scaled_error(half.logits(prompt), want) <= 1e-2
+    assert scaled_error(prefill_then_decode(half, prompt), want) <= 1e-2
+
+
+def test_to_host_brings_back_the_same_weights(fixture_model):
+    model, golden = fixture_model
+    back = to_host(to_device(model, xp=strict_xp, dtype="float32"))
+    assert back.xp is np and scaled_error(back.logits(golden["prompt_1"]), model.logits(golden["prompt_1"])) == 0
+    quantized = model.quantize(4)
+    back = to_host(to_device(quantized, xp=strict_xp))
+    for name, w in quantized.w.items():
+        if isinstance(w, QuantizedWeight):
+            assert isinstance(back.w[name], QuantizedWeight) and back.w[name].bits == w.bits
+            np.testing.assert_array_equal(back.w[name].qweight, w.qweight)
+            np.testing.assert_array_equal(back.w[name].scales, w.scales)
+        else:
+            np.testing.assert_array_equal(back.w[name], w.astype(back.w[name].dtype))
+    half = to_host(to_device(model, xp=strict_xp))                # float16 on the device: rounded once
+    name = "model.layers.0.mlp.down_proj.weight"                  # in_features 344 / 172: padded on the device
+    np.testing.assert_array_equal(half.w[name], model.w[name].astype(np.float16).astype(np.float32))
+
+
+def test_to_device_reads_a_checkpoint_one_tensor_at_a_time_and_keeps_no_host_copy():
+    model = Model.from_pretrained(FIXTURES / MODELS[0] / "hf")
+    assert len(model.w) == 0                                       # nothing read yet
+    device = to_device(model, xp=strict_xp)
+    assert len(model.w) == 0                                       # still nothing kept on the host
+    assert set(device.w) == set(model.w.names())
+
+
+def test_to_device_errors_name_the_problem():
+    model = Model.from_pretrained(FIXTURES / MODELS[1] / "hf")
+    with pytest.raises(ValueError, match="dtype must be 'float16' or 'float32'"):
+        to_device(model, xp=strict_xp, dtype="bfloat16")
+    big = {name: model.w[name] for name in model.w.names()}
+    big["lm_head.weight"] = big["lm_head.weight"] * 1e6
+    with pytest.raises(ValueError, match=r"lm_head.weight.*float16.*dtype='float32'"):
+        to_device(model._with_weights(big, np), xp=strict_xp)
+    device = to_device(model, xp=strict_xp)
+    assert to_device(device, xp=strict_xp) is device
+    with pytest.raises(ValueError, match="model.cpu"):
+        to_device(device, xp=types.SimpleNamespace(__name__="other"))
+
+
+# --- asking for CUDA where there is none --------------------------------------------------------------------------
+
+def test_cuda_without_cupy_is_one_clear_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "cupy", None)                 # `import cupy` now fails, GPU or not
+    model = Model.from_pretrained(FIXTURES / MODELS[1] / "hf")
+    with pytest.raises(BackendError) as e:
+        model.cuda()
+    assert str(e.value).startswith("CUDA requested but CuPy is not installed: pip install bcnp[cuda12]")
+    assert "\n" not in str(e.value)
+
+
+def test_cuda_without_a_device_is_one_clear_error(monkeypatch):
+    def no_device():
+        raise RuntimeError("cudaErrorNoDevice: no CUDA-capable device is detected\n(details)")
+    fake = types.SimpleNamespace(__name__="cupy", cuda=types.SimpleNamespace(
+        runtime=types.SimpleNamespace(getDeviceCount=no_device)))
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    with pytest.raises(BackendError, match=r"^CUDA requested but no CUDA device found \(cudaErrorNoDevice") as e:
+        Model.from_pretrained(FIXTURES / MODELS[1] / "hf").cuda()
+    assert "\n" not in str(e.value)
+
+
+# --- the kernels' NumPy twins --------------------------------------------------------------------------------------
+
+def random_weight(seed, rows, in_features, bits):
+    """A weight in the form a kernel reads: (qweight, scales) or float16 values, padded to whole blocks."""
+    rng = np.random.default_rng(seed)
+    w = (rng.standard_normal((rows, in_features)) * rng.uniform(0.01, 2.0, (rows, 1))).astype(np.float32)
+    if bits == 16:
+        return backend.pad_columns(np, w.astype(np.float16), -(-in_features // 32) * 32), None
+    return quantize(w, bits)
+
+
+def reference_weight(qweight, scales, bits):
+    return qweight.astype(np.float64) if bits == 16 else dequantize(qweight, scales, bits).astype(np.float64)
+
+
+def twin_matvec(xp, qweight, scales, bits, x):
+    if bits == 16:
+        return backend.matvec_f16(xp, qweight, x)
+    return (backend.matvec_q8_0 if bits == 8 else backend.matvec_q4_0)(xp, qweight, scales, x)
+
+
+def kernel_by_hand(qweight, scales, bits, x):
+    """The matvec kernels of quant_kernels.cu transcribed line by line in float32 scalars: lane `lane` takes
+    words lane, lane + 32, ...; each word's products summed in order, times the block's d, into the lane's sum;
+    then the warp halves: lane i += lane i ^ 16, ^ 8, ^ 4, ^ 2, ^ 1."""
+    f32 = np.float32
+    rows, n_pad = qweight.shape[0], qweight.shape[1] * (2 if bits == 4 else 1)
+    words = n_pad // (8 if bits == 4 else 4)
+    y = np.zeros(rows, np.float32)
+    for row in range(rows):
+        acc = [f32(0)] * 32
+        for lane in range(32):
+            for w in range(lane, words, 32):
+                if bits == 4:
+                    b, m = w // 4, w % 4
+                    word = qweight[row, 16 * b + 4 * m: 16 * b + 4 * m + 4]
+                    values = [f32(int(v) & 15) - f32(8) for v in word] + [f32(int(v) >> 4) - f32(8) for v in word]
+                    xs = list(x[32 * b + 4 * m: 32 * b + 4 * m + 4]) + list(x[32 * b + 16 + 4 * m: 32 * b + 20 + 4 * m])
+                    d = f32(scales[row, b])
+                else:
+                    values = [f32(v) for v in qweight[row, 4 * w: 4 * w + 4]]
+                    xs = list(x[4 * w: 4 * w + 4])
+                    d = None if bits == 16 else f32(scales[row, w // 8])
+                s = f32(0)
+                for v, xv in zip(values, xs):
+                    s = f32(s + f32(v * xv))
+                acc[lane] = f32(acc[lane] + (s if d is None else f32(s * d)))
+        for offset in (16, 8, 4, 2, 1):
+            acc = [f32(acc[i] + acc[i ^ offset]) for i in range(32)]
+        y[row] = acc[0]
+    return y
+
+
+@pytest.mark.parametrize("bits", [8, 4, 16])
+@pytest.mark.parametrize("in_features", [32, 172, 300])           # one step, a partial step, several steps
+def test_matvec_twins_are_the_kernels_line_by_line(bits, in_features):
+    qweight, scales = random_weight(bits + in_features, 5, in_features, bits)
+    x = backend.pad_columns(np, np.random.default_rng(1).standard_normal(in_features).astype(np.float32),
+                            qweight.shape[1] * (2 if bits == 4 else 1))
+    np.testing.assert_array_equal(twin_matvec(np, qweight, scales, bits, x), kernel_by_hand(qweight, scales, bits, x))
+
+
+@settings(max_examples=30, deadline=None)
+@given(bits=st.sampled_from([8, 4, 16]), rows=st.integers(1, 40), in_features=st.integers(1, 700),
+       seed=st.integers(0, 2**16))
+def test_matvec_twins_compute_w_times_x(bits, rows, in_features, seed):
+    qweight, scales = random_weight(seed, rows, in_features, bits)
+    w = reference_weight(qweight, scales, bits)
+    x = np.zeros(w.shape[1], np.float32)                           # zero in the padding, as the kernels expect
+    x[:in_features] = np.random.default_rng(seed + 1).standard_normal(in_features)
+    y = twin_matvec(np, qweight, scales, bits, x)
+    assert y.dtype == np.float32 and y.shape == (rows,)
+    # float32 rounding: each product and each of at most n + 6 additions on its path errs by <= 2^-24 relative
+    bound = (w.shape[1] + 8) * 2.0**-24 * (np.abs(w) @ np.abs(x.astype(np.float64))) + 1e-30
+    assert np.all(np.abs(y - w @ x.astype(np.float64)) <= bound)
+
+
+@settings(max_examples=30, deadline=None)
+@given(bits=st.sampled_from([8, 4]), rows=st.integers(1, 40), in_features=st.integers(1, 700),
+       seed=st.integers(0, 2**16))
+def test_dequantize_twins_equal_bcnp_quant(bits, rows, in_features, seed):
+    qweight, scales = random_weight(seed, rows, in_features, bits)
+    twin = backend.dequantize_q8_0 if bits == 8 else backend.dequantize_q4_0
+    want = dequantize(qweight, scales, bits)
+    np.testing.assert_array_equal(twin(np, qweight, scales, np.float32), want)
+    np.testing.assert_array_equal(twin(np, qweight, scales, np.float16), want.astype(np.float16))
+
+
+@pytest.mark.parametrize("bits", [8, 4, 16])
+def test_device_weight_matmul_on_the_strict_module(bits):
+    qweight, scales = random_weight(bits, 24, 200, bits)
+    w = reference_weight(qweight, scales, bits)[:, :200]
+    x = np.random.default_rng(2).standard_normal((3, 200)).astype(np.float32)
+    for dtype, tolerance in ((np.float32, 1e-5), (np.float16, 2e-3)):
+        device = DeviceQuantizedWeight(strict_xp, strict_xp.asarray(qweight),
+                                       None if scales is None else strict_xp.asarray(scales), bits, 200, dtype)
+        for T in (1, 3):                                            # the matvec twin, then expand + matmul
+            y = device.matmul(strict_xp.asarray(x[:T])).get()
+            assert y.shape == (T, 24) and y.dtype == np.float32
+            assert np.abs(y - x[:T] @ w.T).max() <= tolerance * (np.abs(x[:T]) @ np.abs(w).T).max()
+
+
+# --- the CUDA source -------------------------------------------------------------------------------------------------
+
+def kernel_source():
+    with open(backend.KERNEL_SOURCE, encoding="utf-8") as f:
+        return f.read()
+
+
+def test_kernel_names_and_launch_shapes_agree_with_the_source():
+    source = kernel_source()
+    assert set(re.findall(r'extern "C" __global__ void (\w+)\(', source)) == set(backend.KERNEL_NAMES)
+    rows, warps = (int(re.search(rf"#define {n} (\d+)", source).group(1)) for n in ("ROWS", "WARPS"))
+    assert backend.MATVEC_THREADS == 32 * warps and backend.MATVEC_ROWS_PER_BLOCK == warps * rows
+
+
+def kernel_signatures():
+    """{kernel: [(C type, parameter name), ...]} from the extern "C" declarations of quant_kernels.cu."""
+    signatures = {}
+    code = re.sub(r"//[^\n]*", "", kernel_source())
+    for name, params in re.findall(r'extern "C" __global__ void (\w+)\(([^)]*)\)', code):
+        params = [re.sub(r"__restrict__|const", "", p).split() for p in params.split(",")]
+        signatures[name] = [(" ".join(p[:-1]).replace(" *", "*"), p[-1].lstrip("*")) for p in params]
+    return signatures
+
+
+# what a launch may pass for each C parameter type: device arrays of these dtypes, or np.int32
+C_TYPES = {"unsigned int*": (np.int8, np.uint8), "unsigned short*": (np.float16,), "float*": (np.float32,),
+           "uint2*": (np.float16,), "int": (np.int32,)}
+
+
+def fake_kernels():
+    """Stand-ins for the RawKernels: each checks a launch against the kernel's C signature (argument count and
+    types, one thread per word or enough warps for every row) and computes its result with the NumPy twin."""
+    signatures = kernel_signatures()
+
+    def launch(name):
+        def kernel(grid, block, args):
+            params = signatures[name]
+            assert len(args) == len(params), name
+            bound = {}
+            for (ctype, pname), arg in zip(params, args):
+                dtype = arg.dtype if isinstance(arg, strict_xp.StrictArray) else type(arg)
+                assert np.dtype(dtype) in [np.dtype(t) for t in C_TYPES[ctype]], \
+                    f"{name}: {pname} is {ctype}, got {dtype}"
+                bound[pname] = arg
+            rows, n_pad = int(bound["rows"]), int(bound["n_pad"])
+            if name.startswith("matvec"):
+                assert block == (backend.MATVEC_THREADS,)
+                assert grid[0] * backend.MATVEC_ROWS_PER_BLOCK >= rows > (grid[0] - 1) * backend.MATVEC_ROWS_PER_BLOCK
+                assert bound["x"].size == n_pad and bound["y"].size == rows
+                if name == "matvec_f16":
+                    bound["y"][...] = backend.matvec_f16(strict_xp, bound["wt"], bound["x"])
+                else:
+                    twin = backend.matvec_q8_0 if name == "matvec_q8_0" else backend.matvec_q4_0
+                    bound["y"][...] = twin(strict_xp, bound["q"], bound["d"], bound["x"])
+            else:
+                words = rows * n_pad // (4 if "q8_0" in name else 8)
+                assert block == (backend.DEQUANTIZE_THREADS,) and 0 < grid[0] <= 65536
+                assert grid[0] * block[0] >= min(words, 65536 * block[0])
+                assert bound["out"].shape == (rows, n_pad)
+                twin = backend.dequantize_q8_0 if "q8_0" in name else backend.dequantize_q4_0
+                bound["out"][...] = twin(strict_xp, bound["q"], bound["d"], bound["out"].dtype)
+        return kernel
+
+    return {name: launch(name) for name in backend.KERNEL_NAMES}
+
+
+@pytest.mark.parametrize("bits", [8, 4, 16])
+@pytest.mark.parametrize("rows", [1, 8, 13])
+def test_kernel_launches_match_the_cuda_signatures(bits, rows):
+    qweight, scales = random_weight(bits, rows, 100, bits)
+    x = np.random.default_rng(4).standard_normal((3, 100)).astype(np.float32)
+    plain = DeviceQuantizedWeight(strict_xp, strict_xp.asarray(qweight),
+                                  None if scales is None else strict_xp.asarray(scales), bits, 100, np.float32)
+    launched = DeviceQuantizedWeight(strict_xp, plain.qweight, plain.scales, bits, 100, np.float32, fake_kernels())
+    for T in (1, 3):                                   # the matvec kernel, then dequantize + matmul
+        np.testing.assert_array_equal(launched.matmul(strict_xp.asarray(x[:T])).get(),
+                                      plain.matmul(strict_xp.asarray(x[:T])).get())
+    for dtype in (np.float32, np.float16):
+        np.testing.assert_array_equal(launched.expanded(dtype).get(), plain.expanded(dtype).get())
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None,
+                    reason="nvcc is not installed, so the CUDA source cannot be compiled on this machine "
+                           "(CuPy compiles it with NVRTC at run time on a GPU machine)")
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+def test_cuda_source_compiles_with_nvcc(tmp_path, arch):
+    cubin = tmp_path / "quant_kernels.cubin"
+    result = subprocess.run(["nvcc", "-std=c++17", f"-arch={arch}", "--cubin", "-Werror", "all-warnings",
+                             "-o", str(cubin), backend.KERNEL_SOURCE], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    binary = cubin.read_bytes()
+    for name in backend.KERNEL_NAMES:
+        assert name.encode() in binary
+
+
+# --- on a GPU ------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def cupy():
+    try:
+        return backend.get_cupy()
+    except BackendError as e:
+        pytest.skip(f"no GPU here: {e}")
+
+
+@pytest.mark.gpu
+def test_gpu_float32_matches_the_original(cupy, fixture_model):
+    model, golden = fixture_model
+    device = to_device(model, dtype="float32")
+    assert device.xp is cupy
+    for i in range(3):
+        assert scaled_error(device.logits(golden[f"prompt_{i}"]), golden[f"logits_full_{i}"]) <= 1e-4
+    cache = device.new_cache()
+    incremental = np.concatenate([device.forward([t], cache) for t in golden["prompt_2"]])
+    assert scaled_error(incremental, golden["logits_incr_2"]) <= 1e-4
+    assert scaled_error(prefill_then_decode(device, golden["prompt_2"]), golden["logits_prefill_decode_2"]) <= 1e-4
+    for i in (1, 2):
+        tokens = list(device.generate(golden[f"prompt_{i}"], max_new_tokens=20, do_sample=False,
+                                      repetition_penalty=1.0))
+        assert tokens == golden[f"greedy_tokens_{i}"].tolist()
+
+
+@pytest.mark.gpu
+def test_gpu_float16_is_within_the_float16_tolerance(cupy, fixture_model):
+    model, golden = fixture_model
+    device = model.cuda()
+    assert device.new_cache(4).k.dtype == np.float16
+    for i in range(3):
+        assert scaled_error(device.logits(golden[f"prompt_{i}"]), golden[f"logits_full_{i}"]) <= 1e-2
+    assert scaled_error(prefill_then_decode(device, golden["prompt_2"]), golden["logits_prefill_decode_2"]) <= 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bits", [8, 4])
+def test_gpu_quantized_decode_matches_prefill_and_the_cpu(cupy, fixture_model, bits):
+    model, golden = fixture_model
+    prompt = golden["prompt_2"]
+    cpu = model.quantize(bits)
+    want = cpu.logits(prompt)
+    exact = to_device(cpu, dtype="float32")
+    assert scaled_error(exact.logits(prompt), want) <= 1e-5
+    assert scaled_error(prefill_then_decode(exact, prompt), want) <= 1e-5
+    half = cpu.cuda()
+    assert scaled_error(half.logits(prompt), want) <= 1e-2
+    assert scaled_error(prefill_then_decode(half, prompt), want) <= 1e-2
+    back = half.cpu()
+    np.testing.assert_array_equal(back.w["lm_head.weight"].qweight, cpu.w["lm_head.weight"].qweight)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bits", [8, 4, 16])
+@pytest.mark.parametrize("rows, in_features", [(7, 172), (1000, 5120), (257, 13696)])
+def test_gpu_kernels_match_their_twins(cupy, bits, rows, in_features):
+    qweight, scales = random_weight(rows + bits, rows, in_features, bits)
+    n_pad = qweight.shape[1] * (2 if bits == 4 else 1)
+    x = np.zeros(n_pad, np.float32)
+    x[:in_features] = np.random.default_rng(3).standard_normal(in_features)
+    kernels = backend.cuda_kernels(cupy)
+    device = DeviceQuantizedWeight(cupy, cupy.asarray(qweight), None if scales is None else cupy.asarray(scales),
+                                   bits, in_features, np.float16, kernels)
+    y = device.matvec(cupy.asarray(x)).get()
+    want = twin_matvec(np, qweight, scales, bits, x)
+    # the same float32 operations in the same order: equal up to the last bit, allowed one ulp of the sum
+    assert np.abs(y - want).max() <= 1e-6 * max(1.0, float(np.abs(want).max())), np.abs(y - want).max()
+    if bits != 16:
+        twin = backend.dequantize_q8_0 if bits == 8 else backend.dequantize_q4_0
+        for dtype in (np.float32, np.float16):
+            np.testing.assert_array_equal(device.expanded(dtype).get(), twin(np, qweight, scales, dtype))
