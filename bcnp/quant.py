@@ -15,8 +15,12 @@ Two implementations of the same functions:
 - `quantize`, `dequantize`, `pack_nibbles`, `unpack_nibbles` below are the specification in plain NumPy: read
   these to know what the format is.
 - `quantize_fast`, `dequantize_fast` (same signatures) run the compiled kernels of csrc/quant.pyx, bit-identical
-  (the tests check), multi-threaded; use them for real tensors. `QuantizedWeight` -- the quantized linear layer the
-  model calls -- always uses the compiled kernels, including the fused decode matvec.
+  (the tests check), multi-threaded, 10-50x faster; use them for real tensors. `QuantizedWeight` -- the quantized
+  linear layer the model calls -- always uses the compiled kernels.
+
+`QuantizedWeight.matmul(x)` multiplies one token (decode) with the fused kernel, which never expands W to float: like
+llama.cpp it rounds x per block of 32 to int8 and sums exact integer block products (see `matvec` for the error
+bound); several tokens (prefill) go through BLAS on dequantized tiles of W, exact up to float32 rounding.
 
 Threads: an explicit `threads` argument, else $OMP_NUM_THREADS, else all cores.
 """
@@ -71,11 +75,12 @@ def _inverse(d):
 def _round_half_away(v):
     """C's roundf: truncate, then step away from zero when the dropped fraction is at least one half."""
     t = np.trunc(v)
-    return np.where(np.abs(v - t) >= 0.5, t + np.sign(v), t)
+    return t + np.copysign(np.abs(v - t) >= np.float32(0.5), v, dtype=np.float32)
 
 
 def _float16_scales(d, name, bits):
-    d16 = d.astype(np.float16)
+    with np.errstate(over="ignore"):
+        d16 = d.astype(np.float16)
     if np.isinf(d16).any():
         r, b = np.argwhere(np.isinf(d16))[0]
         raise ValueError(f"{name}: block [{r}, {BLOCK * b}:{BLOCK * (b + 1)}] has a scale {float(d[r, b])} too large "
@@ -107,16 +112,19 @@ def dequantize(qweight, scales, bits, in_features=None):
     """(qweight, scales) -> float32 (out, in): code * float32(scale); cut to in_features when given."""
     _check_bits(bits)
     q = unpack_nibbles(qweight).astype(np.int8) - np.int8(8) if bits == 4 else np.asarray(qweight)
-    out = q.shape[0]
-    blocks = q.reshape(out, -1, BLOCK).astype(np.float32)
-    w = (blocks * np.asarray(scales).astype(np.float32)[..., None]).reshape(out, -1)
+    scales = np.asarray(scales)
+    if q.ndim != 2 or q.shape[1] % BLOCK or scales.shape != (q.shape[0], q.shape[1] // BLOCK):
+        raise ValueError(f"dequantize: {bits}-bit qweight {np.shape(qweight)} and scales {scales.shape} "
+                         "do not fit together (one scale per 32 weights)")
+    blocks = q.reshape(q.shape[0], -1, BLOCK).astype(np.float32)
+    w = (blocks * scales.astype(np.float32)[..., None]).reshape(q.shape)
     return w if in_features is None else w[:, :in_features]
 
 
 def pack_nibbles(q):
     """codes (..., 32k) uint8 in 0..15 -> (..., 16k): byte j of a block = code j | code j+16 << 4."""
     q = np.asarray(q)
-    if q.shape[-1] % BLOCK or (q.size and q.max() > 15):
+    if q.shape[-1] % BLOCK or (q.size and (q.min() < 0 or q.max() > 15)):
         raise ValueError(f"pack_nibbles: expected codes 0..15 in rows of a multiple of 32, got shape {q.shape}")
     blocks = q.astype(np.uint8).reshape(*q.shape[:-1], -1, 2, BLOCK // 2)
     return (blocks[..., 0, :] | (blocks[..., 1, :] << 4)).reshape(*q.shape[:-1], -1)
@@ -233,7 +241,8 @@ class QuantizedWeight:
         return kernel(self.qweight, self.scales.view(np.uint16), x, None, threads or 0)
 
     def matmul(self, x, threads=None):
-        """x (T, in_features) -> x @ W.T (T, out_features); x (in_features,) -> (out_features,)."""
+        """x (T, in_features) -> x @ W.T (T, out_features); x (in_features,) -> (out_features,).
+        T = 1 is `matvec` (`threads` applies there); T > 1 multiplies dequantized tiles of rows with BLAS."""
         x = np.asarray(x, dtype=np.float32)
         if x.ndim == 1:
             return self.matvec(x, threads)
@@ -249,6 +258,8 @@ class QuantizedWeight:
         scales = self.scales.view(np.uint16)
         for r in range(0, self.out_features, rows):
             n = min(rows, self.out_features - r)
-            w = kernel(self.qweight[r:r + n], scales[r:r + n], scratch[:n], threads or 0)
+            # One thread: BLAS brings its own thread pool, and OpenMP threads idling (spinning) between tiles
+            # take the cores from it (measured on 2 cores: a 128-token 13B layer 0.61 s this way, 0.80 s with 2).
+            w = kernel(self.qweight[r:r + n], scales[r:r + n], scratch[:n], 1)
             y[:, r:r + n] = x @ w.T
         return y

@@ -179,6 +179,14 @@ def unpack_nibbles(const uint8_t[:, ::1] packed not None):
 
 # ---- decode matvec: y = W x straight from the blocks -------------------------------------------------------------
 
+def _aligned_empty(Py_ssize_t n, dtype):
+    """n elements starting on a 64-byte boundary, so the kernels' 64-byte loads of x never straddle cache lines."""
+    itemsize = np.dtype(dtype).itemsize
+    raw = np.empty(n * itemsize + 64, np.uint8)
+    start = -raw.ctypes.data % 64
+    return raw[start:start + n * itemsize].view(dtype)
+
+
 def _matvec_output(out, Py_ssize_t rows):
     if out is None:
         return np.empty(rows, np.float32)
@@ -197,8 +205,8 @@ def matvec_q8_0(const int8_t[:, ::1] q not None, const uint16_t[:, ::1] d not No
         raise ValueError(f"matvec_q8_0: x has {x.shape[0]} elements, the weight's rows {n}")
     y = _matvec_output(out, rows)
     cdef float[::1] yv = y
-    cdef int8_t[::1] xq = np.empty(n, np.int8)
-    cdef float[::1] dx = np.empty(nb, np.float32)
+    cdef int8_t[::1] xq = _aligned_empty(n, np.int8)
+    cdef float[::1] dx = _aligned_empty(nb, np.float32)
     cdef int nt = resolve_threads(threads)
     with nogil:
         bcnp_quantize_activation(&x[0], n, 0, &xq[0], &dx[0], NULL)
@@ -217,9 +225,9 @@ def matvec_q4_0(const uint8_t[:, ::1] q not None, const uint16_t[:, ::1] d not N
         raise ValueError(f"matvec_q4_0: x has {x.shape[0]} elements, the weight's rows {n}")
     y = _matvec_output(out, rows)
     cdef float[::1] yv = y
-    cdef int8_t[::1] xq = np.empty(n, np.int8)
-    cdef float[::1] dx = np.empty(nb, np.float32)
-    cdef int32_t[::1] bias = np.empty(16 * (nb // 4) + 1, np.int32)
+    cdef int8_t[::1] xq = _aligned_empty(n, np.int8)
+    cdef float[::1] dx = _aligned_empty(nb, np.float32)
+    cdef int32_t[::1] bias = _aligned_empty(16 * (nb // 4) + 1, np.int32)
     cdef int nt = resolve_threads(threads)
     with nogil:
         bcnp_quantize_activation(&x[0], n, 1, &xq[0], &dx[0], &bias[0])
