@@ -18,9 +18,10 @@ Two implementations of the same functions:
   (the tests check), multi-threaded, 10-50x faster; use them for real tensors. `QuantizedWeight` -- the quantized
   linear layer the model calls -- always uses the compiled kernels.
 
-`QuantizedWeight.matmul(x)` multiplies one token (decode) with the fused kernel, which never expands W to float: like
-llama.cpp it rounds x per block of 32 to int8 and sums exact integer block products (see `matvec` for the error
-bound); several tokens (prefill) go through BLAS on dequantized tiles of W, exact up to float32 rounding.
+`QuantizedWeight.matmul(x)` multiplies one token (decode) with the fused kernel, which never expands W to float: it
+rounds x per block of 32 to int16 (llama.cpp's int8 is 256 times coarser) and sums exact integer block products (see
+`matvec` for the error bound); several tokens (prefill) go through BLAS on dequantized tiles of W, exact up to float32
+rounding.
 
 Threads: an explicit `threads` argument, else $OMP_NUM_THREADS, else all cores.
 """
@@ -231,9 +232,11 @@ class QuantizedWeight:
 
     def matvec(self, x, threads=None):
         """y = W x for one token x (in_features,) -> (out_features,), fused: W is never expanded to float.
-        x is quantized per block of 32 to int8 (scale dx = max|x_b| / 127) and every block contributes its exact
-        integer dot product times d_w * dx, so |y - dequantize() @ x| <= sum_b |d_w,b| dx_b / 2 sum_i |q_i|
-        (the rounding of x) plus float32 summation error (about n_blocks * 2^-24 * sum |W x|)."""
+        x is quantized per block of 32 to int16 (scale dx = max|x_b| / 32767, error <= dx (1/2 + 2^-9) per
+        element: 2^-16 of the block's largest |x|) and every block contributes its exact integer dot product times
+        d_w * dx, so |y - dequantize() @ x| <= sum_b |d_w,b| dx_b sum_i |q_i| (1/2 + 2^-9 + (n_blocks + 4) 32767
+        2^-24) with q the weight codes: the rounding of x, then the float32 rounding of the block products and
+        their sum -- the same size as float32 summation error at Baichuan widths (n_blocks = 160 or 428)."""
         x = self._padded(x)
         if x.ndim != 1:
             raise ValueError(f"QuantizedWeight.matvec: x must be 1-D, got shape {x.shape}")

@@ -11,7 +11,7 @@ threads: 0 = the OMP_NUM_THREADS environment variable if it is set now, else Ope
 import os
 
 from cython.parallel cimport prange
-from libc.stdint cimport int8_t, int32_t, int64_t, uint8_t, uint16_t, uint64_t
+from libc.stdint cimport int8_t, int16_t, int32_t, int64_t, uint8_t, uint16_t, uint64_t
 cimport openmp
 
 import numpy as np
@@ -25,10 +25,12 @@ cdef extern from "quant_kernels.h" nogil:
     int bcnp_quantize_row_q4_0(const float *x, int64_t n, uint8_t *q, uint16_t *d, int64_t *bad)
     void bcnp_dequantize_row_q8_0(const int8_t *q, const uint16_t *d, int64_t n, float *y)
     void bcnp_dequantize_row_q4_0(const uint8_t *q, const uint16_t *d, int64_t n, float *y)
-    void bcnp_quantize_activation(const float *x, int64_t n, int q4_layout, int8_t *xq, float *dx, int32_t *bias)
-    float bcnp_dot_q8_0(const int8_t *w, const uint16_t *d, const int8_t *xq, const float *dx, int64_t nb)
-    float bcnp_dot_q4_0(const uint8_t *w, const uint16_t *d, const int8_t *xq, const float *dx,
+    void bcnp_quantize_activation(const float *x, int64_t n, int q4_layout, int16_t *xq, float *dx, int32_t *bias)
+    float bcnp_dot_q8_0(const int8_t *w, const uint16_t *d, const int16_t *xq, const float *dx, int64_t nb)
+    float bcnp_dot_q4_0(const uint8_t *w, const uint16_t *d, const int16_t *xq, const float *dx,
                         const int32_t *bias, int64_t nb)
+    float bcnp_dot_q8_0_scalar(const int8_t *w, const uint16_t *d, const int16_t *xq, const float *dx, int64_t nb)
+    float bcnp_dot_q4_0_scalar(const uint8_t *w, const uint16_t *d, const int16_t *xq, const float *dx, int64_t nb)
     uint64_t bcnp_sum_words(const uint64_t *a, int64_t n)
 
 SIMD = bcnp_simd_name().decode()          # which dot-product implementation was compiled in
@@ -196,8 +198,9 @@ def _matvec_output(out, Py_ssize_t rows):
 
 
 def matvec_q8_0(const int8_t[:, ::1] q not None, const uint16_t[:, ::1] d not None, const float[::1] x not None,
-                float[::1] out=None, int threads=0):
-    """y (rows,) = W x for W = Q8_0 blocks (q int8 (rows, n), d (rows, n/32)), x float32 (n,)."""
+                float[::1] out=None, int threads=0, bint simd=True):
+    """y (rows,) = W x for W = Q8_0 blocks (q int8 (rows, n), d (rows, n/32)), x float32 (n,).
+    simd=False runs the portable C kernel (the specification of the SIMD one; for tests)."""
     cdef Py_ssize_t rows = q.shape[0], n = q.shape[1], nb = n // 32, r
     _check_width(n, "matvec_q8_0")
     _check_scales(d, rows, n, "matvec_q8_0")
@@ -205,19 +208,23 @@ def matvec_q8_0(const int8_t[:, ::1] q not None, const uint16_t[:, ::1] d not No
         raise ValueError(f"matvec_q8_0: x has {x.shape[0]} elements, the weight's rows {n}")
     y = _matvec_output(out, rows)
     cdef float[::1] yv = y
-    cdef int8_t[::1] xq = _aligned_empty(n, np.int8)
+    cdef int16_t[::1] xq = _aligned_empty(n, np.int16)
     cdef float[::1] dx = _aligned_empty(nb, np.float32)
     cdef int nt = resolve_threads(threads)
     with nogil:
         bcnp_quantize_activation(&x[0], n, 0, &xq[0], &dx[0], NULL)
         for r in prange(rows, num_threads=nt, schedule="static"):
-            yv[r] = bcnp_dot_q8_0(&q[r, 0], &d[r, 0], &xq[0], &dx[0], nb)
+            if simd:
+                yv[r] = bcnp_dot_q8_0(&q[r, 0], &d[r, 0], &xq[0], &dx[0], nb)
+            else:
+                yv[r] = bcnp_dot_q8_0_scalar(&q[r, 0], &d[r, 0], &xq[0], &dx[0], nb)
     return np.asarray(y)
 
 
 def matvec_q4_0(const uint8_t[:, ::1] q not None, const uint16_t[:, ::1] d not None, const float[::1] x not None,
-                float[::1] out=None, int threads=0):
-    """y (rows,) = W x for W = Q4_0 blocks (q uint8 packed (rows, n/2), d (rows, n/32)), x float32 (n,)."""
+                float[::1] out=None, int threads=0, bint simd=True):
+    """y (rows,) = W x for W = Q4_0 blocks (q uint8 packed (rows, n/2), d (rows, n/32)), x float32 (n,).
+    simd=False runs the portable C kernel (the specification of the SIMD one; for tests)."""
     cdef Py_ssize_t rows = q.shape[0], n = 2 * q.shape[1], nb = n // 32, r
     _check_width(n, "matvec_q4_0")
     _check_scales(d, rows, n, "matvec_q4_0")
@@ -225,14 +232,17 @@ def matvec_q4_0(const uint8_t[:, ::1] q not None, const uint16_t[:, ::1] d not N
         raise ValueError(f"matvec_q4_0: x has {x.shape[0]} elements, the weight's rows {n}")
     y = _matvec_output(out, rows)
     cdef float[::1] yv = y
-    cdef int8_t[::1] xq = _aligned_empty(n, np.int8)
+    cdef int16_t[::1] xq = _aligned_empty(n, np.int16)
     cdef float[::1] dx = _aligned_empty(nb, np.float32)
     cdef int32_t[::1] bias = _aligned_empty(16 * (nb // 4) + 1, np.int32)
     cdef int nt = resolve_threads(threads)
     with nogil:
         bcnp_quantize_activation(&x[0], n, 1, &xq[0], &dx[0], &bias[0])
         for r in prange(rows, num_threads=nt, schedule="static"):
-            yv[r] = bcnp_dot_q4_0(&q[r, 0], &d[r, 0], &xq[0], &dx[0], &bias[0], nb)
+            if simd:
+                yv[r] = bcnp_dot_q4_0(&q[r, 0], &d[r, 0], &xq[0], &dx[0], &bias[0], nb)
+            else:
+                yv[r] = bcnp_dot_q4_0_scalar(&q[r, 0], &d[r, 0], &xq[0], &dx[0], nb)
     return np.asarray(y)
 
 

@@ -4,13 +4,18 @@
  *   Q8_0: int8 q[32*b + j],                            weight = q * d
  *   Q4_0: uint8 byte q[16*b + j] = c_j | c_{j+16} << 4,  weight = (c - 8) * d,  c in 0..15
  *
- * The decode matvec y = W x works the way llama.cpp's does: x is itself quantized per 32-block to int8 with a
- * float32 scale dx (quantize_activation), every block contributes the exact integer dot product of its codes with
- * the int8 activation, times d_w * dx, and the float32 products are summed.  The result differs from
- * dequantize(W) @ x only by the rounding of x to int8 (at most dx/2 per element) and by the float32 sum.
+ * The decode matvec y = W x quantizes x itself per 32-block to int16 with a float32 scale dx = max|x_b| / 32767
+ * (quantize_activation); every block contributes the exact integer dot product of its codes with the int16
+ * activation, times d_w * dx, and the float32 products are summed.  llama.cpp rounds x to int8 instead, 256 times
+ * coarser: measurably worse logits.  The result differs from dequantize(W) @ x by the rounding of x (at most
+ * dx (1/2 + 2^-9) per element, about 2^-16 of the block's largest |x|) and float32 rounding:
+ *   |y - W^ x| <= sum_b |d_b| dx_b sum_i |q_bi| (1/2 + 2^-9 + (n_blocks + 4) 32767 2^-24)
+ * with q the weight codes (q - 8 for Q4_0); the last term bounds the float32 rounding of the block products
+ * (each at most 32767 dx_b |d_b| sum_i |q_bi|) and of their sum.  A float32 loop (codes converted to float, FMA
+ * with x) would be exact up to the float sum, but measured at half the memory bandwidth for Q4_0 on Zen 4.
  *
- * Three implementations of the dot products: AVX-512 VNNI (vpdpbusd: 64 unsigned x signed byte products summed
- * in fours per instruction), AVX2 (vpmaddubsw + vpmaddwd) and portable C.  The compiler flags pick one
+ * Three implementations of the dot products: AVX-512 VNNI (vpdpwssd: 32 int16 products summed in pairs per
+ * instruction), AVX2 (vpmaddwd) and portable C (the specification).  The compiler flags pick one
  * (-march=native on a source build); all compute the same integer block sums.
  */
 #ifndef BCNP_QUANT_KERNELS_H
@@ -170,71 +175,71 @@ static void bcnp_dequantize_row_q4_0(const uint8_t *q, const uint16_t *d, int64_
 
 /* ---- the activation, quantized for the decode matvec ----------------------------------------------------------- */
 
-/* x (n) -> xq int8 (n), dx (n/32): Q8_0 of x with a float32 scale.  A block holding inf or nan gets dx = nan, so
-   the matvec answers nan as a float product would.
-   For Q4_0 weights (q4_layout = 1) the blocks are grouped by four and each group stores the first halves (elements
-   0..15) of its four blocks, then their second halves: exactly the order of the low and then the high nibbles of
-   the group's 64 weight bytes, so the SIMD kernels line x up with a 64-byte load of weights without shuffles.  A
-   tail of fewer than four blocks keeps the natural order.
-   bias (n/8 int32, Q4_0 only): -8 * (the sum of the 4 activations under the low nibbles of each 4 weight bytes plus
-   the 4 under their high nibbles): the starting value of the SIMD accumulators, so that sum(c * x) + bias =
-   sum((c - 8) * x). */
+/* x (n) -> xq int16 (n), dx (n/32): every block of 32 as integers times a float32 scale, dx = max|x_b| / 32767 and
+   xq = round(x / dx) (ties away from zero), so |x - dx * xq| <= dx (1/2 + 2^-9): the 2^-9 covers the float32
+   rounding of x / dx, at most 32768 * 2^-24.  (Where dx is a float32 subnormal, max|x_b| < 2^-111, xq is clamped
+   to 32767 and the error can reach 2^-134 more; a block with dx = 0 becomes zeros.)  A block holding inf or nan gets
+   dx = nan, so the matvec answers nan.
+   For Q4_0 weights (q4_layout = 1) the blocks are grouped by four, and the group's 128 values are stored as four
+   runs of 32 in the order the SIMD kernels take the 4-bit codes out of the group's 64 weight bytes read as 32
+   little-endian 16-bit words: bits 0-3, 4-7, 8-11, 12-15 of word m are codes j, j + 16, j + 1, j + 17 of block m/8,
+   j = 2 (m % 8) (see bcnp_q4_x_index).  A tail of fewer than four blocks keeps the natural order.
+   bias (n/8 int32, Q4_0 only): -8 * (the sum of the 8 activations that meet the 4 weight bytes of a 32-bit lane):
+   the starting value of the SIMD accumulators, so that sum(c * x) + bias = sum((c - 8) * x). */
 static inline int64_t bcnp_q4_x_index(int64_t b, int j, int64_t nb)
 {
     if (b >= nb - nb % 4) return 32 * b + j;
-    return 128 * (b / 4) + (j < 16 ? 0 : 64) + 16 * (b % 4) + (j & 15);
+    return 128 * (b / 4) + 32 * ((j >> 4) + 2 * (j & 1)) + 8 * (b % 4) + ((j & 15) >> 1);
 }
 
-BCNP_NO_FMA_CONTRACTION
-static void bcnp_quantize_activation(const float *x, int64_t n, int q4_layout, int8_t *xq, float *dx, int32_t *bias)
+static void bcnp_quantize_activation(const float *x, int64_t n, int q4_layout, int16_t *xq, float *dx, int32_t *bias)
 {
     const int64_t nb = n / 32;
     for (int64_t b = 0; b < nb; b++) {
         const float *xb = x + 32 * b;
-        int8_t qb[32];
+        int16_t qb[32];
         uint32_t amax_bits = 0, u;     /* max |x| on the bits: ordered like the floats, and inf/nan are largest */
-        float amax, id;
+        float amax;
         for (int j = 0; j < 32; j++) {
             memcpy(&u, xb + j, 4);
             u &= 0x7FFFFFFF;
             amax_bits = u > amax_bits ? u : amax_bits;
         }
         memcpy(&amax, &amax_bits, 4);
-        if (amax_bits < 0x7F800000) {
-            dx[b] = amax / 127.0f;
-            id = bcnp_inverse_scale(dx[b]);
-            for (int j = 0; j < 32; j++) {     /* to nearest, ties away from zero: written so it vectorizes */
-                const float v = xb[j] * id;
-                qb[j] = (int8_t)(int)(v + copysignf(0.5f, v));
+        dx[b] = amax_bits < 0x7F800000 ? amax / 32767.0f : NAN;
+        if (dx[b] > 0.0f) {
+            const float db = dx[b];
+            for (int j = 0; j < 32; j++) {     /* roundf (half away from zero), in a form the compiler vectorizes */
+                const float v = xb[j] / db, t = (float)(int)v;      /* |v| <= 32767 + 1/2^9 where db is normal */
+                const int r = (int)(t + copysignf((float)(fabsf(v - t) >= 0.5f), v));
+                qb[j] = (int16_t)(r > 32767 ? 32767 : r < -32767 ? -32767 : r);
             }
-        } else {
-            dx[b] = NAN;
-            memset(qb, 0, 32);
-        }
-        if (q4_layout && b < nb - nb % 4) {
-            memcpy(xq + 128 * (b / 4) + 16 * (b % 4), qb, 16);
-            memcpy(xq + 128 * (b / 4) + 64 + 16 * (b % 4), qb + 16, 16);
         } else
-            memcpy(xq + 32 * b, qb, 32);
+            memset(qb, 0, sizeof qb);
+        for (int j = 0; j < 32; j++)
+            xq[q4_layout ? bcnp_q4_x_index(b, j, nb) : 32 * b + j] = qb[j];
     }
     if (q4_layout)
         for (int64_t g = 0; g < nb / 4; g++)
             for (int l = 0; l < 16; l++) {
-                const int8_t *lo = xq + 128 * g + 4 * l, *hi = lo + 64;
-                bias[16 * g + l] = -8 * (lo[0] + lo[1] + lo[2] + lo[3] + hi[0] + hi[1] + hi[2] + hi[3]);
+                int32_t s = 0;
+                for (int v = 0; v < 4; v++)
+                    s += xq[128 * g + 32 * v + 2 * l] + xq[128 * g + 32 * v + 2 * l + 1];
+                bias[16 * g + l] = -8 * s;
             }
 }
 
 /* ---- one row of the decode matvec: sum over blocks of d_w * dx * (integer dot product) ------------------------ */
 
-static inline int32_t bcnp_block_dot_q8_0(const int8_t *w, const int8_t *xq)
+/* The integer dot product of a block: |sum| <= 32 * 127 * 32767 < 2^31, exact in int32. */
+static inline int32_t bcnp_block_dot_q8_0(const int8_t *w, const int16_t *xq)
 {
     int32_t s = 0;
     for (int j = 0; j < 32; j++) s += (int32_t)w[j] * xq[j];
     return s;
 }
 
-static inline int32_t bcnp_block_dot_q4_0(const uint8_t *w, const int8_t *xq, int64_t b, int64_t nb)
+static inline int32_t bcnp_block_dot_q4_0(const uint8_t *w, const int16_t *xq, int64_t b, int64_t nb)
 {
     int32_t s = 0;
     for (int j = 0; j < 16; j++)
@@ -242,9 +247,24 @@ static inline int32_t bcnp_block_dot_q4_0(const uint8_t *w, const int8_t *xq, in
     return s;
 }
 
-#if defined(BCNP_AVX512)
-static inline float bcnp_hsum512(__m512 v) { return _mm512_reduce_add_ps(v); }
+/* The portable kernels, and the specification of the SIMD ones: those add the same block terms in another order. */
+static float bcnp_dot_q8_0_scalar(const int8_t *w, const uint16_t *d, const int16_t *xq, const float *dx, int64_t nb)
+{
+    float sum = 0.0f;
+    for (int64_t b = 0; b < nb; b++)
+        sum += bcnp_f16_to_f32(d[b]) * dx[b] * (float)bcnp_block_dot_q8_0(w + 32 * b, xq + 32 * b);
+    return sum;
+}
 
+static float bcnp_dot_q4_0_scalar(const uint8_t *w, const uint16_t *d, const int16_t *xq, const float *dx, int64_t nb)
+{
+    float sum = 0.0f;
+    for (int64_t b = 0; b < nb; b++)
+        sum += bcnp_f16_to_f32(d[b]) * dx[b] * (float)bcnp_block_dot_q4_0(w + 16 * b, xq, b, nb);
+    return sum;
+}
+
+#if defined(BCNP_AVX512)
 /* Scales of blocks b..b+count-1 (count <= 16) times the activation's: one float per block. */
 static inline __m512 bcnp_block_scales16(const uint16_t *d, const float *dx, int64_t count)
 {
@@ -268,93 +288,99 @@ static inline __m256 bcnp_block_scales8(const uint16_t *d, const float *dx)
 }
 #endif
 
-static float bcnp_dot_q8_0(const int8_t *w, const uint16_t *d, const int8_t *xq, const float *dx, int64_t nb)
+static float bcnp_dot_q8_0(const int8_t *w, const uint16_t *d, const int16_t *xq, const float *dx, int64_t nb)
 {
-    int64_t b = 0;
-    float sum = 0.0f;
 #if defined(BCNP_AVX512)
-    /* Two blocks (64 bytes) per step.  vpdpbusd multiplies unsigned by signed bytes: |w| times x carrying w's
-       sign.  Its 16 int32 sums are blocks b, b+1 in lanes 0-7, 8-15; they meet their scales there. */
+    /* One block per step: its 32 codes widened to int16, vpdpwssd sums their products with x in pairs into 16 int32
+       lanes, all of block b, which meet the block's scale there.  Prefetch: see bcnp_dot_q4_0. */
     __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
-    const __m512i half = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
-    while (nb - b >= 2) {
+    for (int64_t b = 0; b < nb; ) {
         const int64_t count = nb - b < 16 ? nb - b : 16;
-        const __m512 s = bcnp_block_scales16(d + b, dx + b, count);
-        for (int64_t p = 0; p + 2 <= count; p += 2, b += 2) {
-            const __m512i wv = _mm512_loadu_si512(w + 32 * b), xv = _mm512_loadu_si512(xq + 32 * b);
-            const __m512i xs = _mm512_mask_sub_epi8(xv, _mm512_movepi8_mask(wv), _mm512_setzero_si512(), xv);
-            const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_abs_epi8(wv), xs);
-            const __m512 sp = _mm512_permutexvar_ps(_mm512_add_epi32(half, _mm512_set1_epi32((int)p)), s);
-            if (p & 2) acc1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), sp, acc1);
-            else acc0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), sp, acc0);
+        float s[16];
+        _mm512_storeu_ps(s, bcnp_block_scales16(d + b, dx + b, count));
+        for (int64_t k = 0; k < count; k++, b++) {
+            if (k & 1) _mm_prefetch((const char *)(w + 32 * b + 1024), _MM_HINT_T0);
+            const __m512i wv = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(w + 32 * b)));
+            const __m512i dot = _mm512_dpwssd_epi32(_mm512_setzero_si512(), wv, _mm512_loadu_si512(xq + 32 * b));
+            if (k & 1) acc1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(s[k]), acc1);
+            else acc0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(s[k]), acc0);
         }
     }
-    sum = bcnp_hsum512(_mm512_add_ps(acc0, acc1));
+    return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
 #elif defined(BCNP_AVX2)
-    /* One block (32 bytes) per step: vpmaddubsw(|w|, x with w's sign) then vpmaddwd(1) gives 8 int32 sums. */
+    /* One block per step, in two halves of 16 codes widened to int16; vpmaddwd sums products in pairs. */
     __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-    const __m256i ones = _mm256_set1_epi16(1);
+    int64_t b = 0;
     for (; b + 8 <= nb; ) {
         const __m256 s = bcnp_block_scales8(d + b, dx + b);
         for (int k = 0; k < 8; k++, b++) {
-            const __m256i wv = _mm256_loadu_si256((const __m256i *)(w + 32 * b));
-            const __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + 32 * b));
-            const __m256i p16 = _mm256_maddubs_epi16(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv));
-            const __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, ones));
+            const __m256i lo = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(w + 32 * b)));
+            const __m256i hi = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(w + 32 * b + 16)));
+            const __m256i dot = _mm256_add_epi32(_mm256_madd_epi16(lo, _mm256_loadu_si256((const __m256i *)(xq + 32 * b))),
+                                                 _mm256_madd_epi16(hi, _mm256_loadu_si256((const __m256i *)(xq + 32 * b + 16))));
             const __m256 sk = _mm256_permutevar8x32_ps(s, _mm256_set1_epi32(k));
-            if (k & 1) acc1 = _mm256_fmadd_ps(dot, sk, acc1);
-            else acc0 = _mm256_fmadd_ps(dot, sk, acc0);
+            if (k & 1) acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), sk, acc1);
+            else acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), sk, acc0);
         }
     }
-    sum = bcnp_hsum256(_mm256_add_ps(acc0, acc1));
+    return bcnp_hsum256(_mm256_add_ps(acc0, acc1)) + bcnp_dot_q8_0_scalar(w + 32 * b, d + b, xq + 32 * b, dx + b, nb - b);
+#else
+    return bcnp_dot_q8_0_scalar(w, d, xq, dx, nb);
 #endif
-    for (; b < nb; b++)
-        sum += bcnp_f16_to_f32(d[b]) * dx[b] * (float)bcnp_block_dot_q8_0(w + 32 * b, xq + 32 * b);
-    return sum;
 }
 
-static float bcnp_dot_q4_0(const uint8_t *w, const uint16_t *d, const int8_t *xq, const float *dx,
+static float bcnp_dot_q4_0(const uint8_t *w, const uint16_t *d, const int16_t *xq, const float *dx,
                            const int32_t *bias, int64_t nb)
 {
     int64_t b = 0;
     float sum = 0.0f;
 #if defined(BCNP_AVX512)
-    /* Four blocks (64 bytes = 128 codes) per step: the low nibbles meet the first halves of the four blocks of x,
-       the high nibbles the second halves (see quantize_activation); lanes 4k..4k+3 belong to block b+k. */
+    /* Four blocks (64 bytes = 128 codes) per step, read as 32 16-bit words: the four nibbles of each word, kept as
+       int16 by masks and shifts, meet the four runs of x (see quantize_activation); vpdpwssd sums the products in
+       pairs, so 32-bit lanes 4k..4k+3 belong to block b+k.  The loop does about twice the work per byte of an
+       int8-activation kernel, and then the hardware prefetcher alone left 25% of the bandwidth unused (measured on
+       2 Zen 4 cores): a software prefetch 1 KiB ahead brings it back. */
     __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
-    const __m512i nibble = _mm512_set1_epi8(0x0F);
+    const __m512i nibble = _mm512_set1_epi16(0x0F);
     const __m512i quarter = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
     while (nb - b >= 4) {
         const int64_t count = nb - b < 16 ? nb - b : 16;
         const __m512 s = bcnp_block_scales16(d + b, dx + b, count);
         for (int64_t p = 0; p + 4 <= count; p += 4, b += 4) {
+            _mm_prefetch((const char *)(w + 16 * b + 1024), _MM_HINT_T0);
             const __m512i wv = _mm512_loadu_si512(w + 16 * b);
-            const __m512i lo = _mm512_and_si512(wv, nibble), hi = _mm512_and_si512(_mm512_srli_epi16(wv, 4), nibble);
+            const int16_t *xg = xq + 32 * b;
             __m512i dot = _mm512_loadu_si512(bias + 4 * b);
-            dot = _mm512_dpbusd_epi32(dot, lo, _mm512_loadu_si512(xq + 32 * b));
-            dot = _mm512_dpbusd_epi32(dot, hi, _mm512_loadu_si512(xq + 32 * b + 64));
+            dot = _mm512_dpwssd_epi32(dot, _mm512_and_si512(wv, nibble), _mm512_loadu_si512(xg));
+            dot = _mm512_dpwssd_epi32(dot, _mm512_and_si512(_mm512_srli_epi16(wv, 4), nibble), _mm512_loadu_si512(xg + 32));
+            dot = _mm512_dpwssd_epi32(dot, _mm512_and_si512(_mm512_srli_epi16(wv, 8), nibble), _mm512_loadu_si512(xg + 64));
+            dot = _mm512_dpwssd_epi32(dot, _mm512_srli_epi16(wv, 12), _mm512_loadu_si512(xg + 96));
             const __m512 sp = _mm512_permutexvar_ps(_mm512_add_epi32(quarter, _mm512_set1_epi32((int)p)), s);
             if (p & 4) acc1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), sp, acc1);
             else acc0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), sp, acc0);
         }
     }
-    sum = bcnp_hsum512(_mm512_add_ps(acc0, acc1));
+    sum = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
 #elif defined(BCNP_AVX2)
-    /* Two blocks (32 bytes) per step, half a group of four: lanes 0-3 block b, 4-7 block b+1. */
+    /* Two blocks (32 bytes) per step, half a group of four: its 16 words meet words 16h..16h+15 of each run of x;
+       lanes 0-3 block b, 4-7 block b+1. */
     __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-    const __m256i nibble = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+    const __m256i nibble = _mm256_set1_epi16(0x0F);
     const __m256i half = _mm256_set_epi32(1, 1, 1, 1, 0, 0, 0, 0);
     for (; b + 8 <= nb - nb % 4; ) {
         const __m256 s = bcnp_block_scales8(d + b, dx + b);
         for (int k = 0; k < 8; k += 2, b += 2) {
-            /* blocks b, b+1 are the first or second half of their group of four */
-            const int8_t *xg = xq + 128 * (b / 4) + 32 * (b % 4 / 2);
+            const int16_t *xg = xq + 128 * (b / 4) + 16 * (b % 4 / 2);
             const __m256i wv = _mm256_loadu_si256((const __m256i *)(w + 16 * b));
-            const __m256i lo = _mm256_and_si256(wv, nibble), hi = _mm256_and_si256(_mm256_srli_epi16(wv, 4), nibble);
-            const __m256i p16 = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)xg)),
-                                                 _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)(xg + 64))));
-            const __m256i dot = _mm256_add_epi32(_mm256_madd_epi16(p16, ones),
-                                                 _mm256_loadu_si256((const __m256i *)(bias + 4 * b)));
+            __m256i dot = _mm256_loadu_si256((const __m256i *)(bias + 4 * b));
+            dot = _mm256_add_epi32(dot, _mm256_madd_epi16(_mm256_and_si256(wv, nibble),
+                                                          _mm256_loadu_si256((const __m256i *)xg)));
+            dot = _mm256_add_epi32(dot, _mm256_madd_epi16(_mm256_and_si256(_mm256_srli_epi16(wv, 4), nibble),
+                                                          _mm256_loadu_si256((const __m256i *)(xg + 32))));
+            dot = _mm256_add_epi32(dot, _mm256_madd_epi16(_mm256_and_si256(_mm256_srli_epi16(wv, 8), nibble),
+                                                          _mm256_loadu_si256((const __m256i *)(xg + 64))));
+            dot = _mm256_add_epi32(dot, _mm256_madd_epi16(_mm256_srli_epi16(wv, 12),
+                                                          _mm256_loadu_si256((const __m256i *)(xg + 96))));
             const __m256 sk = _mm256_permutevar8x32_ps(s, _mm256_add_epi32(half, _mm256_set1_epi32(k)));
             if (k & 2) acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), sk, acc1);
             else acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), sk, acc0);
