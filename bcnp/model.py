@@ -210,6 +210,13 @@ class CheckpointWeights(dict):
     def tensor(self, name):
         return self.tensors[name]
 
+    def read_once(self, name):
+        """A float32 copy of a weight not kept here, its file pages handed back: for going one tensor at a time."""
+        tensor = self.tensors[name]
+        array = tensor.float32()
+        tensor.release()
+        return array
+
     def __missing__(self, name):
         self[name] = array = self.tensors[name].float32()
         return array
@@ -279,7 +286,7 @@ class Model:
         quantized = {}
         for name in names:
             if isinstance(self.w, CheckpointWeights) and name not in self.w:
-                array = self.w.tensor(name).float32()          # read once, not kept
+                array = self.w.read_once(name)
             else:
                 array = self.w[name]
             if isinstance(array, QuantizedWeight) or not is_linear(name):
