@@ -63,16 +63,8 @@ class Config:
 
     @classmethod
     def from_json(cls, path):
-        if os.path.isdir(path):
-            path = os.path.join(path, "config.json")
-        try:
-            with open(path, encoding="utf-8") as f:
-                d = json.load(f)
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: no config.json (is this a Baichuan model directory?)") from None
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: not valid JSON ({e})") from None
-        return cls.from_dict(d, source=path)
+        path = config_path(path)
+        return cls.from_dict(read_config_json(path), source=path)
 
     def to_hf_dict(self):
         """The config.json fields the original code reads."""
@@ -111,6 +103,26 @@ class Config:
                 size *= s
             n += size
         return n
+
+
+def config_path(path):
+    path = os.fspath(path)
+    return os.path.join(path, "config.json") if os.path.isdir(path) else path
+
+
+def read_config_json(path):
+    """The dict in config.json (`path`: the file or its directory), with a clear error when it is not there."""
+    path = config_path(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            d = json.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no config.json (is this a Baichuan model directory?)") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise ConfigError(f"{path}: expected a JSON object, got {type(d).__name__}")
+    return d
 
 
 # The released models, for tests, benchmarks and `bcnp.inspect --preset`.

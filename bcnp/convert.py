@@ -20,7 +20,7 @@ from collections import Counter
 import numpy as np
 
 from bcnp.checkpoint import CheckpointError, read_checkpoint
-from bcnp.config import Config, ConfigError
+from bcnp.config import Config, ConfigError, read_config_json
 
 FORMAT_VERSION = 1
 BLOCK_SIZE = 32                         # quantization block along the input dimension
@@ -204,14 +204,7 @@ def convert(hf_dir, out_dir, quantize_bits=None, force=False, max_shard_bytes=4 
 
 
 def read_config_dict(hf_dir):
-    path = os.path.join(hf_dir, "config.json")
-    try:
-        with open(path, encoding="utf-8") as f:
-            config_dict = json.load(f)
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no config.json (is this a Baichuan model directory?)") from None
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    config_dict = read_config_json(hf_dir)
     if "bcnp" in config_dict:
         raise ConfigError(f"{hf_dir}: already converted by bcnp; convert the original Hugging Face directory")
     return config_dict

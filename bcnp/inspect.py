@@ -156,28 +156,16 @@ def inspect_model(source):
 
 def read_model_dir(directory):
     """(config, quantization or None, tensors in model order, files) of a model directory; checks every shape."""
-    from .checkpoint import read_checkpoint
-    from .convert import expected_converted_shapes
-    if not os.path.isdir(directory):
-        raise FileNotFoundError(f"{directory}: no such model directory")
-    config = Config.from_json(directory)
-    with open(os.path.join(directory, "config.json"), encoding="utf-8") as f:
-        bcnp_section = json.load(f).get("bcnp")
-    if bcnp_section is None:
-        quantization, expected = None, config.weight_shapes()
-    else:
+    from . import checkpoint
+    config, bcnp_section, found = checkpoint.read_model_dir(directory)
+    quantization = None
+    if bcnp_section is not None:
         q = bcnp_section.get("quantization") or {}
-        bits = q.get("bits")
-        if bits not in (None, 8, 4):
-            raise ValueError(f"{os.path.join(directory, 'config.json')}: bcnp.quantization.bits must be 8 or 4, "
-                             f"got {bits!r}")
-        quantization = {"bits": bits, "block_size": q.get("block_size"),
+        quantization = {"bits": q.get("bits"), "block_size": q.get("block_size"),
                         "format_version": bcnp_section.get("format_version"),
                         "source_dtype": bcnp_section.get("source_dtype")}
-        expected = expected_converted_shapes(config, bits)
-    found = read_checkpoint(directory, expected)
     tensors = [{"name": name, "dtype": found[name].dtype, "shape": list(found[name].shape),
-                "nbytes": found[name].nbytes, "file": os.path.basename(found[name].path)} for name in expected]
+                "nbytes": found[name].nbytes, "file": os.path.basename(found[name].path)} for name in found]
     paths = sorted({t.path for t in found.values()})
     files = [{"file": os.path.basename(p), "bytes": os.path.getsize(p)} for p in paths]
     return config, quantization, tensors, files

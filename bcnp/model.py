@@ -6,7 +6,6 @@ Weights are looked up by their checkpoint names in a mapping `w`; a linear weigh
 
 Shapes: T new tokens, S = tokens in the cache after appending them, H hidden, nh heads, hd head_dim.
 """
-import json
 import math
 import os
 from dataclasses import dataclass
@@ -242,30 +241,20 @@ class Model:
     @classmethod
     def from_pretrained(cls, path):
         """A Hugging Face directory (.bin or .safetensors shards) or one written by `python -m bcnp.convert`."""
-        from .checkpoint import read_checkpoint
-        from .convert import expected_converted_shapes
+        from .checkpoint import read_model_dir
         from .sampling import GenerationConfig
 
         path = os.fspath(path)
-        if not os.path.isdir(path):
-            raise FileNotFoundError(f"{path}: no such model directory")
-        config = Config.from_json(path)
-        with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
-            bcnp_section = json.load(f).get("bcnp")
-        if bcnp_section is None:
-            tensors = read_checkpoint(path, config.weight_shapes())
-            w = CheckpointWeights(tensors)
-        else:
-            bits = (bcnp_section.get("quantization") or {}).get("bits")
-            tensors = read_checkpoint(path, expected_converted_shapes(config, bits))
-            w = CheckpointWeights({n: t for n, t in tensors.items() if not n.endswith((".qweight", ".scales"))})
-            for name in tensors:
-                if name.endswith(".qweight"):
-                    base = name[: -len(".qweight")]
-                    out_features, in_features = config.weight_shapes()[base + ".weight"]
-                    w[base + ".weight"] = QuantizedWeight(tensors[name].numpy(), tensors[base + ".scales"].numpy(),
-                                                          bits=8 if tensors[name].dtype == "int8" else 4,
-                                                          in_features=in_features)
+        config, _, tensors = read_model_dir(path)
+        # float tensors stay in the checkpoint until used; quantized ones are wrapped as they lie on disk
+        w = CheckpointWeights({n: t for n, t in tensors.items() if not n.endswith((".qweight", ".scales"))})
+        for name in tensors:
+            if name.endswith(".qweight"):
+                base = name[: -len(".qweight")]
+                out_features, in_features = config.weight_shapes()[base + ".weight"]
+                w[base + ".weight"] = QuantizedWeight(tensors[name].numpy(), tensors[base + ".scales"].numpy(),
+                                                      bits=8 if tensors[name].dtype == "int8" else 4,
+                                                      in_features=in_features)
         tokenizer = None
         if os.path.exists(os.path.join(path, "tokenizer.model")):
             from .tokenizer import Tokenizer
