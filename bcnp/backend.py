@@ -22,8 +22,8 @@ import os
 
 import numpy as np
 
-from .model import CheckpointWeights, Model, is_linear
-from .quant import BLOCK, QuantizedWeight, padded_width
+from .model import CheckpointWeights, Model
+from .quant import BLOCK, QuantizedWeight, is_linear, padded_width
 
 KERNEL_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cuda", "quant_kernels.cu")
 KERNEL_NAMES = ("matvec_q8_0", "matvec_q4_0", "matvec_f16", "dequantize_q8_0_f32", "dequantize_q8_0_f16",

@@ -21,23 +21,13 @@ import numpy as np
 
 from bcnp.checkpoint import CheckpointError, read_checkpoint
 from bcnp.config import Config, ConfigError, read_config_json
+from bcnp.quant import quantized_bits
 
 FORMAT_VERSION = 1
 BLOCK_SIZE = 32                         # quantization block along the input dimension
-LINEAR_SUFFIXES = ("self_attn.W_pack.weight", "self_attn.o_proj.weight", "mlp.gate_proj.weight",
-                   "mlp.up_proj.weight", "mlp.down_proj.weight")
 COPIED_FILES = ("generation_config.json", "tokenizer.model", "tokenizer_config.json")
 CHUNK_ROWS = 1024                       # rows converted at a time: bounds the float32 temporaries
 SAFETENSORS_CODES = {"float16": "F16", "int8": "I8", "uint8": "U8"}
-
-
-def quantized_bits(name, bits):
-    """How many bits `name` gets when the model is quantized to `bits`: None = stays float16."""
-    if bits is None:
-        return None
-    if name == "lm_head.weight":
-        return 8                        # the output matrix matters most; llama.cpp keeps it precise too
-    return bits if name.endswith(LINEAR_SUFFIXES) else None
 
 
 def quantized_shapes(shape, bits):

@@ -68,7 +68,7 @@ def weight_bytes(config, precision):
 
     int8/int4 follow what bcnp.convert writes and Model.quantize keeps: every linear weight in blocks (lm_head at
     8 bits in both modes), the embedding as float16, the norms as float16 (a few KB; in memory they are float32)."""
-    from .model import is_linear
+    from .quant import is_linear
     bits = {"int8": 8, "int4": 4}.get(precision)
     total = 0
     for name, shape in config.weight_shapes().items():

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .config import Config
-from .quant import QuantizedWeight
+from .quant import QuantizedWeight, quantized_bits
 
 
 # --- the building blocks ---------------------------------------------------------------------------------------
@@ -171,14 +171,6 @@ def transformer(xp, w, config, ids, cache, hidden=None, last_only=False):
 
 # --- the model: weights, cache and generation around `transformer` ---------------------------------------------
 
-LINEAR_SUFFIXES = ("self_attn.W_pack.weight", "self_attn.o_proj.weight",
-                   "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight")
-
-
-def is_linear(name):
-    return name == "lm_head.weight" or name.endswith(LINEAR_SUFFIXES)
-
-
 def to_numpy(a):
     """Host NumPy from either array module (cupy arrays have .get())."""
     return a.get() if hasattr(a, "get") else np.asarray(a)
@@ -200,7 +192,7 @@ class CheckpointWeights(dict):
     """Weights straight from a checkpoint: memory-mapped, converted to float32 the first time they are used.
 
     Opening the real 13B (26.5 GB of bfloat16) must not materialise it, so conversion waits for use;
-    `Model.quantize` reads each tensor once through `tensor(name)` without keeping the float copy."""
+    `Model.quantize` reads each tensor once through `read_once(name)` without keeping the float copy."""
 
     def __init__(self, tensors):
         super().__init__()
@@ -278,10 +270,10 @@ class Model:
                 array = self.w.read_once(name)
             else:
                 array = self.w[name]
-            if isinstance(array, QuantizedWeight) or not is_linear(name):
+            if isinstance(array, QuantizedWeight) or quantized_bits(name, bits) is None:
                 quantized[name] = array.astype(np.float16) if name == "model.embed_tokens.weight" else array
             else:
-                quantized[name] = QuantizedWeight.from_float(array, 8 if name == "lm_head.weight" else bits)
+                quantized[name] = QuantizedWeight.from_float(array, quantized_bits(name, bits), name=name)
         return self._with_weights(quantized, np)
 
     def cuda(self):

@@ -170,6 +170,25 @@ def dequantize_fast(qweight, scales, bits, in_features=None, threads=None, out=N
     return w if in_features is None else w[:, :in_features]
 
 
+# --- what gets quantized ---------------------------------------------------------------------------------------
+
+LINEAR_SUFFIXES = ("self_attn.W_pack.weight", "self_attn.o_proj.weight",
+                   "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight")
+
+
+def is_linear(name):
+    return name == "lm_head.weight" or name.endswith(LINEAR_SUFFIXES)
+
+
+def quantized_bits(name, bits):
+    """How many bits weight `name` gets when the model is quantized to `bits` (None: it stays float). Every linear
+    gets `bits` except lm_head, which keeps 8: the output matrix matters most (llama.cpp keeps it precise too).
+    The embedding is a lookup, not a matmul: it stays float16."""
+    if bits is None or not is_linear(name):
+        return None
+    return 8 if name == "lm_head.weight" else bits
+
+
 # --- the quantized linear layer --------------------------------------------------------------------------------
 
 class QuantizedWeight:

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import bcnp.convert
+import bcnp.quant
 from bcnp.checkpoint import CheckpointError, read_checkpoint, read_safetensors
 from bcnp.config import BAICHUAN_13B, Config, ConfigError
 from bcnp.convert import convert, expected_converted_shapes
@@ -267,7 +268,7 @@ def test_quantized_conversion_matches_quantize(tmp_path, monkeypatch, model, bit
     converted = read_checkpoint(out, expected)
     assert set(converted) == set(expected)
     for name, tensor in source.items():
-        if name.endswith(bcnp.convert.LINEAR_SUFFIXES) or name == "lm_head.weight":
+        if bcnp.quant.is_linear(name):
             base = name[: -len(".weight")]
             q, s = quantize(tensor.float32(), 8 if name == "lm_head.weight" else bits)
             assert np.array_equal(converted[base + ".qweight"].numpy(), q), name
