@@ -6,6 +6,7 @@ Weights are looked up by their checkpoint names in a mapping `w`; a linear weigh
 
 Shapes: T new tokens, S = tokens in the cache after appending them, H hidden, nh heads, hd head_dim.
 """
+import functools
 import math
 import os
 from dataclasses import dataclass
@@ -64,8 +65,15 @@ def attention_bias(xp, config, q_pos, k_pos):
     causal = xp.where(distance > 0, xp.float32(-xp.inf), xp.float32(0.0))   # future keys masked
     if config.position_embedding != "alibi":
         return causal[None]
-    slopes = xp.asarray(alibi_slopes(config.num_attention_heads), dtype=xp.float32)
+    slopes = alibi_slopes_on(xp, config.num_attention_heads)
     return slopes[:, None, None] * distance[None] + causal[None]
+
+
+@functools.lru_cache(maxsize=None)
+def alibi_slopes_on(xp, n_heads):
+    # copied to the array module's device once: a host-to-device copy per token would make the GPU wait for
+    # the host, and a CUDA graph (bcnp.backend) cannot record one
+    return xp.asarray(alibi_slopes(n_heads), dtype=xp.float32)
 
 
 def rope_inv_freq(xp, config):
@@ -100,7 +108,9 @@ class KVCache:
     """Keys and values of every layer for positions [0, length), preallocated for the whole context.
 
     Layout (layers, nh, max_len, hd), as in the original, so each head's keys are contiguous. On the CPU
-    np.zeros maps untouched pages lazily: a 4096-token 13B cache costs memory only as it fills."""
+    np.zeros maps untouched pages lazily: a 4096-token 13B cache costs memory only as it fills.
+    A step of T new tokens: `positions` says where they go, each layer `store`s their keys and values and
+    `attend`s over the first `span` positions, then `length` grows by T."""
     k: object
     v: object
     length: int = 0
@@ -108,6 +118,30 @@ class KVCache:
     @property
     def max_len(self):
         return self.k.shape[2]
+
+    def positions(self, xp, T):
+        """(T,) positions of T new tokens: right after what the cache holds."""
+        if self.length + T > self.max_len:
+            raise ValueError(f"{self.length} cached + {T} new tokens exceed the context of {self.max_len}")
+        return xp.arange(self.length, self.length + T)
+
+    def span(self, T):
+        """How many cached positions the new tokens attend to (the causal mask hides their own future)."""
+        return self.length + T
+
+    def store(self, i, k, v):
+        """Layer i's keys and values (T, nh, hd) of the new tokens."""
+        start, end = self.length, self.length + k.shape[0]
+        self.k[i, :, start:end] = k.transpose(1, 0, 2)                      # (nh, T, hd)
+        self.v[i, :, start:end] = v.transpose(1, 0, 2)
+
+    def attend(self, xp, i, q, bias):
+        """Attention of q (nh, T, hd) over layer i's first S = bias.shape[-1] positions -> (nh, T, hd)."""
+        S = bias.shape[-1]
+        keys, values = self.k[i, :, :S], self.v[i, :, :S]                    # (nh, S, hd)
+        if keys.dtype != xp.float32:                                         # float16 cache on the GPU
+            keys, values = keys.astype(xp.float32), values.astype(xp.float32)
+        return attention(xp, q, keys, values, bias)
 
 
 def new_cache(xp, config, max_len=None, dtype=None):
@@ -130,13 +164,8 @@ def decoder_layer(xp, x, w, i, config, cache, positions, bias, inv_freq):
     if inv_freq is not None:
         q, k = rope(xp, q, positions, inv_freq), rope(xp, k, positions, inv_freq)
 
-    start, end = cache.length, cache.length + T
-    cache.k[i, :, start:end] = k.transpose(1, 0, 2)                          # (nh, T, hd)
-    cache.v[i, :, start:end] = v.transpose(1, 0, 2)
-    keys, values = cache.k[i, :, :end], cache.v[i, :, :end]                  # (nh, S, hd)
-    if keys.dtype != xp.float32:                                             # float16 cache on the GPU
-        keys, values = keys.astype(xp.float32), values.astype(xp.float32)
-    out = attention(xp, q.transpose(1, 0, 2), keys, values, bias)            # (nh, T, hd)
+    cache.store(i, k, v)
+    out = cache.attend(xp, i, q.transpose(1, 0, 2), bias)                   # (nh, T, hd)
     x = x + linear(out.transpose(1, 0, 2).reshape(T, H), w[p + "self_attn.o_proj.weight"])
 
     h = rms_norm(xp, x, w[p + "post_attention_layernorm.weight"], config.rms_norm_eps)
@@ -148,10 +177,8 @@ def transformer(xp, w, config, ids, cache, hidden=None, last_only=False):
 
     `hidden`, when a list, receives the embedding output, each layer's input and the final norm's output."""
     T = len(ids)
-    if cache.length + T > cache.max_len:
-        raise ValueError(f"{cache.length} cached + {T} new tokens exceed the context of {cache.max_len}")
-    positions = xp.arange(cache.length, cache.length + T)
-    bias = attention_bias(xp, config, positions, xp.arange(cache.length + T))
+    positions = cache.positions(xp, T)                                      # (T,)
+    bias = attention_bias(xp, config, positions, xp.arange(cache.span(T)))  # (nh or 1, T, S)
     inv_freq = rope_inv_freq(xp, config) if config.position_embedding == "rope" else None
 
     x = w["model.embed_tokens.weight"][xp.asarray(ids)].astype(xp.float32)  # (T, H)
