@@ -18,19 +18,25 @@ CPU and the kernels against the twins on a GPU. `to_device(model, xp=module)` wi
 runs the twins instead of the kernels: the tests run the whole forward pass that way on a module that refuses
 implicit conversions to NumPy, as CuPy does (tests/strict_xp.py), so a stray `np.` call fails without a GPU.
 """
+import math
 import os
+import warnings
+from dataclasses import dataclass
 
 import numpy as np
 
-from .model import CheckpointWeights, Model
+from .model import CheckpointWeights, KVCache, Model, new_cache, to_numpy, transformer
 from .quant import BLOCK, QuantizedWeight, is_linear, padded_width
 
 KERNEL_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cuda", "quant_kernels.cu")
 KERNEL_NAMES = ("matvec_q8_0", "matvec_q4_0", "matvec_f16", "dequantize_q8_0_f32", "dequantize_q8_0_f16",
-                "dequantize_q4_0_f32", "dequantize_q4_0_f16")
+                "dequantize_q4_0_f32", "dequantize_q4_0_f16", "attention_decode_f16", "attention_decode_f32")
 WARP = 32
 MATVEC_THREADS, MATVEC_ROWS_PER_BLOCK = 64, 8      # WARPS * 32 threads and WARPS * ROWS rows in quant_kernels.cu
 DEQUANTIZE_THREADS = 256
+ATTENTION_WARPS, MAX_DIMS_PER_LANE = 8, 8          # as #defined in quant_kernels.cu
+ATTENTION_THREADS = WARP * ATTENTION_WARPS
+MAX_ATTENTION_SPAN = 10240                          # S floats of scores + 8 KB of partial sums in 48 KB of shared memory
 
 
 class BackendError(RuntimeError):
@@ -162,6 +168,45 @@ def dequantize_q4_0(xp, qweight, scales, dtype):
     return w.reshape(rows, 2 * qweight.shape[1]).astype(dtype)
 
 
+
+def attention_decode(xp, q, k, v, bias, sqrt_hd):
+    """Twin of the kernels attention_decode_f16 / _f32: one token's attention per head.
+
+    q (nh, hd) float32; k, v (nh, S, hd) float16 or float32, the attended cache positions; bias (nh or 1, S)
+    float32 -> (nh, hd) float32. The kernel's partition and order of sums; its expf may differ from NumPy's exp in
+    the last bit, so results agree to float32 rounding, not bit for bit."""
+    nh, S, hd = k.shape
+    steps = -(-hd // WARP)
+    qs = pad_columns(xp, q, steps * WARP).reshape(nh, 1, steps, WARP)
+    ks = pad_columns(xp, k.astype(xp.float32), steps * WARP).reshape(nh, S, steps, WARP)
+    dots = warp_sums(xp, (qs * ks).reshape(nh * S, steps, WARP)).reshape(nh, S)      # lanes over dims, then halving
+    scores = dots / xp.float32(sqrt_hd) + bias
+
+    e = xp.exp(scores - scores.max(axis=1, keepdims=True))
+    rounds = -(-S // ATTENTION_THREADS)
+    e_by_thread = pad_columns(xp, e, rounds * ATTENTION_THREADS).reshape(nh, rounds, ATTENTION_THREADS)
+    by_thread = xp.zeros((nh, ATTENTION_THREADS), dtype=xp.float32)
+    for r in range(rounds):                                     # thread t: j = t, t + THREADS, ...
+        by_thread = by_thread + e_by_thread[:, r]
+    by_warp = warp_sums(xp, by_thread.reshape(nh * ATTENTION_WARPS, 1, WARP)).reshape(nh, ATTENTION_WARPS)
+    total = by_warp[:, 0]
+    for w in range(1, ATTENTION_WARPS):
+        total = total + by_warp[:, w]
+
+    rounds = -(-S // ATTENTION_WARPS)
+    e_by_warp = pad_columns(xp, e, rounds * ATTENTION_WARPS).reshape(nh, rounds, ATTENTION_WARPS, 1)
+    v_by_warp = xp.concatenate([v.astype(xp.float32),
+                                xp.zeros((nh, rounds * ATTENTION_WARPS - S, hd), dtype=xp.float32)], axis=1)
+    v_by_warp = v_by_warp.reshape(nh, rounds, ATTENTION_WARPS, hd)
+    acc = xp.zeros((nh, ATTENTION_WARPS, hd), dtype=xp.float32)
+    for r in range(rounds):                                     # warp w: j = w, w + WARPS, ...
+        acc = acc + e_by_warp[:, r] * v_by_warp[:, r]
+    out = acc[:, 0]
+    for w in range(1, ATTENTION_WARPS):
+        out = out + acc[:, w]
+    return out / total[:, None]
+
+
 # --- a linear weight on the device -------------------------------------------------------------------------------
 
 class DeviceQuantizedWeight(QuantizedWeight):
@@ -249,6 +294,148 @@ class DeviceQuantizedWeight(QuantizedWeight):
         return self.expanded(np.float32)[:, : self.in_features]
 
 
+# --- decode on the device: the cache, CUDA graphs, the model ------------------------------------------------------
+
+@dataclass
+class DeviceKVCache(KVCache):
+    """The KV cache on the device: one new token attends in the kernel attention_decode (the cache read as it is
+    stored, float16 or float32, in one launch per layer); several tokens (prefill) as on the CPU.
+    With `kernels` None (an array module other than CuPy) the kernel's NumPy twin stands in."""
+    kernels: object = None
+
+    def attend(self, xp, i, q, bias):
+        nh, T, hd = q.shape
+        S = bias.shape[-1]
+        if T != 1 or hd > WARP * MAX_DIMS_PER_LANE or S > MAX_ATTENTION_SPAN:
+            return super().attend(xp, i, q, bias)
+        bias = bias.reshape(bias.shape[0], S)                                # (nh or 1, S)
+        sqrt_hd = math.sqrt(hd)
+        if self.kernels is None:
+            return attention_decode(xp, q[:, 0], self.k[i, :, :S], self.v[i, :, :S], bias, sqrt_hd)[:, None]
+        out = xp.empty((nh, hd), dtype=xp.float32)
+        name = "attention_decode_f16" if self.k.dtype == np.float16 else "attention_decode_f32"
+        self.kernels[name]((nh,), (ATTENTION_THREADS,),
+                           (xp.ascontiguousarray(q.reshape(nh, hd)), self.k[i], self.v[i], xp.ascontiguousarray(bias), out,
+                            np.int32(S), np.int32(hd), np.int32(self.max_len * hd),
+                            np.int32(S if bias.shape[0] > 1 else 0), np.float32(sqrt_hd)),
+                           shared_mem=4 * S)
+        return out[:, None]
+
+
+@dataclass
+class GraphKVCache(DeviceKVCache):
+    """A one-token step over a DeviceKVCache's arrays whose position is read from the device array `position`
+    and which attends to a fixed `window` of positions (those past the token's own are masked): its kernels and
+    shapes do not depend on the position, so a CUDA graph of it serves every position inside the window."""
+    position: object = None                                                 # (1,) int64, on the device
+    window: int = 0
+
+    def positions(self, xp, T):
+        assert T == 1, "a graph step decodes one token"
+        return self.position
+
+    def span(self, T):
+        return self.window
+
+    def store(self, i, k, v):
+        self.k[i][:, self.position] = k.transpose(1, 0, 2).astype(self.k.dtype)     # (nh, 1, hd) at the position
+        self.v[i][:, self.position] = v.transpose(1, 0, 2).astype(self.v.dtype)
+
+
+class DecodeGraphs:
+    """One-token decode steps on a DeviceKVCache, replayed from CUDA graphs.
+
+    Eager decode launches ~40 kernels a layer from Python, which on a fast GPU costs more than the layer's
+    weights take to read. A step's kernels and shapes are fixed by its window (the positions it attends to,
+    rounded up to WINDOW) and its token and position are read from device arrays, so the first step in each
+    window runs eagerly (compiling kernels, sizing the memory pool) and is then captured; the rest of the
+    window replays the graph: one launch per token. On an array module other than CuPy every step runs the same
+    code op by op, which lets the CPU prove the fixed-shape step computes what transformer() does."""
+    WINDOW = 256
+
+    def __init__(self, model, cache):
+        xp = model.xp
+        self.model, self.cache = model, cache
+        self.token = xp.zeros(1, dtype=xp.int64)
+        self.position = xp.zeros(1, dtype=xp.int64)
+        self.graphs = {}                                                    # window -> (graph, logits it writes)
+        self.stream = xp.cuda.Stream(non_blocking=True) if is_cupy(xp) else None    # capture needs its own stream
+
+    def window(self):
+        return min(-(-(self.cache.length + 1) // self.WINDOW) * self.WINDOW, self.cache.max_len)
+
+    def step(self, token):
+        """Host float32 logits (V,) after appending `token` to the cache."""
+        xp, cache = self.model.xp, self.cache
+        if cache.length + 1 > cache.max_len:
+            raise ValueError(f"{cache.length} cached + 1 new token exceed the context of {cache.max_len}")
+        if self.stream is None:
+            return to_numpy(self._run(token))
+        self.stream.wait_event(xp.cuda.get_current_stream().record())      # after the prefill, on its stream
+        with self.stream:
+            return self._run(token).get()                                   # .get() waits for the stream
+
+    def _run(self, token):
+        xp, model, cache = self.model.xp, self.model, self.cache
+        window = self.window()
+        self.token[...] = token                                             # fills on the device: no copy to record
+        self.position[...] = cache.length
+        if window in self.graphs:
+            graph, logits = self.graphs[window]
+            graph.launch(self.stream)
+        else:
+            step = self._step(window)
+            logits = transformer(xp, model.w, model.config, self.token, step, last_only=True)
+            if self.stream is not None and model.graphs:
+                self._capture(window)
+        cache.length += 1
+        return logits[0]
+
+    def _step(self, window):
+        c = self.cache
+        return GraphKVCache(c.k, c.v, c.length, c.kernels, position=self.position, window=window)
+
+    def _capture(self, window):
+        model = self.model
+        try:
+            self.stream.begin_capture()
+            try:
+                logits = transformer(model.xp, model.w, model.config, self.token, self._step(window), last_only=True)
+            finally:
+                graph = self.stream.end_capture()
+            self.graphs[window] = (graph, logits)
+        except Exception as e:                 # a CuPy or driver that cannot capture this: decode op by op
+            model.graphs = False
+            warnings.warn(f"CUDA graph capture failed, decoding without graphs: {first_line(e)}", RuntimeWarning)
+
+
+class DeviceModel(Model):
+    """A Model whose weights are on the GPU (or on the tests' strict module): DeviceKVCaches, and one-token steps
+    replayed from CUDA graphs (`graphs = False`: launched op by op)."""
+
+    def __init__(self, *args, kernels=None, graphs=True, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.kernels, self.graphs = kernels, graphs
+
+    def new_cache(self, max_len=None):
+        c = new_cache(self.xp, self.config, max_len, self.cache_dtype)
+        return DeviceKVCache(c.k, c.v, kernels=self.kernels)
+
+    def next_logits(self, ids, cache):
+        if len(ids) != 1 or not isinstance(cache, DeviceKVCache):
+            return super().next_logits(ids, cache)
+        decoder = getattr(cache, "decoder", None)
+        if decoder is None:
+            decoder = cache.decoder = DecodeGraphs(self, cache)
+        return decoder.step(int(ids[0]))
+
+    def forward(self, ids, cache):
+        ids = self._check_ids(ids)
+        if len(ids) == 1:
+            return self.next_logits(ids, cache)[None]
+        return super().forward(ids, cache)
+
+
 # --- moving a model ------------------------------------------------------------------------------------------------
 
 def to_device(model, xp=None, dtype="float16"):
@@ -280,9 +467,8 @@ def to_device(model, xp=None, dtype="float16"):
         else:
             w[name] = xp.asarray(np.ascontiguousarray(value))
         del value                                       # the host copy goes before the next tensor is read
-    device_model = Model(model.config, w, xp, model.tokenizer, model.generation_config, model.path,
-                         cache_dtype=float_dtype)
-    return device_model
+    return DeviceModel(model.config, w, xp, model.tokenizer, model.generation_config, model.path,
+                       cache_dtype=float_dtype, kernels=kernels)
 
 
 def weight_names(w):

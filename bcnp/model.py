@@ -332,6 +332,10 @@ class Model:
         transformer(self.xp, self.w, self.config, ids, self.new_cache(len(ids)), hidden=hidden)
         return np.stack([to_numpy(h) for h in hidden])
 
+    def next_logits(self, ids, cache):
+        """Host float32 logits (V,) of the last of `ids`, appended to `cache`: one step of generation."""
+        return to_numpy(transformer(self.xp, self.w, self.config, ids, cache, last_only=True))[0]
+
     def _check_ids(self, ids):
         ids = np.asarray(ids)
         if ids.ndim != 1 or ids.size == 0 or not np.issubdtype(ids.dtype, np.integer):
@@ -362,7 +366,7 @@ class Model:
         seen = [int(t) for t in ids]
         step = ids
         for _ in range(max_new_tokens):
-            logits = to_numpy(transformer(self.xp, self.w, self.config, step, cache, last_only=True))[0]
+            logits = self.next_logits(step, cache)
             token = next_token(logits, seen, rng=rng, **settings)
             if token == self.config.eos_token_id:
                 return

@@ -295,7 +295,7 @@ def kernel_signatures():
 
 # what a launch may pass for each C parameter type: device arrays of these dtypes, or np.int32
 C_TYPES = {"unsigned int*": (np.int8, np.uint8), "unsigned short*": (np.float16,), "float*": (np.float32,),
-           "uint2*": (np.float16,), "int": (np.int32,)}
+           "uint2*": (np.float16,), "int": (np.int32,), "float": (np.float32,)}
 
 
 def fake_kernels():
@@ -304,7 +304,7 @@ def fake_kernels():
     signatures = kernel_signatures()
 
     def launch(name):
-        def kernel(grid, block, args):
+        def kernel(grid, block, args, shared_mem=0):
             params = signatures[name]
             assert len(args) == len(params), name
             bound = {}
@@ -313,6 +313,17 @@ def fake_kernels():
                 assert np.dtype(dtype) in [np.dtype(t) for t in C_TYPES[ctype]], \
                     f"{name}: {pname} is {ctype}, got {dtype}"
                 bound[pname] = arg
+            if name.startswith("attention"):
+                q, k, v, bias, out = (bound[n] for n in ("q", "k", "v", "bias", "out"))
+                S, hd = int(bound["S"]), int(bound["hd"])
+                nh, max_len = k.shape[0], k.shape[1]
+                assert grid == (nh,) and block == (backend.ATTENTION_THREADS,) and shared_mem == 4 * S
+                assert q.shape == out.shape == (nh, hd) and k.shape == v.shape == (nh, max_len, hd) and S <= max_len
+                assert int(bound["head_stride"]) == max_len * hd and float(bound["sqrt_hd"]) == np.float32(hd ** 0.5)
+                heads = nh if int(bound["bias_head_stride"]) == S else 1
+                assert bias.shape == (heads, S) and int(bound["bias_head_stride"]) in (S, 0)
+                out[...] = backend.attention_decode(strict_xp, q, k[:, :S], v[:, :S], bias, hd ** 0.5)
+                return
             rows, n_pad = int(bound["rows"]), int(bound["n_pad"])
             if name.startswith("matvec"):
                 assert block == (backend.MATVEC_THREADS,)
@@ -350,6 +361,62 @@ def test_kernel_launches_match_the_cuda_signatures(bits, rows):
         np.testing.assert_array_equal(launched.expanded(dtype).get(), plain.expanded(dtype).get())
 
 
+# --- decode attention and CUDA-graph steps --------------------------------------------------------------------------
+
+@settings(max_examples=40, deadline=None)
+@given(nh=st.integers(1, 5), S=st.integers(1, 600), hd=st.sampled_from([8, 16, 100, 128, 256]),
+       bias_per_head=st.booleans(), dtype=st.sampled_from([np.float16, np.float32]), seed=st.integers(0, 2 ** 32 - 1))
+def test_attention_decode_twin_is_one_tokens_attention(nh, S, hd, bias_per_head, dtype, seed):
+    from bcnp.model import attention
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal((nh, hd)).astype(np.float32)
+    k, v = (rng.standard_normal((nh, S, hd)).astype(dtype) for _ in range(2))
+    bias = rng.standard_normal((nh if bias_per_head else 1, S)).astype(np.float32)
+    bias[:, rng.integers(1, S + 1):] = -np.inf                       # masked slots past the token, never all
+    got = backend.attention_decode(np, q, k, v, bias, hd ** 0.5)
+    want = attention(np, q[:, None].astype(np.float64), k.astype(np.float64), v.astype(np.float64),
+                     bias[:, None].astype(np.float64))[:, 0]
+    assert got.dtype == np.float32 and got.shape == (nh, hd)
+    assert np.abs(got - want).max() <= 1e-5 * max(1.0, float(np.abs(want).max()))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_attention_kernel_launches_match_the_cuda_signature(fixture_model, dtype):
+    model, golden = fixture_model
+    twin = to_device(model, xp=strict_xp, dtype=dtype)
+    launched = to_device(model, xp=strict_xp, dtype=dtype)
+    launched.kernels = fake_kernels()                  # the cache launches attention_decode_f16 / _f32
+    prompt = golden["prompt_2"]
+    np.testing.assert_array_equal(prefill_then_decode(launched, prompt), prefill_then_decode(twin, prompt))
+
+
+def decode_one_at_a_time(model, prompt, split, cache):
+    return np.concatenate([model.forward(prompt[:split], cache)] + [model.forward([t], cache) for t in prompt[split:]])
+
+
+@pytest.mark.parametrize("window", [1, 4, 7, 256])
+def test_graph_steps_on_the_strict_module_decode_as_the_cpu_does(fixture_model, monkeypatch, window):
+    """The fixed-shape step a CUDA graph records: position read from the device, a window of positions attended
+    with the ones past the token masked, windows changing as the cache fills, the last cut short by its end."""
+    monkeypatch.setattr(backend.DecodeGraphs, "WINDOW", window)
+    model, golden = fixture_model
+    prompt = golden["prompt_2"]
+    device = to_device(model, xp=strict_xp, dtype="float32")
+    cache = device.new_cache(len(prompt) + 3)
+    cache.k[...] = 7.0                                 # stale values in the slots not yet written must not matter
+    cache.v[...] = -3.0
+    got = decode_one_at_a_time(device, prompt, 5, cache)
+    assert cache.length == len(prompt) and cache.decoder.cache is cache
+    want = decode_one_at_a_time(model, prompt, 5, model.new_cache(len(prompt) + 3))
+    assert scaled_error(got, want) <= 1e-5
+    assert scaled_error(got, golden["logits_full_2"]) <= 1e-4
+    tokens = list(device.generate(golden["prompt_1"], max_new_tokens=20, do_sample=False, repetition_penalty=1.0))
+    assert tokens == golden["greedy_tokens_1"].tolist()
+    device.forward([1, 2, 3], cache)                   # fills the context
+    with pytest.raises(ValueError, match="exceed the context of"):
+        device.forward([4], cache)
+
+
 @pytest.mark.skipif(shutil.which("nvcc") is None,
                     reason="nvcc is not installed, so the CUDA source cannot be compiled on this machine "
                            "(CuPy compiles it with NVRTC at run time on a GPU machine)")
@@ -362,6 +429,43 @@ def test_cuda_source_compiles_with_nvcc(tmp_path, arch):
     binary = cubin.read_bytes()
     for name in backend.KERNEL_NAMES:
         assert name.encode() in binary
+
+
+def nvrtc_library():
+    """libnvrtc from the system, a CUDA toolkit or the pip wheel nvidia-cuda-nvrtc-cu12/-cu13 (what CuPy loads)."""
+    import ctypes.util
+    import glob
+    import importlib.util
+    places = ["/usr/local/cuda*/lib*/libnvrtc.so*"]
+    spec = importlib.util.find_spec("nvidia")
+    for root in (spec.submodule_search_locations or []) if spec else []:
+        places.append(f"{root}/cuda_nvrtc/lib/libnvrtc.so*")
+    found = [path for place in places for path in sorted(glob.glob(place)) if ".alt." not in path]
+    return ctypes.util.find_library("nvrtc") or (found[0] if found else None)
+
+
+@pytest.mark.skipif(nvrtc_library() is None, reason="NVRTC (libnvrtc) is not installed on this machine")
+def test_cuda_source_compiles_with_nvrtc_as_cupy_compiles_it():
+    """CuPy compiles the kernels at run time with NVRTC, which has no system headers: compile the file the same
+    way (the options backend.cuda_kernels passes) and find every kernel in the PTX."""
+    import ctypes
+    nvrtc = ctypes.CDLL(nvrtc_library())
+    program = ctypes.c_void_p()
+    source = kernel_source().encode()
+    assert nvrtc.nvrtcCreateProgram(ctypes.byref(program), source, b"quant_kernels.cu", 0, None, None) == 0
+    options = [b"-std=c++17", b"--gpu-architecture=compute_80"]
+    status = nvrtc.nvrtcCompileProgram(program, len(options), (ctypes.c_char_p * len(options))(*options))
+    size = ctypes.c_size_t()
+    nvrtc.nvrtcGetProgramLogSize(program, ctypes.byref(size))
+    log = ctypes.create_string_buffer(size.value)
+    nvrtc.nvrtcGetProgramLog(program, log)
+    assert status == 0, log.value.decode(errors="replace")
+    nvrtc.nvrtcGetPTXSize(program, ctypes.byref(size))
+    ptx = ctypes.create_string_buffer(size.value)
+    nvrtc.nvrtcGetPTX(program, ptx)
+    nvrtc.nvrtcDestroyProgram(ctypes.byref(program))
+    for name in backend.KERNEL_NAMES:
+        assert f".entry {name}(".encode() in ptx.value, name
 
 
 # --- on a GPU ------------------------------------------------------------------------------------------------------
@@ -437,3 +541,37 @@ def test_gpu_kernels_match_their_twins(cupy, bits, rows, in_features):
         twin = backend.dequantize_q8_0 if bits == 8 else backend.dequantize_q4_0
         for dtype in (np.float32, np.float16):
             np.testing.assert_array_equal(device.expanded(dtype).get(), twin(np, qweight, scales, dtype))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_gpu_graph_decode_replays_what_eager_decode_computes(cupy, fixture_model, monkeypatch, dtype):
+    import warnings
+    monkeypatch.setattr(backend.DecodeGraphs, "WINDOW", 8)
+    model, golden = fixture_model
+    prompt = golden["prompt_2"]
+    graphs, eager = to_device(model, dtype=dtype), to_device(model, dtype=dtype)
+    eager.graphs = False
+    cache = graphs.new_cache(len(prompt) + 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                 # a capture that fails and falls back fails here
+        replayed = decode_one_at_a_time(graphs, prompt, 5, cache)
+    assert graphs.graphs and len(cache.decoder.graphs) == -(-len(prompt) // 8)
+    np.testing.assert_array_equal(replayed, decode_one_at_a_time(eager, prompt, 5, eager.new_cache(len(prompt) + 3)))
+    assert scaled_error(replayed, golden["logits_full_2"]) <= (1e-4 if dtype == "float32" else 1e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("S, hd, bias_per_head", [(1, 128, True), (37, 16, False), (3000, 128, True)])
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_gpu_attention_kernel_matches_its_twin(cupy, S, hd, bias_per_head, dtype):
+    rng = np.random.default_rng(S)
+    nh, max_len = 5, S + 9
+    q = rng.standard_normal((nh, 1, hd)).astype(np.float32)
+    k, v = (rng.standard_normal((2, nh, max_len, hd)).astype(dtype) for _ in range(2))
+    bias = rng.standard_normal((nh if bias_per_head else 1, 1, S)).astype(np.float32)
+    bias[..., S // 2 + 1:] = -np.inf
+    cache = backend.DeviceKVCache(cupy.asarray(k), cupy.asarray(v), kernels=backend.cuda_kernels(cupy))
+    got = cache.attend(cupy, 1, cupy.asarray(q), cupy.asarray(bias)).get()[:, 0]
+    want = backend.attention_decode(np, q[:, 0], k[1, :, :S], v[1, :, :S], bias[:, 0], hd ** 0.5)
+    assert np.abs(got - want).max() <= 1e-5 * max(1.0, float(np.abs(want).max()))

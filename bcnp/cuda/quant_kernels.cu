@@ -232,3 +232,103 @@ extern "C" __global__ void dequantize_q4_0_f16(const unsigned int* q, const unsi
                                                int rows, int n_pad) {
     dequantize_q4_0(q, d, out, rows, n_pad);
 }
+
+// --- decode attention: one new token's query against the cached keys and values -------------------------------------
+//
+// One block per head, ATTENTION_WARPS warps. For head h, with S = the attended positions (cache slots past the
+// token's own position are masked by bias = -inf):
+//   1. scores[j] = (q . k_j) / sqrt(hd) + bias[j]: warp w takes keys j = w, w + WARPS, ...; lane l adds the
+//      products of dims l, l + 32, ... in order, then the warp adds its lanes by halving.
+//   2. softmax numerator e_j = exp(scores[j] - max) and sum = sum_j e_j: thread t takes j = t, t + THREADS, ...;
+//      then lanes by halving, then warps 0, 1, ... in order.
+//   3. out[d] = (sum_j e_j v_j[d]) / sum: warp w takes j = w, w + WARPS, ... in order, lane l dims l, l + 32, ...;
+//      then warps 0, 1, ... in order.
+// K and V are read straight from the cache (float16 or float32), each value once; the scores live in shared memory
+// (S floats, given at launch). hd <= 32 * MAX_DIMS_PER_LANE.
+
+#define ATTENTION_WARPS 8
+#define MAX_DIMS_PER_LANE 8
+
+__device__ __forceinline__ float as_float(float v) { return v; }
+__device__ __forceinline__ float as_float(unsigned short h) { return half_to_float(h); }
+
+// Combine one value per warp (lane 0 of each has it) in warp order; every thread gets the result.
+template <bool MAX>
+__device__ float block_combine(float v, float* slots) {
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    __syncthreads();                                     // slots may still be read from a previous combine
+    if (lane == 0) slots[warp] = v;
+    __syncthreads();
+    float r = slots[0];
+    for (int w = 1; w < ATTENTION_WARPS; w++) r = MAX ? fmaxf(r, slots[w]) : __fadd_rn(r, slots[w]);
+    return r;
+}
+
+template <typename KV>
+__device__ void attention_decode(const float* __restrict__ q, const KV* __restrict__ k, const KV* __restrict__ v,
+                                 const float* __restrict__ bias, float* __restrict__ out, int S, int hd,
+                                 int head_stride, int bias_head_stride, float sqrt_hd) {
+    extern __shared__ float scores[];                    // (S,)
+    __shared__ float slots[ATTENTION_WARPS];
+    __shared__ float partial[ATTENTION_WARPS][32 * MAX_DIMS_PER_LANE];
+    const int h = blockIdx.x, lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    const int threads = 32 * ATTENTION_WARPS;
+    const float* qh = q + (long long)h * hd;
+    const KV* kh = k + (long long)h * head_stride;
+    const KV* vh = v + (long long)h * head_stride;
+    const float* bh = bias + (long long)h * bias_head_stride;
+
+    for (int j = warp; j < S; j += ATTENTION_WARPS) {
+        float dot = 0.0f;
+        for (int d = lane; d < hd; d += 32) dot = __fadd_rn(dot, __fmul_rn(qh[d], as_float(kh[(long long)j * hd + d])));
+        dot = warp_sum(dot);
+        if (lane == 0) scores[j] = __fadd_rn(__fdiv_rn(dot, sqrt_hd), bh[j]);
+    }
+    __syncthreads();
+
+    float m = __int_as_float(0xFF800000u);               // -inf
+    for (int j = threadIdx.x; j < S; j += threads) m = fmaxf(m, scores[j]);
+    for (int offset = 16; offset > 0; offset /= 2) m = fmaxf(m, __shfl_xor_sync(0xFFFFFFFFu, m, offset));
+    m = block_combine<true>(m, slots);
+    float sum = 0.0f;
+    for (int j = threadIdx.x; j < S; j += threads) {
+        const float e = expf(__fsub_rn(scores[j], m));
+        scores[j] = e;
+        sum = __fadd_rn(sum, e);
+    }
+    sum = block_combine<false>(warp_sum(sum), slots);    // block_combine's first barrier also publishes scores[]
+
+    float acc[MAX_DIMS_PER_LANE];
+#pragma unroll
+    for (int n = 0; n < MAX_DIMS_PER_LANE; n++) acc[n] = 0.0f;
+    for (int j = warp; j < S; j += ATTENTION_WARPS) {
+        const float e = scores[j];
+#pragma unroll
+        for (int n = 0; n < MAX_DIMS_PER_LANE; n++) {
+            const int d = lane + 32 * n;
+            if (d < hd) acc[n] = __fadd_rn(acc[n], __fmul_rn(e, as_float(vh[(long long)j * hd + d])));
+        }
+    }
+#pragma unroll
+    for (int n = 0; n < MAX_DIMS_PER_LANE; n++) partial[warp][lane + 32 * n] = acc[n];
+    __syncthreads();
+    for (int d = threadIdx.x; d < hd; d += threads) {
+        float o = partial[0][d];
+        for (int w = 1; w < ATTENTION_WARPS; w++) o = __fadd_rn(o, partial[w][d]);
+        out[(long long)h * hd + d] = __fdiv_rn(o, sum);
+    }
+}
+
+// q (nh, hd) float32; k, v: one layer of the cache, (nh, max_len, hd) (head_stride = max_len * hd);
+// bias (nh, S) or (1, S) (bias_head_stride S or 0); out (nh, hd) float32.
+extern "C" __global__ void attention_decode_f16(const float* q, const unsigned short* k, const unsigned short* v,
+                                                const float* bias, float* out, int S, int hd, int head_stride,
+                                                int bias_head_stride, float sqrt_hd) {
+    attention_decode(q, k, v, bias, out, S, hd, head_stride, bias_head_stride, sqrt_hd);
+}
+
+extern "C" __global__ void attention_decode_f32(const float* q, const float* k, const float* v,
+                                                const float* bias, float* out, int S, int hd, int head_stride,
+                                                int bias_head_stride, float sqrt_hd) {
+    attention_decode(q, k, v, bias, out, S, hd, head_stride, bias_head_stride, sqrt_hd);
+}
