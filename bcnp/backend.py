@@ -1,22 +1,26 @@
-"""The GPU: the forward pass of bcnp.model run by CuPy, with CUDA kernels for the linear layers.
+"""The GPU: the forward pass of bcnp.model run by CuPy, with CUDA kernels for the linear layers and decode attention.
 
     model = Model.from_pretrained(path).quantize(8).cuda()     # = to_device(model)
 
 `to_device` copies the weights to the GPU one tensor at a time: float weights as float16 (the norms stay
-float32), quantized ones as they are, and returns a Model whose array module is `cupy`, so `bcnp.model` runs the
-same lines as on the CPU; its KV cache is float16 on the GPU. Activations and every sum stay float32.
+float32), quantized ones as they are, and returns a `DeviceModel` whose array module is `cupy`, so `bcnp.model`
+runs the same lines as on the CPU; its KV cache is float16 on the GPU. Activations and every sum stay float32.
 
 Each linear weight becomes a `DeviceQuantizedWeight` (8 or 4 bits, or 16 for float16 values): one token
 (decode) multiplies in a matvec kernel that reads the weights once, straight from their compact form; several
 tokens (prefill) expand the weights into a float16 scratch and multiply with cuBLAS (float32 accumulation).
+The cache (`DeviceKVCache`) attends for one token in one kernel that reads the float16 keys and values as stored.
+One-token steps are replayed from CUDA graphs (`DecodeGraphs`): Python launching ~40 kernels a layer would
+otherwise cost more time than the GPU needs to read the layer's weights.
 `to_device(model, dtype="float32")` keeps float32 weights, float32 prefill and a float32 cache instead: the same
 numbers as the CPU, for the golden tests.
 
 The kernels live in bcnp/cuda/quant_kernels.cu. Each has a NumPy twin below, written against an array module
-`xp`, doing the same float32 operations in the same order; the tests check the twins against bcnp.quant on the
-CPU and the kernels against the twins on a GPU. `to_device(model, xp=module)` with any module other than CuPy
-runs the twins instead of the kernels: the tests run the whole forward pass that way on a module that refuses
-implicit conversions to NumPy, as CuPy does (tests/strict_xp.py), so a stray `np.` call fails without a GPU.
+`xp`, doing the same float32 operations in the same order; the tests check the twins against bcnp.quant and
+bcnp.model on the CPU and the kernels against the twins on a GPU. `to_device(model, xp=module)` with any module
+other than CuPy runs the twins instead of the kernels, and each decode step op by op instead of from a graph:
+the tests run the whole forward pass that way on a module that refuses implicit conversions to NumPy, as CuPy
+does (tests/strict_xp.py), so a stray `np.` call fails without a GPU.
 """
 import math
 import os
@@ -411,11 +415,18 @@ class DecodeGraphs:
 
 class DeviceModel(Model):
     """A Model whose weights are on the GPU (or on the tests' strict module): DeviceKVCaches, and one-token steps
-    replayed from CUDA graphs (`graphs = False`: launched op by op)."""
+    replayed from CUDA graphs (`graphs = False`: launched op by op).
 
-    def __init__(self, *args, kernels=None, graphs=True, **kwargs):
+    Graphs are on when every linear weight multiplies in bcnp's kernels (float16 or quantized weights); float32
+    weights (`to_device(dtype="float32")`, the golden-test mode) multiply in cuBLAS, which CuPy does not
+    promise to record into a graph, so that mode decodes op by op."""
+
+    def __init__(self, *args, kernels=None, graphs=None, **kwargs):
         super().__init__(*args, **kwargs)
-        self.kernels, self.graphs = kernels, graphs
+        self.kernels = kernels
+        if graphs is None:
+            graphs = all(isinstance(v, DeviceQuantizedWeight) for k, v in self.w.items() if is_linear(k))
+        self.graphs = graphs
 
     def new_cache(self, max_len=None):
         c = new_cache(self.xp, self.config, max_len, self.cache_dtype)

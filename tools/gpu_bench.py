@@ -24,10 +24,10 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from bcnp.backend import BackendError, DeviceQuantizedWeight, cuda_kernels, get_cupy, is_cupy  # noqa: E402
+from bcnp.backend import (BackendError, DeviceModel, DeviceQuantizedWeight, cuda_kernels, get_cupy,  # noqa: E402
+                          is_cupy)
 from bcnp.config import Config                                                        # noqa: E402
-from bcnp.model import Model, is_linear, to_numpy, transformer                       # noqa: E402
-from bcnp.quant import padded_width                                                  # noqa: E402
+from bcnp.quant import is_linear, padded_width                                      # noqa: E402
 
 BAICHUAN_13B_LAYERS = 40
 MODES = ("fp16", "int8", "int4")
@@ -95,9 +95,13 @@ def random_model(xp, config, mode, kernels):
             w[name] = random_linear(xp, shape, 8 if name == "lm_head.weight" and bits != 16 else bits, kernels)
         else:
             w[name] = uniform(xp, shape, -0.03, 0.03, xp.float16)
-    model = Model(config, w, xp)
-    model.cache_dtype = np.dtype(np.float16)
-    return model
+    return DeviceModel(config, w, xp, cache_dtype=np.dtype(np.float16), kernels=kernels)
+
+
+def with_layers(model, layers):
+    """The same weights, only the first `layers` layers run."""
+    return DeviceModel(dataclasses.replace(model.config, num_hidden_layers=layers), model.w, model.xp,
+                       cache_dtype=model.cache_dtype, kernels=model.kernels)
 
 
 def weight_bytes_per_token(model, layers):
@@ -125,25 +129,26 @@ def copy_bandwidth(xp, timer, nbytes):
     return best
 
 
-def decode_seconds(model, timer, prompt_len, tokens, rng):
-    """Seconds per decoded token, as Model.generate runs it: one token, its logits to the host, next."""
-    xp, config = model.xp, model.config
+def decode_seconds(model, timer, prompt_len, tokens, rng, graphs=True):
+    """Seconds per decoded token, as Model.generate runs it: one token, its logits to the host, next;
+    steps replayed from CUDA graphs, or with graphs=False launched op by op."""
+    vocab = model.config.vocab_size
+    model.graphs = graphs
     cache = model.new_cache(prompt_len + tokens + 3)
-    transformer(xp, model.w, config, rng.integers(3, config.vocab_size, prompt_len), cache, last_only=True)
-    for _ in range(3):                                               # warm-up (kernel compilation, the pool)
-        to_numpy(transformer(xp, model.w, config, rng.integers(3, config.vocab_size, 1), cache, last_only=True))
+    model.next_logits(rng.integers(3, vocab, prompt_len), cache)
+    for _ in range(3):                                               # warm-up (compilation, the pool, capture)
+        model.next_logits(rng.integers(3, vocab, 1), cache)
     timer.start()
     for _ in range(tokens):
-        to_numpy(transformer(xp, model.w, config, rng.integers(3, config.vocab_size, 1), cache, last_only=True))
+        model.next_logits(rng.integers(3, vocab, 1), cache)
     return timer.stop() / tokens
 
 
 def prefill_seconds(model, timer, prompt_len, rng):
-    xp, config = model.xp, model.config
-    ids = rng.integers(3, config.vocab_size, prompt_len)
-    to_numpy(transformer(xp, model.w, config, ids, model.new_cache(prompt_len), last_only=True))    # warm-up
+    ids = rng.integers(3, model.config.vocab_size, prompt_len)
+    model.next_logits(ids, model.new_cache(prompt_len))             # warm-up
     timer.start()
-    to_numpy(transformer(xp, model.w, config, ids, model.new_cache(prompt_len), last_only=True))
+    model.next_logits(ids, model.new_cache(prompt_len))
     return timer.stop()
 
 
@@ -194,9 +199,10 @@ def main(argv=None):
     rows = []
     for mode in modes:
         model = random_model(xp, baichuan_13b_width(deep, small=args.smoke), mode, kernels)
-        shallow_model = Model(dataclasses.replace(model.config, num_hidden_layers=shallow), model.w, xp)
-        shallow_model.cache_dtype = model.cache_dtype
+        shallow_model = with_layers(model, shallow)
+        t_eager = decode_seconds(model, timer, 16, args.tokens, rng, graphs=False)
         t_deep = decode_seconds(model, timer, 16, args.tokens, rng)
+        graphs = ("graphs" if model.graphs else "no graphs (capture failed)") if is_cupy(xp) else "no graphs (NumPy)"
         t_shallow = decode_seconds(shallow_model, timer, 16, args.tokens, rng)
         per_layer = max((t_deep - t_shallow) / (deep - shallow), 1e-12)
         rest = max(t_deep - deep * per_layer, 0.0)
@@ -211,7 +217,8 @@ def main(argv=None):
         free(xp)
         kernel = kernel_bandwidth(xp, timer, mode, kernels, *big)
         free(xp)
-        row = dict(mode=mode, measured=f"{deep} layers: {1 / t_deep:.1f} tok/s", gb=bytes_13b / 1e9,
+        row = dict(mode=mode, measured=f"{deep} layers: {1 / t_deep:.1f} tok/s with {graphs}, "
+                                       f"{1 / t_eager:.1f} op by op", graph_gain=t_eager / t_deep, gb=bytes_13b / 1e9,
                    tps=1 / t_13b, roofline=roofline, ratio=roofline and (1 / t_13b) / roofline,
                    layer_ms=per_layer * 1e3, rest_ms=rest * 1e3, kernel=kernel / bandwidth,
                    prefill=args.prompt / p_13b)
@@ -226,12 +233,13 @@ def main(argv=None):
     print(f"Baichuan-13B decode (extrapolated from {shallow} and {deep} 13B-width layers), "
           f"copy bandwidth {bandwidth / 1e9:.0f} GB/s")
     print(f"{'mode':5} {'GB/token':>8} {'tok/s':>7} {'roofline':>8} {'ratio':>6} {'target':>6} {'ms/layer':>8} "
-          f"{'rest ms':>7} {'kernel':>6} {'prefill tok/s':>13}")
+          f"{'rest ms':>7} {'kernel':>6} {'graphs':>6} {'prefill tok/s':>13}")
     for r in rows:
         print(f"{r['mode']:5} {r['gb']:8.2f} {r['tps']:7.1f} {r['roofline']:8.1f} {r['ratio']:6.0%} "
               f"{target.get(r['mode'], 0):6.0%} {r['layer_ms']:8.3f} {r['rest_ms']:7.2f} {r['kernel']:6.0%} "
-              f"{r['prefill']:13.0f}")
-    print("ratio = tok/s / roofline; kernel = one matvec kernel's weight bandwidth / copy bandwidth")
+              f"{r['graph_gain']:5.2f}x {r['prefill']:13.0f}")
+    print("ratio = tok/s / roofline; kernel = one matvec kernel's weight bandwidth / copy bandwidth; "
+          "graphs = decode speed with CUDA graphs / op by op")
 
 
 if __name__ == "__main__":
