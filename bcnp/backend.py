@@ -29,18 +29,21 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .model import CheckpointWeights, KVCache, Model, new_cache, to_numpy, transformer
+from .model import CheckpointWeights, KVCache, Model, linear, new_cache, rope, to_numpy, transformer
 from .quant import BLOCK, QuantizedWeight, is_linear, padded_width
 
 KERNEL_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cuda", "quant_kernels.cu")
 KERNEL_NAMES = ("matvec_q8_0", "matvec_q4_0", "matvec_f16", "dequantize_q8_0_f32", "dequantize_q8_0_f16",
-                "dequantize_q4_0_f32", "dequantize_q4_0_f16", "attention_decode_f16", "attention_decode_f32")
+                "dequantize_q4_0_f32", "dequantize_q4_0_f16", "attention_decode_f16", "attention_decode_f32",
+                "rms_norm_f32", "silu_mul_f32", "kv_store_f16", "kv_store_f32")
 WARP = 32
 MATVEC_THREADS, MATVEC_ROWS_PER_BLOCK = 64, 8      # WARPS * 32 threads and WARPS * ROWS rows in quant_kernels.cu
 DEQUANTIZE_THREADS = 256
 ATTENTION_WARPS, MAX_DIMS_PER_LANE = 8, 8          # as #defined in quant_kernels.cu
 ATTENTION_THREADS = WARP * ATTENTION_WARPS
 MAX_ATTENTION_SPAN = 10240                          # S floats of scores + 8 KB of partial sums in 48 KB of shared memory
+NORM_THREADS = 256
+ELEMENTWISE_THREADS = 256
 
 
 class BackendError(RuntimeError):
@@ -119,6 +122,22 @@ def warp_sums(xp, terms):
     return acc[:, 0]
 
 
+def block_sums(xp, values, threads):
+    """values (rows, m) -> (rows,): a block's sum: thread t adds values t, t + threads, ... in order, each warp
+    adds its lanes by halving, then warps 0, 1, ... are added in order."""
+    rows, m = values.shape
+    rounds = -(-m // threads)
+    padded = pad_columns(xp, values, rounds * threads).reshape(rows, rounds, threads)
+    by_thread = xp.zeros((rows, threads), dtype=xp.float32)
+    for r in range(rounds):
+        by_thread = by_thread + padded[:, r]
+    by_warp = warp_sums(xp, by_thread.reshape(rows * (threads // WARP), 1, WARP)).reshape(rows, threads // WARP)
+    total = by_warp[:, 0]
+    for w in range(1, threads // WARP):
+        total = total + by_warp[:, w]
+    return total
+
+
 def matvec_q8_0(xp, qweight, scales, x):
     """Twin of the kernel matvec_q8_0: W x for qweight int8 (R, n_pad), scales float16 (R, n_pad/32), x float32
     (n_pad,) -> float32 (R,). A step covers 32 words of 4 values; a block is 8 words."""
@@ -187,15 +206,7 @@ def attention_decode(xp, q, k, v, bias, sqrt_hd):
     scores = dots / xp.float32(sqrt_hd) + bias
 
     e = xp.exp(scores - scores.max(axis=1, keepdims=True))
-    rounds = -(-S // ATTENTION_THREADS)
-    e_by_thread = pad_columns(xp, e, rounds * ATTENTION_THREADS).reshape(nh, rounds, ATTENTION_THREADS)
-    by_thread = xp.zeros((nh, ATTENTION_THREADS), dtype=xp.float32)
-    for r in range(rounds):                                     # thread t: j = t, t + THREADS, ...
-        by_thread = by_thread + e_by_thread[:, r]
-    by_warp = warp_sums(xp, by_thread.reshape(nh * ATTENTION_WARPS, 1, WARP)).reshape(nh, ATTENTION_WARPS)
-    total = by_warp[:, 0]
-    for w in range(1, ATTENTION_WARPS):
-        total = total + by_warp[:, w]
+    total = block_sums(xp, e, ATTENTION_THREADS)
 
     rounds = -(-S // ATTENTION_WARPS)
     e_by_warp = pad_columns(xp, e, rounds * ATTENTION_WARPS).reshape(nh, rounds, ATTENTION_WARPS, 1)
@@ -209,6 +220,40 @@ def attention_decode(xp, q, k, v, bias, sqrt_hd):
     for w in range(1, ATTENTION_WARPS):
         out = out + acc[:, w]
     return out / total[:, None]
+
+
+def rms_norm_f32(xp, x, weight, eps):
+    """Twin of the kernel rms_norm_f32: x (T, n) float32, weight (n,) -> x * (1 / sqrt(mean(x^2) + eps)) * weight,
+    the sum of squares in the kernel's order (IEEE sqrt and division: equal to the kernel bit for bit)."""
+    n = x.shape[1]
+    total = block_sums(xp, x * x, NORM_THREADS)
+    r = 1.0 / xp.sqrt(total / xp.float32(n) + xp.float32(eps))
+    return x * r[:, None] * weight
+
+
+def silu_mul_f32(xp, gate, up):
+    """Twin of the kernel silu_mul_f32: silu(gate) * up (CUDA's expf may differ from NumPy's exp in the last bit)."""
+    return gate / (1.0 + xp.exp(-gate)) * up
+
+
+def rms_norm_on_device(xp, kernels, x, weight, eps):
+    """bcnp.model.rms_norm in one kernel (its twin without `kernels`)."""
+    if kernels is None:
+        return rms_norm_f32(xp, x, weight, eps)
+    x = xp.ascontiguousarray(x)
+    out = xp.empty_like(x)
+    kernels["rms_norm_f32"]((x.shape[0],), (NORM_THREADS,), (x, weight, out, np.int32(x.shape[1]), np.float32(eps)))
+    return out
+
+
+def silu_mul_on_device(xp, kernels, gate, up):
+    """silu(gate) * up in one kernel (its twin without `kernels`)."""
+    if kernels is None:
+        return silu_mul_f32(xp, gate, up)
+    out = xp.empty_like(gate)
+    kernels["silu_mul_f32"]((-(-gate.size // ELEMENTWISE_THREADS),), (ELEMENTWISE_THREADS,),
+                            (gate, up, out, np.int32(gate.size)))
+    return out
 
 
 # --- a linear weight on the device -------------------------------------------------------------------------------
@@ -342,8 +387,37 @@ class GraphKVCache(DeviceKVCache):
         return self.window
 
     def store(self, i, k, v):
-        self.k[i][:, self.position] = k.transpose(1, 0, 2).astype(self.k.dtype)     # (nh, 1, hd) at the position
-        self.v[i][:, self.position] = v.transpose(1, 0, 2).astype(self.v.dtype)
+        if self.kernels is None:                                            # the kernel kv_store's twin
+            self.k[i][:, self.position] = k.transpose(1, 0, 2).astype(self.k.dtype)     # (nh, 1, hd)
+            self.v[i][:, self.position] = v.transpose(1, 0, 2).astype(self.v.dtype)
+            return
+        nh, hd = k.shape[1], k.shape[2]
+        name = "kv_store_f16" if self.k.dtype == np.float16 else "kv_store_f32"
+        self.kernels[name]((-(-nh * hd // ELEMENTWISE_THREADS),), (ELEMENTWISE_THREADS,),
+                           (k.reshape(nh * hd), v.reshape(nh * hd), self.k[i], self.v[i], self.position,
+                            np.int32(nh), np.int32(hd), np.int32(self.max_len)))
+
+
+def decode_layer(xp, x, w, i, config, cache, positions, bias, inv_freq):
+    """bcnp.model.decoder_layer for one token on a GraphKVCache, in 12 launches: the same steps, with each RMSNorm
+    and the MLP's silu(gate) * up one kernel (the CPU's code launches 7 and 5 small ones, and in a CUDA graph a
+    small step costs its launch, not its arithmetic)."""
+    p = f"model.layers.{i}."
+    H, nh, hd, eps = config.hidden_size, config.num_attention_heads, config.head_dim, config.rms_norm_eps
+
+    h = rms_norm_on_device(xp, cache.kernels, x, w[p + "input_layernorm.weight"], eps)
+    qkv = linear(h, w[p + "self_attn.W_pack.weight"])                       # (1, 3H): q | k | v
+    q, k, v = (qkv[:, j * H:(j + 1) * H].reshape(1, nh, hd) for j in range(3))
+    if inv_freq is not None:
+        q, k = rope(xp, q, positions, inv_freq), rope(xp, k, positions, inv_freq)
+
+    cache.store(i, k, v)
+    out = cache.attend(xp, i, q.transpose(1, 0, 2), bias)                   # (nh, 1, hd)
+    x = x + linear(out.reshape(1, H), w[p + "self_attn.o_proj.weight"])
+
+    h = rms_norm_on_device(xp, cache.kernels, x, w[p + "post_attention_layernorm.weight"], eps)
+    gate, up = linear(h, w[p + "mlp.gate_proj.weight"]), linear(h, w[p + "mlp.up_proj.weight"])
+    return x + linear(silu_mul_on_device(xp, cache.kernels, gate, up), w[p + "mlp.down_proj.weight"])
 
 
 class DecodeGraphs:
@@ -388,8 +462,8 @@ class DecodeGraphs:
             graph, logits = self.graphs[window]
             graph.launch(self.stream)
         else:
-            step = self._step(window)
-            logits = transformer(xp, model.w, model.config, self.token, step, last_only=True)
+            logits = transformer(xp, model.w, model.config, self.token, self._step(window), last_only=True,
+                                 layer=decode_layer)
             if self.stream is not None and model.graphs:
                 self._capture(window)
         cache.length += 1
@@ -404,7 +478,8 @@ class DecodeGraphs:
         try:
             self.stream.begin_capture()
             try:
-                logits = transformer(model.xp, model.w, model.config, self.token, self._step(window), last_only=True)
+                logits = transformer(model.xp, model.w, model.config, self.token, self._step(window),
+                                     last_only=True, layer=decode_layer)
             finally:
                 graph = self.stream.end_capture()
             self.graphs[window] = (graph, logits)

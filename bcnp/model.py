@@ -172,10 +172,11 @@ def decoder_layer(xp, x, w, i, config, cache, positions, bias, inv_freq):
     return x + swiglu_mlp(xp, h, w, p)
 
 
-def transformer(xp, w, config, ids, cache, hidden=None, last_only=False):
+def transformer(xp, w, config, ids, cache, hidden=None, last_only=False, layer=decoder_layer):
     """Token ids (T,) -> logits (T, V) (or (1, V) with last_only), appending T positions to the cache.
 
-    `hidden`, when a list, receives the embedding output, each layer's input and the final norm's output."""
+    `hidden`, when a list, receives the embedding output, each layer's input and the final norm's output.
+    `layer` computes one block (the GPU's one-token decode passes bcnp.backend.decode_layer, fused kernels)."""
     T = len(ids)
     positions = cache.positions(xp, T)                                      # (T,)
     bias = attention_bias(xp, config, positions, xp.arange(cache.span(T)))  # (nh or 1, T, S)
@@ -185,7 +186,7 @@ def transformer(xp, w, config, ids, cache, hidden=None, last_only=False):
     for i in range(config.num_hidden_layers):
         if hidden is not None:
             hidden.append(x)
-        x = decoder_layer(xp, x, w, i, config, cache, positions, bias, inv_freq)
+        x = layer(xp, x, w, i, config, cache, positions, bias, inv_freq)
     cache.length += T
 
     x = rms_norm(xp, x, w["model.norm.weight"], config.rms_norm_eps)

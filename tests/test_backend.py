@@ -295,16 +295,19 @@ def kernel_signatures():
 
 # what a launch may pass for each C parameter type: device arrays of these dtypes, or np.int32
 C_TYPES = {"unsigned int*": (np.int8, np.uint8), "unsigned short*": (np.float16,), "float*": (np.float32,),
-           "uint2*": (np.float16,), "int": (np.int32,), "float": (np.float32,)}
+           "uint2*": (np.float16,), "int": (np.int32,), "float": (np.float32,), "long long*": (np.int64,)}
 
 
-def fake_kernels():
+def fake_kernels(launched=None):
     """Stand-ins for the RawKernels: each checks a launch against the kernel's C signature (argument count and
-    types, one thread per word or enough warps for every row) and computes its result with the NumPy twin."""
+    types, one thread per word or enough warps for every row) and computes its result with the NumPy twin.
+    `launched`, a list, receives each launched kernel's name."""
     signatures = kernel_signatures()
 
     def launch(name):
         def kernel(grid, block, args, shared_mem=0):
+            if launched is not None:
+                launched.append(name)
             params = signatures[name]
             assert len(args) == len(params), name
             bound = {}
@@ -313,6 +316,27 @@ def fake_kernels():
                 assert np.dtype(dtype) in [np.dtype(t) for t in C_TYPES[ctype]], \
                     f"{name}: {pname} is {ctype}, got {dtype}"
                 bound[pname] = arg
+            if name == "rms_norm_f32":
+                x, out = bound["x"], bound["out"]
+                assert grid == (x.shape[0],) and block == (backend.NORM_THREADS,) and shared_mem == 0
+                assert out.shape == x.shape and bound["w"].shape == (x.shape[1],) == (int(bound["n"]),)
+                out[...] = backend.rms_norm_f32(strict_xp, x, bound["w"], float(bound["eps"]))
+                return
+            if name == "silu_mul_f32":
+                n = int(bound["n"])
+                assert bound["gate"].size == bound["up"].size == bound["out"].size == n
+                assert block == (backend.ELEMENTWISE_THREADS,) and (grid[0] - 1) * block[0] < n <= grid[0] * block[0]
+                bound["out"][...] = backend.silu_mul_f32(strict_xp, bound["gate"], bound["up"])
+                return
+            if name.startswith("kv_store"):
+                nh, hd, max_len = int(bound["nh"]), int(bound["hd"]), int(bound["max_len"])
+                assert bound["k"].shape == bound["v"].shape == (nh * hd,) and bound["position"].shape == (1,)
+                assert bound["cache_k"].shape == bound["cache_v"].shape == (nh, max_len, hd)
+                assert block == (backend.ELEMENTWISE_THREADS,) and (grid[0] - 1) * block[0] < nh * hd <= grid[0] * block[0]
+                position = bound["position"]
+                for new, cache in ((bound["k"], bound["cache_k"]), (bound["v"], bound["cache_v"])):
+                    cache[:, position] = new.reshape(nh, 1, hd).astype(cache.dtype)
+                return
             if name.startswith("attention"):
                 q, k, v, bias, out = (bound[n] for n in ("q", "k", "v", "bias", "out"))
                 S, hd = int(bound["S"]), int(bound["hd"])
@@ -381,13 +405,31 @@ def test_attention_decode_twin_is_one_tokens_attention(nh, S, hd, bias_per_head,
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
-def test_attention_kernel_launches_match_the_cuda_signature(fixture_model, dtype):
+def test_decode_kernel_launches_match_the_cuda_signatures(fixture_model, dtype):
     model, golden = fixture_model
     twin = to_device(model, xp=strict_xp, dtype=dtype)
     launched = to_device(model, xp=strict_xp, dtype=dtype)
-    launched.kernels = fake_kernels()                  # the cache launches attention_decode_f16 / _f32
+    names = []
+    launched.kernels = fake_kernels(names)             # attention, norms, silu * up, cache stores by kernel
     prompt = golden["prompt_2"]
     np.testing.assert_array_equal(prefill_then_decode(launched, prompt), prefill_then_decode(twin, prompt))
+    suffix = "f16" if dtype == "float16" else "f32"
+    assert set(names) == {f"attention_decode_{suffix}", f"kv_store_{suffix}", "rms_norm_f32", "silu_mul_f32"}
+
+
+@settings(max_examples=30, deadline=None)
+@given(T=st.integers(1, 3), n=st.integers(1, 700), seed=st.integers(0, 2 ** 32 - 1))
+def test_rms_norm_and_silu_twins_compute_what_the_model_does(T, n, seed):
+    from bcnp.model import rms_norm, silu
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal((T, n)) * rng.uniform(0.01, 100)).astype(np.float32)
+    weight = rng.uniform(0.5, 1.5, n).astype(np.float32)
+    got = backend.rms_norm_f32(np, x, weight, 1e-6)
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, rms_norm(np, x.astype(np.float64), weight, 1e-6), rtol=2e-6, atol=1e-7)
+    gate, up = (rng.standard_normal((2, T, n)) * 8).astype(np.float32)
+    np.testing.assert_allclose(backend.silu_mul_f32(np, gate, up), silu(np, gate.astype(np.float64)) * up,
+                               rtol=2e-6, atol=1e-30)
 
 
 def decode_one_at_a_time(model, prompt, split, cache):
@@ -592,3 +634,28 @@ def test_gpu_attention_kernel_matches_its_twin(cupy, S, hd, bias_per_head, dtype
     got = cache.attend(cupy, 1, cupy.asarray(q), cupy.asarray(bias)).get()[:, 0]
     want = backend.attention_decode(np, q[:, 0], k[1, :, :S], v[1, :, :S], bias[:, 0], hd ** 0.5)
     assert np.abs(got - want).max() <= 1e-5 * max(1.0, float(np.abs(want).max()))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T, n", [(1, 5120), (3, 64), (1, 13696)])
+def test_gpu_norm_silu_and_store_kernels_match_their_twins(cupy, T, n):
+    kernels = backend.cuda_kernels(cupy)
+    rng = np.random.default_rng(n)
+    x = (rng.standard_normal((T, n)) * 3).astype(np.float32)
+    weight = rng.uniform(0.5, 1.5, n).astype(np.float32)
+    got = backend.rms_norm_on_device(cupy, kernels, cupy.asarray(x), cupy.asarray(weight), 1e-6).get()
+    np.testing.assert_array_equal(got, backend.rms_norm_f32(np, x, weight, 1e-6))      # IEEE ops, same order
+    up = rng.standard_normal((T, n)).astype(np.float32)
+    got = backend.silu_mul_on_device(cupy, kernels, cupy.asarray(x), cupy.asarray(up)).get()
+    np.testing.assert_allclose(got, backend.silu_mul_f32(np, x, up), rtol=1e-6, atol=1e-30)   # expf vs exp
+    for dtype in (np.float16, np.float32):
+        nh, hd, max_len, position = 5, 128, 40, 17
+        k, v = (rng.standard_normal((1, nh, hd)).astype(np.float32) for _ in range(2))
+        cache = backend.GraphKVCache(cupy.zeros((2, nh, max_len, hd), dtype), cupy.zeros((2, nh, max_len, hd), dtype),
+                                     kernels=kernels, position=cupy.asarray([position], dtype=cupy.int64), window=32)
+        cache.store(1, cupy.asarray(k), cupy.asarray(v))
+        want = np.zeros((2, nh, max_len, hd), dtype)
+        want[1, :, position] = k[0].astype(dtype)
+        np.testing.assert_array_equal(cache.k.get(), want)
+        want[1, :, position] = v[0].astype(dtype)
+        np.testing.assert_array_equal(cache.v.get(), want)

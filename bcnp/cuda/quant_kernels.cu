@@ -332,3 +332,61 @@ extern "C" __global__ void attention_decode_f32(const float* q, const float* k, 
                                                 int bias_head_stride, float sqrt_hd) {
     attention_decode(q, k, v, bias, out, S, hd, head_stride, bias_head_stride, sqrt_hd);
 }
+
+// --- the small steps of a decode layer, one launch each -------------------------------------------------------------
+//
+// In a CUDA graph the cost of a tiny kernel is its launch, not its arithmetic, so the RMSNorm (7 array operations)
+// and the MLP's silu(gate) * up (5) are one kernel each here.
+
+#define NORM_THREADS 256
+
+// One block per row: out = x * (1 / sqrt(mean(x^2) + eps)) * w, as bcnp.model.rms_norm. Thread t adds x[j]^2 for
+// j = t, t + THREADS, ... in order; then lanes by halving, then warps 0, 1, ... in order; mean = sum / n.
+extern "C" __global__ void rms_norm_f32(const float* __restrict__ x, const float* __restrict__ w,
+                                        float* __restrict__ out, int n, float eps) {
+    __shared__ float slots[NORM_THREADS / 32];
+    const float* xr = x + (long long)blockIdx.x * n;
+    float* o = out + (long long)blockIdx.x * n;
+    float s = 0.0f;
+    for (int j = threadIdx.x; j < n; j += NORM_THREADS) s = __fadd_rn(s, __fmul_rn(xr[j], xr[j]));
+    s = warp_sum(s);
+    if (threadIdx.x % 32 == 0) slots[threadIdx.x / 32] = s;
+    __syncthreads();
+    float total = slots[0];
+    for (int k = 1; k < NORM_THREADS / 32; k++) total = __fadd_rn(total, slots[k]);
+    const float r = __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(__fdiv_rn(total, (float)n), eps)));
+    for (int j = threadIdx.x; j < n; j += NORM_THREADS) o[j] = __fmul_rn(__fmul_rn(xr[j], r), w[j]);
+}
+
+// out = silu(gate) * up = gate / (1 + exp(-gate)) * up, elementwise over n values.
+extern "C" __global__ void silu_mul_f32(const float* __restrict__ gate, const float* __restrict__ up,
+                                        float* __restrict__ out, int n) {
+    const int j = blockIdx.x * blockDim.x + threadIdx.x;
+    if (j < n) out[j] = __fmul_rn(__fdiv_rn(gate[j], __fadd_rn(1.0f, expf(-gate[j]))), up[j]);
+}
+
+// The new token's keys and values (nh * hd float32 each) into one layer of the cache, (nh, max_len, hd), at the
+// position read from the device: one thread per value; float16 caches round to nearest.
+__device__ __forceinline__ void put(float* p, float value) { *p = value; }
+__device__ __forceinline__ void put(unsigned short* p, float value) { *p = float_to_half(value); }
+
+template <typename KV>
+__device__ void kv_store(const float* k, const float* v, KV* cache_k, KV* cache_v, const long long* position,
+                         int nh, int hd, int max_len) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= nh * hd) return;
+    const long long at = ((long long)(i / hd) * max_len + *position) * hd + i % hd;
+    put(cache_k + at, k[i]);
+    put(cache_v + at, v[i]);
+}
+
+extern "C" __global__ void kv_store_f16(const float* k, const float* v, unsigned short* cache_k,
+                                        unsigned short* cache_v, const long long* position, int nh, int hd,
+                                        int max_len) {
+    kv_store<unsigned short>(k, v, cache_k, cache_v, position, nh, hd, max_len);
+}
+
+extern "C" __global__ void kv_store_f32(const float* k, const float* v, float* cache_k, float* cache_v,
+                                        const long long* position, int nh, int hd, int max_len) {
+    kv_store<float>(k, v, cache_k, cache_v, position, nh, hd, max_len);
+}
