@@ -130,4 +130,7 @@ def next_token(logits, seen_ids, *, temperature, top_k, top_p, repetition_penalt
     logits = top_k_filter(logits, top_k)
     logits = top_p_filter(logits, top_p)
     rng = np.random.default_rng() if rng is None else rng
-    return int(rng.choice(logits.shape[-1], p=softmax(logits)))
+    # Draw among the tokens still in play (after top-k, a handful): the same cumulative probabilities as a draw
+    # over all V with zeros elsewhere, without a softmax and a search over 64000 (a millisecond per token).
+    candidates = np.flatnonzero(logits > -np.inf)
+    return int(candidates[rng.choice(candidates.size, p=softmax(logits[candidates]))])

@@ -116,6 +116,16 @@ def test_samples_only_what_penalty_top_k_and_top_p_leave(logits, seed, top_k, to
 
 
 @settings(max_examples=200, deadline=None)
+@given(logit_vectors, st.integers(0, 2**32), st.integers(0, 5), st.floats(0.05, 1.0))
+def test_a_draw_among_the_kept_tokens_is_the_draw_over_the_whole_vocabulary(logits, seed, top_k, top_p):
+    """next_token draws only among the tokens top-k/top-p keep; with the same seed that is the token a draw over
+    all V (zero probability elsewhere, Hugging Face's way) picks."""
+    token = next_token(logits, [], rng=np.random.default_rng(seed), **dict(SAMPLE, top_k=top_k, top_p=top_p))
+    allowed = top_p_filter(top_k_filter(apply_temperature(logits, 0.7), top_k), top_p)
+    assert token == np.random.default_rng(seed).choice(len(logits), p=softmax(allowed))
+
+
+@settings(max_examples=200, deadline=None)
 @given(distinct_logit_vectors, st.integers(0, 2**32), st.integers(0, 5), st.floats(0.05, 1.0))
 def test_temperature_towards_zero_is_greedy(logits, seed, top_k, top_p):
     top_two = np.sort(logits)[-2:]
