@@ -41,8 +41,8 @@ MATVEC_THREADS, MATVEC_ROWS_PER_BLOCK = 64, 8      # WARPS * 32 threads and WARP
 DEQUANTIZE_THREADS = 256
 ATTENTION_WARPS, MAX_DIMS_PER_LANE = 8, 8          # as #defined in quant_kernels.cu
 ATTENTION_THREADS = WARP * ATTENTION_WARPS
-MAX_ATTENTION_SPAN = 10240                          # S floats of scores + 8 KB of partial sums in 48 KB of shared memory
-NORM_THREADS = 256
+MAX_ATTENTION_SPAN = 10240                          # S floats of scores + 8 KB of partial sums in 48 KB shared memory
+NORM_THREADS = 256                                  # as #defined in quant_kernels.cu
 ELEMENTWISE_THREADS = 256
 
 
@@ -363,9 +363,9 @@ class DeviceKVCache(KVCache):
             return attention_decode(xp, q[:, 0], self.k[i, :, :S], self.v[i, :, :S], bias, sqrt_hd)[:, None]
         out = xp.empty((nh, hd), dtype=xp.float32)
         name = "attention_decode_f16" if self.k.dtype == np.float16 else "attention_decode_f32"
+        q, bias = xp.ascontiguousarray(q.reshape(nh, hd)), xp.ascontiguousarray(bias)
         self.kernels[name]((nh,), (ATTENTION_THREADS,),
-                           (xp.ascontiguousarray(q.reshape(nh, hd)), self.k[i], self.v[i], xp.ascontiguousarray(bias), out,
-                            np.int32(S), np.int32(hd), np.int32(self.max_len * hd),
+                           (q, self.k[i], self.v[i], bias, out, np.int32(S), np.int32(hd), np.int32(self.max_len * hd),
                             np.int32(S if bias.shape[0] > 1 else 0), np.float32(sqrt_hd)),
                            shared_mem=4 * S)
         return out[:, None]
@@ -423,8 +423,8 @@ def decode_layer(xp, x, w, i, config, cache, positions, bias, inv_freq):
 class DecodeGraphs:
     """One-token decode steps on a DeviceKVCache, replayed from CUDA graphs.
 
-    Eager decode launches ~40 kernels a layer from Python, which on a fast GPU costs more than the layer's
-    weights take to read. A step's kernels and shapes are fixed by its window (the positions it attends to,
+    Launching a step's ~500 kernels (12 a layer, decode_layer) one by one from Python costs more than the GPU
+    needs to run them. A step's kernels and shapes are fixed by its window (the positions it attends to,
     rounded up to WINDOW) and its token and position are read from device arrays, so the first step in each
     window runs eagerly (compiling kernels, sizing the memory pool) and is then captured; the rest of the
     window replays the graph: one launch per token. On an array module other than CuPy every step runs the same
@@ -474,15 +474,20 @@ class DecodeGraphs:
         return GraphKVCache(c.k, c.v, c.length, c.kernels, position=self.position, window=window)
 
     def _capture(self, window):
+        """Record the step at `window` (nothing runs: the eager step before did the work)."""
         model = self.model
         try:
             self.stream.begin_capture()
             try:
                 logits = transformer(model.xp, model.w, model.config, self.token, self._step(window),
                                      last_only=True, layer=decode_layer)
-            finally:
-                graph = self.stream.end_capture()
-            self.graphs[window] = (graph, logits)
+            except Exception:
+                try:
+                    self.stream.end_capture()                              # leave capture mode, keep the cause
+                except Exception:
+                    pass
+                raise
+            self.graphs[window] = (self.stream.end_capture(), logits)
         except Exception as e:                 # a CuPy or driver that cannot capture this: decode op by op
             model.graphs = False
             warnings.warn(f"CUDA graph capture failed, decoding without graphs: {first_line(e)}", RuntimeWarning)

@@ -279,8 +279,12 @@ def kernel_source():
 def test_kernel_names_and_launch_shapes_agree_with_the_source():
     source = kernel_source()
     assert set(re.findall(r'extern "C" __global__ void (\w+)\(', source)) == set(backend.KERNEL_NAMES)
-    rows, warps = (int(re.search(rf"#define {n} (\d+)", source).group(1)) for n in ("ROWS", "WARPS"))
-    assert backend.MATVEC_THREADS == 32 * warps and backend.MATVEC_ROWS_PER_BLOCK == warps * rows
+    define = {name: int(value) for name, value in re.findall(r"#define (\w+) (\d+)", source)}
+    assert backend.MATVEC_THREADS == 32 * define["WARPS"]
+    assert backend.MATVEC_ROWS_PER_BLOCK == define["WARPS"] * define["ROWS"]
+    assert (backend.ATTENTION_WARPS, backend.MAX_DIMS_PER_LANE) == (define["ATTENTION_WARPS"],
+                                                                    define["MAX_DIMS_PER_LANE"])
+    assert backend.NORM_THREADS == define["NORM_THREADS"]
 
 
 def kernel_signatures():
@@ -332,7 +336,8 @@ def fake_kernels(launched=None):
                 nh, hd, max_len = int(bound["nh"]), int(bound["hd"]), int(bound["max_len"])
                 assert bound["k"].shape == bound["v"].shape == (nh * hd,) and bound["position"].shape == (1,)
                 assert bound["cache_k"].shape == bound["cache_v"].shape == (nh, max_len, hd)
-                assert block == (backend.ELEMENTWISE_THREADS,) and (grid[0] - 1) * block[0] < nh * hd <= grid[0] * block[0]
+                assert block == (backend.ELEMENTWISE_THREADS,)
+                assert (grid[0] - 1) * block[0] < nh * hd <= grid[0] * block[0]
                 position = bound["position"]
                 for new, cache in ((bound["k"], bound["cache_k"]), (bound["v"], bound["cache_v"])):
                     cache[:, position] = new.reshape(nh, 1, hd).astype(cache.dtype)
@@ -430,6 +435,26 @@ def test_rms_norm_and_silu_twins_compute_what_the_model_does(T, n, seed):
     gate, up = (rng.standard_normal((2, T, n)) * 8).astype(np.float32)
     np.testing.assert_allclose(backend.silu_mul_f32(np, gate, up), silu(np, gate.astype(np.float64)) * up,
                                rtol=2e-6, atol=1e-30)
+
+
+def test_a_failed_capture_falls_back_to_op_by_op_with_one_warning(fixture_model):
+    model, golden = fixture_model
+    device = to_device(model.quantize(8), xp=strict_xp)
+    assert device.graphs                               # every linear in bcnp's kernels: graphs are on
+
+    class RefusingStream:                              # a driver that invalidates the capture
+        def begin_capture(self):
+            pass
+
+        def end_capture(self):
+            raise RuntimeError("cudaErrorStreamCaptureInvalidated: operation failed due to a previous error\n...")
+
+    decoder = backend.DecodeGraphs(device, device.new_cache(8))
+    decoder.stream = RefusingStream()
+    with pytest.warns(RuntimeWarning, match=r"^CUDA graph capture failed, decoding without graphs: "
+                                            r"cudaErrorStreamCaptureInvalidated: operation failed[^\n]*$"):
+        decoder._capture(8)
+    assert not device.graphs and decoder.graphs == {}
 
 
 def decode_one_at_a_time(model, prompt, split, cache):
