@@ -24,8 +24,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from bcnp.backend import (BackendError, DeviceModel, DeviceQuantizedWeight, cuda_kernels, get_cupy,  # noqa: E402
-                          is_cupy)
+from bcnp.backend import (BackendError, DeviceModel, DeviceQuantizedWeight, GraphKVCache, cuda_kernels,  # noqa: E402
+                          first_line, get_cupy, is_cupy, rms_norm_on_device, silu_mul_on_device)
 from bcnp.config import Config                                                        # noqa: E402
 from bcnp.quant import is_linear, padded_width                                      # noqa: E402
 
@@ -164,6 +164,66 @@ def kernel_bandwidth(xp, timer, mode, kernels, rows, in_features):
     return weight.nbytes / seconds
 
 
+def graph_seconds(xp, timer, f, reps=20):
+    """Seconds per call of f() on the GPU: `reps` calls captured in one CUDA graph and replayed, so Python's time
+    to launch them does not count (on NumPy: the wall clock)."""
+    f()                                                              # warm-up: compilation, the pool
+    if is_cupy(xp):
+        stream = xp.cuda.Stream(non_blocking=True)
+        try:
+            with stream:
+                stream.begin_capture()
+                try:
+                    for _ in range(reps):
+                        f()
+                finally:
+                    graph = stream.end_capture()
+                graph.launch(stream)
+                timer.start()
+                graph.launch(stream)
+                return timer.stop() / reps
+        except Exception as e:
+            print(f"  (could not time in a graph, timing op by op: {first_line(e)})")
+    timer.start()
+    for _ in range(reps):
+        f()
+    return timer.stop() / reps
+
+
+def layer_parts(model, timer, per_layer, bandwidth):
+    """Where a decode layer's time goes: each of its kernels alone (timed in a graph), their sum, against the
+    measured time per layer of the step's graph (the difference: gaps between kernels)."""
+    xp, config, w, kernels = model.xp, model.config, model.w, model.kernels
+    H, I, nh, hd = config.hidden_size, config.intermediate_size, config.num_attention_heads, config.head_dim
+    x, x_mlp = uniform(xp, (1, H), -1, 1, xp.float32), uniform(xp, (1, I), -1, 1, xp.float32)
+    matvecs = {}
+    for name in ("self_attn.W_pack", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"):
+        weight = w[f"model.layers.0.{name}.weight"]
+        x_in = x_mlp if name == "mlp.down_proj" else x
+        matvecs[name.split(".")[1]] = graph_seconds(xp, timer, lambda: weight.matmul(x_in)), weight.nbytes
+    norm = w["model.layers.0.input_layernorm.weight"]
+    cache = model.new_cache(4096)
+    q, k = uniform(xp, (nh, 1, hd), -1, 1, xp.float32), uniform(xp, (1, nh, hd), -1, 1, xp.float32)
+    step = GraphKVCache(cache.k, cache.v, 0, kernels, position=xp.zeros(1, dtype=xp.int64), window=256)
+
+    def attention(S):
+        bias = xp.zeros((nh, 1, S), dtype=xp.float32)
+        return graph_seconds(xp, timer, lambda: cache.attend(xp, 0, q, bias))
+
+    others = {"2 norms": 2 * graph_seconds(xp, timer, lambda: rms_norm_on_device(xp, kernels, x, norm, 1e-6)),
+              "store": graph_seconds(xp, timer, lambda: step.store(0, k, k)),
+              "attention": attention(256),
+              "silu*up": graph_seconds(xp, timer, lambda: silu_mul_on_device(xp, kernels, x_mlp, x_mlp)),
+              "2 adds": 2 * graph_seconds(xp, timer, lambda: x + x)}
+    long_attention = attention(4096)
+    total = sum(seconds for seconds, _ in matvecs.values()) + sum(others.values())
+    return ("  one layer's kernels alone, us (matvec: % of copy bandwidth): "
+            + ", ".join(f"{n} {t * 1e6:.1f} ({b / t / bandwidth:.0%})" for n, (t, b) in matvecs.items()) + "; "
+            + ", ".join(f"{n} {t * 1e6:.1f}" for n, t in others.items())
+            + f" (over 256 positions; over 4096: {long_attention * 1e6:.1f}); "
+            f"sum {total * 1e6:.1f} of {per_layer * 1e6:.1f} per layer in the step's graph")
+
+
 def free(xp):
     if is_cupy(xp):
         xp.get_default_memory_pool().free_all_blocks()
@@ -213,6 +273,7 @@ def main(argv=None):
         p_shallow = prefill_seconds(shallow_model, timer, args.prompt, rng)
         p_layer = max((p_deep - p_shallow) / (deep - shallow), 1e-12)
         p_13b = max(p_deep - deep * p_layer, 0.0) + BAICHUAN_13B_LAYERS * p_layer
+        parts = layer_parts(model, timer, per_layer, bandwidth)
         del model, shallow_model
         free(xp)
         kernel = kernel_bandwidth(xp, timer, mode, kernels, *big)
@@ -227,6 +288,7 @@ def main(argv=None):
               f"13B {row['tps']:.1f} tok/s of {roofline:.1f} roofline ({row['ratio']:.0%}); "
               f"matvec kernel alone {kernel / 1e9:.0f} GB/s ({row['kernel']:.0%} of copy); "
               f"13B prefill {row['prefill']:.0f} tok/s", flush=True)
+        print(parts, flush=True)
 
     target = {"fp16": 0.8, "int8": 0.6, "int4": 0.6}
     print()
