@@ -41,7 +41,8 @@ MATVEC_THREADS, MATVEC_ROWS_PER_BLOCK = 64, 8      # WARPS * 32 threads and WARP
 DEQUANTIZE_THREADS = 256
 ATTENTION_WARPS, MAX_DIMS_PER_LANE = 8, 8          # as #defined in quant_kernels.cu
 ATTENTION_THREADS = WARP * ATTENTION_WARPS
-MAX_ATTENTION_SPAN = 10240                          # S floats of scores + 8 KB of partial sums in 48 KB shared memory
+# attention_decode's shared memory: S floats of scores (given at launch) + 8 KB of partial sums + 8 floats <= 48 KB
+MAX_ATTENTION_SPAN = (48 * 1024 - 4 * ATTENTION_WARPS * WARP * MAX_DIMS_PER_LANE - 4 * ATTENTION_WARPS) // 4
 NORM_THREADS = 256                                  # as #defined in quant_kernels.cu
 ELEMENTWISE_THREADS = 256
 
