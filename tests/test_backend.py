@@ -229,6 +229,85 @@ def test_matvec_twins_are_the_kernels_line_by_line(bits, in_features):
     np.testing.assert_array_equal(twin_matvec(np, qweight, scales, bits, x), kernel_by_hand(qweight, scales, bits, x))
 
 
+def block_sum_by_hand(values, threads):
+    """A block's sum in the kernels' order, in float32 scalars: thread t adds values t, t + threads, ...; each
+    warp halves its lanes; warps 0, 1, ... are added in order."""
+    f32 = np.float32
+    by_thread = [f32(0)] * threads
+    for t in range(threads):
+        for j in range(t, len(values), threads):
+            by_thread[t] = f32(by_thread[t] + values[j])
+    warps = []
+    for w in range(threads // 32):
+        acc = by_thread[32 * w: 32 * w + 32]
+        for offset in (16, 8, 4, 2, 1):
+            acc = [f32(acc[i] + acc[i ^ offset]) for i in range(32)]
+        warps.append(acc[0])
+    total = warps[0]
+    for v in warps[1:]:
+        total = f32(total + v)
+    return total
+
+
+def rms_norm_by_hand(row, weight, eps):
+    """The kernel rms_norm_f32 for one row, line by line in float32 scalars."""
+    f32 = np.float32
+    total = block_sum_by_hand([f32(v * v) for v in row], backend.NORM_THREADS)
+    r = f32(f32(1) / np.sqrt(f32(f32(total / f32(len(row))) + f32(eps))))
+    return [f32(f32(v * r) * w) for v, w in zip(row, weight)]
+
+
+def attention_by_hand(q, k, v, bias, sqrt_hd):
+    """The kernel attention_decode for one head, line by line in float32 scalars (exp on the array, as the twin)."""
+    f32 = np.float32
+    S, hd = k.shape
+    scores = []
+    for j in range(S):                                  # warp per key: lanes over dims, then halving
+        lanes = [f32(0)] * 32
+        for lane in range(32):
+            for d in range(lane, hd, 32):
+                lanes[lane] = f32(lanes[lane] + f32(q[d] * f32(k[j, d])))
+        for offset in (16, 8, 4, 2, 1):
+            lanes = [f32(lanes[i] + lanes[i ^ offset]) for i in range(32)]
+        scores.append(f32(f32(lanes[0] / f32(sqrt_hd)) + bias[j]))
+    e = np.exp(np.array(scores, np.float32) - max(scores))
+    total = block_sum_by_hand(list(e), backend.ATTENTION_THREADS)
+    acc = [[f32(0)] * hd for _ in range(backend.ATTENTION_WARPS)]
+    for w in range(backend.ATTENTION_WARPS):            # warp w: keys w, w + WARPS, ...
+        for j in range(w, S, backend.ATTENTION_WARPS):
+            for d in range(hd):
+                acc[w][d] = f32(acc[w][d] + f32(e[j] * f32(v[j, d])))
+    out = []
+    for d in range(hd):
+        o = acc[0][d]
+        for w in range(1, backend.ATTENTION_WARPS):
+            o = f32(o + acc[w][d])
+        out.append(f32(o / total))
+    return out
+
+
+@pytest.mark.parametrize("n", [1, 37, 300, 600])
+def test_rms_norm_twin_is_the_kernel_line_by_line(n):
+    rng = np.random.default_rng(n)
+    x = (rng.standard_normal((2, n)) * 5).astype(np.float32)
+    weight = rng.uniform(0.5, 1.5, n).astype(np.float32)
+    want = np.array([rms_norm_by_hand(row, weight, 1e-6) for row in x], np.float32)
+    np.testing.assert_array_equal(backend.rms_norm_f32(np, x, weight, 1e-6), want)
+
+
+@pytest.mark.parametrize("S, hd", [(1, 8), (37, 40), (300, 64)])
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_attention_twin_is_the_kernel_line_by_line(S, hd, dtype):
+    rng = np.random.default_rng(S + hd)
+    nh = 2
+    q = rng.standard_normal((nh, hd)).astype(np.float32)
+    k, v = (rng.standard_normal((nh, S, hd)).astype(dtype) for _ in range(2))
+    bias = rng.standard_normal((nh, S)).astype(np.float32)
+    bias[:, S // 2 + 1:] = -np.inf
+    want = np.array([attention_by_hand(q[h], k[h], v[h], bias[h], hd ** 0.5) for h in range(nh)], np.float32)
+    np.testing.assert_array_equal(backend.attention_decode(np, q, k, v, bias, hd ** 0.5), want)
+
+
 @settings(max_examples=30, deadline=None)
 @given(bits=st.sampled_from([8, 4, 16]), rows=st.integers(1, 40), in_features=st.integers(1, 700),
        seed=st.integers(0, 2**16))
