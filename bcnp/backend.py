@@ -35,7 +35,8 @@ from .quant import BLOCK, QuantizedWeight, is_linear, padded_width
 KERNEL_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cuda", "quant_kernels.cu")
 KERNEL_NAMES = ("matvec_q8_0", "matvec_q4_0", "matvec_f16", "dequantize_q8_0_f32", "dequantize_q8_0_f16",
                 "dequantize_q4_0_f32", "dequantize_q4_0_f16", "attention_decode_f16", "attention_decode_f32",
-                "rms_norm_f32", "silu_mul_f32", "kv_store_f16", "kv_store_f32")
+                "rms_norm_f32", "silu_mul_f32", "kv_store_f16", "kv_store_f32", "matvec_q8_0_add", "matvec_q4_0_add",
+                "matvec_f16_add", "matvec_q8_0_swiglu", "matvec_q4_0_swiglu", "matvec_f16_swiglu")
 WARP = 32
 MATVEC_THREADS, MATVEC_ROWS_PER_BLOCK = 64, 8      # WARPS * 32 threads and WARPS * ROWS rows in quant_kernels.cu
 DEQUANTIZE_THREADS = 256
@@ -237,6 +238,21 @@ def silu_mul_f32(xp, gate, up):
     return gate / (1.0 + xp.exp(-gate)) * up
 
 
+def add_linear(x, a, weight):
+    """x + a @ weight.T for one token: a device weight adds the residual x in its matvec kernel."""
+    if isinstance(weight, DeviceQuantizedWeight):
+        return weight.matvec(weight.vector(a), residual=x[0])[None]
+    return x + linear(a, weight)
+
+
+def swiglu(xp, kernels, h, gate, up):
+    """silu(gate_proj(h)) * up_proj(h) for one token: device weights of one kind in one kernel."""
+    if isinstance(gate, DeviceQuantizedWeight) and isinstance(up, DeviceQuantizedWeight) and gate.bits == up.bits \
+            and gate.shape == up.shape:
+        return gate.swiglu(up, gate.vector(h))[None]
+    return silu_mul_on_device(xp, kernels, linear(h, gate), linear(h, up))
+
+
 def rms_norm_on_device(xp, kernels, x, weight, eps):
     """bcnp.model.rms_norm in one kernel (its twin without `kernels`)."""
     if kernels is None:
@@ -302,25 +318,56 @@ class DeviceQuantizedWeight(QuantizedWeight):
             y = (x.astype(xp.float16).astype(xp.float32) @ w.astype(xp.float32).T).astype(xp.float16)
         return y.astype(xp.float32)
 
-    def matvec(self, x):
-        """W x for x float32 (in_padded,), contiguous -> float32 (out_features,)."""
+    def matvec(self, x, residual=None):
+        """W x (plus `residual`, (out_features,) float32, if given) for x float32 (in_padded,), contiguous ->
+        float32 (out_features,): one kernel either way."""
         xp = self.xp
         if self.kernels is None:
-            if self.bits == 16:
-                return matvec_f16(xp, self.qweight, x)
-            twin = matvec_q8_0 if self.bits == 8 else matvec_q4_0
-            return twin(xp, self.qweight, self.scales, x)
+            y = self.twin(x)
+            return y if residual is None else residual + y
         if x.data.ptr % 16:                                                 # the kernels read x as float4
             x = x.copy()
         y = xp.empty(self.out_features, dtype=xp.float32)
-        rows, n_pad = np.int32(self.out_features), np.int32(self.in_padded)
-        grid = (-(-self.out_features // MATVEC_ROWS_PER_BLOCK),)
-        if self.bits == 16:
-            self.kernels["matvec_f16"](grid, (MATVEC_THREADS,), (self.qweight, x, y, rows, n_pad))
-        else:
-            kernel = self.kernels["matvec_q8_0" if self.bits == 8 else "matvec_q4_0"]
-            kernel(grid, (MATVEC_THREADS,), (self.qweight, self.scales, x, y, rows, n_pad))
+        name = "matvec_f16" if self.bits == 16 else f"matvec_q{self.bits}_0"
+        ending = () if residual is None else (xp.ascontiguousarray(residual),)
+        self.kernels[name + ("" if residual is None else "_add")](
+            self.grid(), (MATVEC_THREADS,), (*self.stored(), x, *ending, y, *self.sizes()))
         return y
+
+    def swiglu(self, up, x):
+        """silu(W x) * (U x) for this weight W (gate_proj) and `up` U, x float32 (in_padded,) contiguous: both
+        weights in one pass over x, one kernel."""
+        xp = self.xp
+        if self.kernels is None:
+            return silu_mul_f32(xp, self.twin(x), up.twin(x))
+        if x.data.ptr % 16:
+            x = x.copy()
+        y = xp.empty(self.out_features, dtype=xp.float32)
+        name = "matvec_f16_swiglu" if self.bits == 16 else f"matvec_q{self.bits}_0_swiglu"
+        self.kernels[name](self.grid(), (MATVEC_THREADS,), (*self.stored(), *up.stored(), x, y, *self.sizes()))
+        return y
+
+    def twin(self, x):
+        """The NumPy twin of this weight's matvec kernel."""
+        if self.bits == 16:
+            return matvec_f16(self.xp, self.qweight, x)
+        return (matvec_q8_0 if self.bits == 8 else matvec_q4_0)(self.xp, self.qweight, self.scales, x)
+
+    def stored(self):
+        return (self.qweight,) if self.bits == 16 else (self.qweight, self.scales)
+
+    def sizes(self):
+        return np.int32(self.out_features), np.int32(self.in_padded)
+
+    def grid(self):
+        return (-(-self.out_features // MATVEC_ROWS_PER_BLOCK),)
+
+    def vector(self, x):
+        """x (1, in_features) -> float32 (in_padded,), contiguous: what the matvec kernels read."""
+        if x.shape != (1, self.in_features):
+            raise ValueError(f"{self!r}: expected one token of {self.in_features} features, got {x.shape}")
+        return self.xp.ascontiguousarray(pad_columns(self.xp, x.astype(self.xp.float32, copy=False),
+                                                     self.in_padded)[0])
 
     def expanded(self, dtype):
         """W as `dtype` (float16 or float32), (out_features, in_padded): a new array (float16 weights as float16:
@@ -400,9 +447,10 @@ class GraphKVCache(DeviceKVCache):
 
 
 def decode_layer(xp, x, w, i, config, cache, positions, bias, inv_freq):
-    """bcnp.model.decoder_layer for one token on a GraphKVCache, in 12 launches: the same steps, with each RMSNorm
-    and the MLP's silu(gate) * up one kernel (the CPU's code launches 7 and 5 small ones, and in a CUDA graph a
-    small step costs its launch, not its arithmetic)."""
+    """bcnp.model.decoder_layer for one token on a GraphKVCache, in 8 launches: the same steps, with each RMSNorm
+    one kernel (the CPU's code: 7 array operations), the residual adds inside o_proj's and down_proj's matvecs,
+    and gate_proj, up_proj and silu(gate) * up one kernel. In a CUDA graph a small step costs its launch, not
+    its arithmetic."""
     p = f"model.layers.{i}."
     H, nh, hd, eps = config.hidden_size, config.num_attention_heads, config.head_dim, config.rms_norm_eps
 
@@ -414,17 +462,17 @@ def decode_layer(xp, x, w, i, config, cache, positions, bias, inv_freq):
 
     cache.store(i, k, v)
     out = cache.attend(xp, i, q.transpose(1, 0, 2), bias)                   # (nh, 1, hd)
-    x = x + linear(out.reshape(1, H), w[p + "self_attn.o_proj.weight"])
+    x = add_linear(x, out.reshape(1, H), w[p + "self_attn.o_proj.weight"])
 
     h = rms_norm_on_device(xp, cache.kernels, x, w[p + "post_attention_layernorm.weight"], eps)
-    gate, up = linear(h, w[p + "mlp.gate_proj.weight"]), linear(h, w[p + "mlp.up_proj.weight"])
-    return x + linear(silu_mul_on_device(xp, cache.kernels, gate, up), w[p + "mlp.down_proj.weight"])
+    act = swiglu(xp, cache.kernels, h, w[p + "mlp.gate_proj.weight"], w[p + "mlp.up_proj.weight"])
+    return add_linear(x, act, w[p + "mlp.down_proj.weight"])
 
 
 class DecodeGraphs:
     """One-token decode steps on a DeviceKVCache, replayed from CUDA graphs.
 
-    Launching a step's ~500 kernels (12 a layer, decode_layer) one by one from Python costs more than the GPU
+    Launching a step's ~340 kernels (8 a layer, decode_layer) one by one from Python costs more than the GPU
     needs to run them. A step's kernels and shapes are fixed by its window (the positions it attends to,
     rounded up to WINDOW) and its token and position are read from device arrays, so the first step in each
     window runs eagerly (compiling kernels, sizing the memory pool) and is then captured; the rest of the

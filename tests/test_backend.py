@@ -437,11 +437,23 @@ def fake_kernels(launched=None):
                 assert block == (backend.MATVEC_THREADS,)
                 assert grid[0] * backend.MATVEC_ROWS_PER_BLOCK >= rows > (grid[0] - 1) * backend.MATVEC_ROWS_PER_BLOCK
                 assert bound["x"].size == n_pad and bound["y"].size == rows
-                if name == "matvec_f16":
-                    bound["y"][...] = backend.matvec_f16(strict_xp, bound["wt"], bound["x"])
+                if name.startswith("matvec_f16"):
+                    def product(suffix=""):
+                        assert bound["wt" + suffix].shape == (rows, n_pad)
+                        return backend.matvec_f16(strict_xp, bound["wt" + suffix], bound["x"])
                 else:
-                    twin = backend.matvec_q8_0 if name == "matvec_q8_0" else backend.matvec_q4_0
-                    bound["y"][...] = twin(strict_xp, bound["q"], bound["d"], bound["x"])
+                    def product(suffix=""):
+                        twin = backend.matvec_q8_0 if name.startswith("matvec_q8_0") else backend.matvec_q4_0
+                        q, d = bound["q" + suffix], bound["d" + suffix]
+                        assert q.shape[0] == d.shape[0] == rows and d.shape[1] == n_pad // 32
+                        return twin(strict_xp, q, d, bound["x"])
+                if name.endswith("_add"):
+                    assert bound["r"].shape == (rows,)
+                    bound["y"][...] = bound["r"] + product()
+                elif name.endswith("_swiglu"):
+                    bound["y"][...] = backend.silu_mul_f32(strict_xp, product(), product("_up"))
+                else:
+                    bound["y"][...] = product()
             else:
                 words = rows * n_pad // (4 if "q8_0" in name else 8)
                 assert block == (backend.DEQUANTIZE_THREADS,) and 0 < grid[0] <= 65536
@@ -498,7 +510,30 @@ def test_decode_kernel_launches_match_the_cuda_signatures(fixture_model, dtype):
     prompt = golden["prompt_2"]
     np.testing.assert_array_equal(prefill_then_decode(launched, prompt), prefill_then_decode(twin, prompt))
     suffix = "f16" if dtype == "float16" else "f32"
-    assert set(names) == {f"attention_decode_{suffix}", f"kv_store_{suffix}", "rms_norm_f32", "silu_mul_f32"}
+    # float32 weights are plain arrays: silu(gate) * up has its own kernel; float16 ones fuse it into the matvec
+    assert set(names) == {f"attention_decode_{suffix}", f"kv_store_{suffix}", "rms_norm_f32"} | (
+        {"silu_mul_f32"} if dtype == "float32" else set())
+
+
+@pytest.mark.parametrize("bits", [16, 8, 4])
+def test_fused_matvec_launches_match_the_cuda_signatures(fixture_model, bits):
+    """With device weights, decode_layer adds the residuals inside o_proj's and down_proj's matvecs and runs
+    gate_proj, up_proj and silu(gate) * up as one kernel."""
+    model, golden = fixture_model
+    cpu = model if bits == 16 else model.quantize(bits)
+    twin = to_device(cpu, xp=strict_xp)
+    launched = to_device(cpu, xp=strict_xp)
+    names = []
+    kernels = fake_kernels(names)
+    launched.kernels = kernels
+    for weight in launched.w.values():
+        if isinstance(weight, DeviceQuantizedWeight):
+            weight.kernels = kernels
+    prompt = golden["prompt_2"]
+    np.testing.assert_array_equal(prefill_then_decode(launched, prompt), prefill_then_decode(twin, prompt))
+    kind = "f16" if bits == 16 else f"q{bits}_0"
+    assert {f"matvec_{kind}", f"matvec_{kind}_add", f"matvec_{kind}_swiglu", "attention_decode_f16",
+            "kv_store_f16", "rms_norm_f32"} <= set(names) and "silu_mul_f32" not in names
 
 
 @settings(max_examples=30, deadline=None)
@@ -698,6 +733,15 @@ def test_gpu_kernels_match_their_twins(cupy, bits, rows, in_features):
     want = twin_matvec(np, qweight, scales, bits, x)
     # the same float32 operations in the same order: equal up to the last bit, allowed one ulp of the sum
     assert np.abs(y - want).max() <= 1e-6 * max(1.0, float(np.abs(want).max())), np.abs(y - want).max()
+    residual = np.random.default_rng(5).standard_normal(rows).astype(np.float32)
+    y_add = device.matvec(cupy.asarray(x), residual=cupy.asarray(residual)).get()
+    np.testing.assert_array_equal(y_add, residual + y)                   # the same sum, then one float32 add
+    up_q, up_s = random_weight(rows + bits + 1, rows, in_features, bits)
+    up = DeviceQuantizedWeight(cupy, cupy.asarray(up_q), None if up_s is None else cupy.asarray(up_s), bits,
+                               in_features, np.float16, kernels)
+    fused = device.swiglu(up, cupy.asarray(x)).get()
+    want = backend.silu_mul_f32(np, y, up.matvec(cupy.asarray(x)).get())
+    np.testing.assert_allclose(fused, want, rtol=1e-6, atol=1e-30)        # expf against NumPy's exp
     if bits != 16:
         twin = backend.dequantize_q8_0 if bits == 8 else backend.dequantize_q4_0
         for dtype in (np.float32, np.float16):

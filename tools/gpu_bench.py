@@ -25,7 +25,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from bcnp.backend import (BackendError, DeviceModel, DeviceQuantizedWeight, GraphKVCache, cuda_kernels,  # noqa: E402
-                          first_line, get_cupy, is_cupy, rms_norm_on_device, silu_mul_on_device)
+                          first_line, get_cupy, is_cupy, rms_norm_on_device)
 from bcnp.config import Config                                                        # noqa: E402
 from bcnp.quant import is_linear, padded_width                                      # noqa: E402
 
@@ -196,11 +196,20 @@ def layer_parts(model, timer, per_layer, bandwidth):
     xp, config, w, kernels = model.xp, model.config, model.w, model.kernels
     H, I, nh, hd = config.hidden_size, config.intermediate_size, config.num_attention_heads, config.head_dim
     x, x_mlp = uniform(xp, (1, H), -1, 1, xp.float32), uniform(xp, (1, I), -1, 1, xp.float32)
-    matvecs = {}
-    for name in ("self_attn.W_pack", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"):
-        weight = w[f"model.layers.0.{name}.weight"]
-        x_in = x_mlp if name == "mlp.down_proj" else x
-        matvecs[name.split(".")[1]] = graph_seconds(xp, timer, lambda: weight.matmul(x_in)), weight.nbytes
+    layer = {name: w[f"model.layers.0.{name}.weight"] for name in (
+        "self_attn.W_pack", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
+    vector = {name: weight.vector(x_mlp if name == "mlp.down_proj" else x) for name, weight in layer.items()}
+    residual = x[0]
+    matvecs = {   # as decode_layer runs them: residual adds and silu(gate) * up inside the matvec kernels
+        "W_pack": (lambda: layer["self_attn.W_pack"].matvec(vector["self_attn.W_pack"]),
+                   layer["self_attn.W_pack"].nbytes),
+        "o_proj+add": (lambda: layer["self_attn.o_proj"].matvec(vector["self_attn.o_proj"], residual=residual),
+                       layer["self_attn.o_proj"].nbytes),
+        "gate,up,silu": (lambda: layer["mlp.gate_proj"].swiglu(layer["mlp.up_proj"], vector["mlp.gate_proj"]),
+                         layer["mlp.gate_proj"].nbytes + layer["mlp.up_proj"].nbytes),
+        "down+add": (lambda: layer["mlp.down_proj"].matvec(vector["mlp.down_proj"], residual=residual),
+                     layer["mlp.down_proj"].nbytes)}
+    matvecs = {name: (graph_seconds(xp, timer, f), nbytes) for name, (f, nbytes) in matvecs.items()}
     norm = w["model.layers.0.input_layernorm.weight"]
     cache = model.new_cache(4096)
     q, k = uniform(xp, (nh, 1, hd), -1, 1, xp.float32), uniform(xp, (1, nh, hd), -1, 1, xp.float32)
@@ -212,9 +221,7 @@ def layer_parts(model, timer, per_layer, bandwidth):
 
     others = {"2 norms": 2 * graph_seconds(xp, timer, lambda: rms_norm_on_device(xp, kernels, x, norm, 1e-6)),
               "store": graph_seconds(xp, timer, lambda: step.store(0, k, k)),
-              "attention": attention(256),
-              "silu*up": graph_seconds(xp, timer, lambda: silu_mul_on_device(xp, kernels, x_mlp, x_mlp)),
-              "2 adds": 2 * graph_seconds(xp, timer, lambda: x + x)}
+              "attention": attention(256)}
     long_attention = attention(4096)
     total = sum(seconds for seconds, _ in matvecs.values()) + sum(others.values())
     return ("  one layer's kernels alone, us (matvec: % of copy bandwidth): "

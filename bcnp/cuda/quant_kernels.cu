@@ -78,97 +78,143 @@ __device__ __forceinline__ float warp_sum(float v) {
 // loads stay in bounds) and are not stored.
 //
 // Per lane and row: acc += d * (sum of the word's products), words in step order; then warp_sum(acc).
+// One template, three formats (how a word is read) and three endings:
+//   matvec_<format>          y = W x
+//   matvec_<format>_add      y = r + W x                      (the residual connection, saving a launch)
+//   matvec_<format>_swiglu   y = silu(W_gate x) * (W_up x)    (W = gate, U = up: two weights, one pass over x)
 
-extern "C" __global__ void matvec_q8_0(const unsigned int* __restrict__ q,       // (rows, n_pad / 4) words
-                                       const unsigned short* __restrict__ d,     // (rows, n_pad / 32) float16
-                                       const float* __restrict__ x,              // (n_pad,)
-                                       float* __restrict__ y, int rows, int n_pad) {
-    const int lane = threadIdx.x % 32;
-    const int row0 = (blockIdx.x * WARPS + threadIdx.x / 32) * ROWS;
-    const int words = n_pad / 4, blocks = n_pad / 32;
-    const float4* x4 = reinterpret_cast<const float4*>(x);
-    float acc[ROWS];
-#pragma unroll
-    for (int r = 0; r < ROWS; r++) acc[r] = 0.0f;
-
-#pragma unroll 4
-    for (int w = lane; w < words; w += 32) {            // word w holds values 4w .. 4w+3 of block w / 8
-        const float4 xv = __ldg(x4 + w);
-#pragma unroll
-        for (int r = 0; r < ROWS; r++) {
-            const long long row = min(row0 + r, rows - 1);
-            const float s = dot4(0.0f, q8_values(q[row * words + w]), xv);
-            acc[r] = __fadd_rn(acc[r], __fmul_rn(s, half_to_float(d[row * blocks + w / 8])));
-        }
+// Q8_0: word w holds values 4w .. 4w+3 of block w / 8.
+struct Q8 {
+    const unsigned int* __restrict__ q;                  // (rows, n_pad / 4) words
+    const unsigned short* __restrict__ d;                // (rows, n_pad / 32) float16
+    int words, blocks;
+    __device__ Q8(const unsigned int* q_, const unsigned short* d_, int n_pad)
+        : q(q_), d(d_), words(n_pad / 4), blocks(n_pad / 32) {}
+    typedef float4 X;
+    __device__ X x_for(const float4* x4, int w) const { return __ldg(x4 + w); }
+    __device__ float term(long long row, int w, const X& xv) const {
+        return __fmul_rn(dot4(0.0f, q8_values(q[row * words + w]), xv), half_to_float(d[row * blocks + w / 8]));
     }
-#pragma unroll
-    for (int r = 0; r < ROWS; r++) {
-        const float sum = warp_sum(acc[r]);
-        if (lane == 0 && row0 + r < rows) y[row0 + r] = sum;
-    }
-}
+};
 
 // Q4_0: word w = 4 bytes at byte 4m of block b (b = w / 4, m = w % 4): its low nibbles are values 4m .. 4m+3 of
 // the block, its high nibbles values 16 + 4m .. 16 + 4m + 3. Sum order: the 4 low, then the 4 high.
-extern "C" __global__ void matvec_q4_0(const unsigned int* __restrict__ q,       // (rows, n_pad / 8) words
-                                       const unsigned short* __restrict__ d,     // (rows, n_pad / 32) float16
-                                       const float* __restrict__ x,              // (n_pad,)
-                                       float* __restrict__ y, int rows, int n_pad) {
+struct Q4 {
+    const unsigned int* __restrict__ q;                  // (rows, n_pad / 8) words
+    const unsigned short* __restrict__ d;                // (rows, n_pad / 32) float16
+    int words, blocks;
+    __device__ Q4(const unsigned int* q_, const unsigned short* d_, int n_pad)
+        : q(q_), d(d_), words(n_pad / 8), blocks(n_pad / 32) {}
+    struct X { float4 low, high; };
+    __device__ X x_for(const float4* x4, int w) const {
+        const int b = w / 4, m = w % 4;
+        return X{__ldg(x4 + 8 * b + m), __ldg(x4 + 8 * b + 4 + m)};      // x[32b + 4m ..], x[32b + 16 + 4m ..]
+    }
+    __device__ float term(long long row, int w, const X& xv) const {
+        const unsigned int word = q[row * words + w];
+        const float s = dot4(dot4(0.0f, q4_values(word & 0x0F0F0F0Fu), xv.low), q4_values((word >> 4) & 0x0F0F0F0Fu),
+                             xv.high);
+        return __fmul_rn(s, half_to_float(d[row * blocks + w / 4]));
+    }
+};
+
+// F16: word w = 4 float16 values 4w .. 4w+3 (8 bytes); no scale: the term is the word's sum.
+struct F16 {
+    const uint2* __restrict__ wt;                        // (rows, n_pad / 4) words
+    int words;
+    __device__ F16(const uint2* wt_, int n_pad) : wt(wt_), words(n_pad / 4) {}
+    typedef float4 X;
+    __device__ X x_for(const float4* x4, int w) const { return __ldg(x4 + w); }
+    __device__ float term(long long row, int w, const X& xv) const {
+        return dot4(0.0f, f16_values(wt[row * words + w]), xv);
+    }
+};
+
+enum Ending { PLAIN, ADD, SWIGLU };
+
+template <Ending E, typename F>
+__device__ void matvec(const F& W, const F& U, const float* __restrict__ x, const float* __restrict__ r,
+                       float* __restrict__ y, int rows) {
     const int lane = threadIdx.x % 32;
     const int row0 = (blockIdx.x * WARPS + threadIdx.x / 32) * ROWS;
-    const int words = n_pad / 8, blocks = n_pad / 32;
     const float4* x4 = reinterpret_cast<const float4*>(x);
-    float acc[ROWS];
+    float acc[ROWS], acc_u[ROWS];
 #pragma unroll
-    for (int r = 0; r < ROWS; r++) acc[r] = 0.0f;
+    for (int i = 0; i < ROWS; i++) acc[i] = acc_u[i] = 0.0f;
 
 #pragma unroll 4
-    for (int w = lane; w < words; w += 32) {
-        const int b = w / 4, m = w % 4;
-        const float4 x_low = __ldg(x4 + 8 * b + m);        // x[32b + 4m ..]
-        const float4 x_high = __ldg(x4 + 8 * b + 4 + m);   // x[32b + 16 + 4m ..]
+    for (int w = lane; w < W.words; w += 32) {
+        const typename F::X xv = W.x_for(x4, w);
 #pragma unroll
-        for (int r = 0; r < ROWS; r++) {
-            const long long row = min(row0 + r, rows - 1);
-            const unsigned int word = q[row * words + w];
-            float s = dot4(0.0f, q4_values(word & 0x0F0F0F0Fu), x_low);
-            s = dot4(s, q4_values((word >> 4) & 0x0F0F0F0Fu), x_high);
-            acc[r] = __fadd_rn(acc[r], __fmul_rn(s, half_to_float(d[row * blocks + b])));
+        for (int i = 0; i < ROWS; i++) {
+            const long long row = min(row0 + i, rows - 1);
+            acc[i] = __fadd_rn(acc[i], W.term(row, w, xv));
+            if (E == SWIGLU) acc_u[i] = __fadd_rn(acc_u[i], U.term(row, w, xv));
         }
     }
 #pragma unroll
-    for (int r = 0; r < ROWS; r++) {
-        const float sum = warp_sum(acc[r]);
-        if (lane == 0 && row0 + r < rows) y[row0 + r] = sum;
+    for (int i = 0; i < ROWS; i++) {
+        const float sum = warp_sum(acc[i]);
+        const float sum_u = E == SWIGLU ? warp_sum(acc_u[i]) : 0.0f;
+        if (lane == 0 && row0 + i < rows) {
+            const int row = row0 + i;
+            if (E == PLAIN) y[row] = sum;
+            if (E == ADD) y[row] = __fadd_rn(r[row], sum);
+            if (E == SWIGLU) y[row] = __fmul_rn(__fdiv_rn(sum, __fadd_rn(1.0f, expf(-sum))), sum_u);
+        }
     }
 }
 
-// F16: word w = 4 float16 values 4w .. 4w+3 (8 bytes); no scale: acc += the word's sum.
-extern "C" __global__ void matvec_f16(const uint2* __restrict__ wt,              // (rows, n_pad / 4) words
-                                      const float* __restrict__ x,               // (n_pad,)
-                                      float* __restrict__ y, int rows, int n_pad) {
-    const int lane = threadIdx.x % 32;
-    const int row0 = (blockIdx.x * WARPS + threadIdx.x / 32) * ROWS;
-    const int words = n_pad / 4;
-    const float4* x4 = reinterpret_cast<const float4*>(x);
-    float acc[ROWS];
-#pragma unroll
-    for (int r = 0; r < ROWS; r++) acc[r] = 0.0f;
+extern "C" __global__ void matvec_q8_0(const unsigned int* q, const unsigned short* d, const float* x, float* y,
+                                       int rows, int n_pad) {
+    const Q8 W(q, d, n_pad);
+    matvec<PLAIN>(W, W, x, nullptr, y, rows);
+}
 
-#pragma unroll 4
-    for (int w = lane; w < words; w += 32) {
-        const float4 xv = __ldg(x4 + w);
-#pragma unroll
-        for (int r = 0; r < ROWS; r++) {
-            const long long row = min(row0 + r, rows - 1);
-            acc[r] = __fadd_rn(acc[r], dot4(0.0f, f16_values(wt[row * words + w]), xv));
-        }
-    }
-#pragma unroll
-    for (int r = 0; r < ROWS; r++) {
-        const float sum = warp_sum(acc[r]);
-        if (lane == 0 && row0 + r < rows) y[row0 + r] = sum;
-    }
+extern "C" __global__ void matvec_q4_0(const unsigned int* q, const unsigned short* d, const float* x, float* y,
+                                       int rows, int n_pad) {
+    const Q4 W(q, d, n_pad);
+    matvec<PLAIN>(W, W, x, nullptr, y, rows);
+}
+
+extern "C" __global__ void matvec_f16(const uint2* wt, const float* x, float* y, int rows, int n_pad) {
+    const F16 W(wt, n_pad);
+    matvec<PLAIN>(W, W, x, nullptr, y, rows);
+}
+
+extern "C" __global__ void matvec_q8_0_add(const unsigned int* q, const unsigned short* d, const float* x,
+                                           const float* r, float* y, int rows, int n_pad) {
+    const Q8 W(q, d, n_pad);
+    matvec<ADD>(W, W, x, r, y, rows);
+}
+
+extern "C" __global__ void matvec_q4_0_add(const unsigned int* q, const unsigned short* d, const float* x,
+                                           const float* r, float* y, int rows, int n_pad) {
+    const Q4 W(q, d, n_pad);
+    matvec<ADD>(W, W, x, r, y, rows);
+}
+
+extern "C" __global__ void matvec_f16_add(const uint2* wt, const float* x, const float* r, float* y, int rows,
+                                          int n_pad) {
+    const F16 W(wt, n_pad);
+    matvec<ADD>(W, W, x, r, y, rows);
+}
+
+extern "C" __global__ void matvec_q8_0_swiglu(const unsigned int* q, const unsigned short* d,
+                                              const unsigned int* q_up, const unsigned short* d_up, const float* x,
+                                              float* y, int rows, int n_pad) {
+    matvec<SWIGLU>(Q8(q, d, n_pad), Q8(q_up, d_up, n_pad), x, nullptr, y, rows);
+}
+
+extern "C" __global__ void matvec_q4_0_swiglu(const unsigned int* q, const unsigned short* d,
+                                              const unsigned int* q_up, const unsigned short* d_up, const float* x,
+                                              float* y, int rows, int n_pad) {
+    matvec<SWIGLU>(Q4(q, d, n_pad), Q4(q_up, d_up, n_pad), x, nullptr, y, rows);
+}
+
+extern "C" __global__ void matvec_f16_swiglu(const uint2* wt, const uint2* wt_up, const float* x, float* y,
+                                             int rows, int n_pad) {
+    matvec<SWIGLU>(F16(wt, n_pad), F16(wt_up, n_pad), x, nullptr, y, rows);
 }
 
 // --- prefill: W to float32 or float16, for cuBLAS -------------------------------------------------------------------
