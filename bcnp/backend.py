@@ -35,15 +35,14 @@ from .quant import BLOCK, QuantizedWeight, is_linear, padded_width
 KERNEL_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cuda", "quant_kernels.cu")
 KERNEL_NAMES = ("matvec_q8_0", "matvec_q4_0", "matvec_f16", "dequantize_q8_0_f32", "dequantize_q8_0_f16",
                 "dequantize_q4_0_f32", "dequantize_q4_0_f16", "attention_decode_f16", "attention_decode_f32",
+                "attention_combine",
                 "rms_norm_f32", "silu_mul_f32", "kv_store_f16", "kv_store_f32", "matvec_q8_0_add", "matvec_q4_0_add",
                 "matvec_f16_add", "matvec_q8_0_swiglu", "matvec_q4_0_swiglu", "matvec_f16_swiglu")
 WARP = 32
 MATVEC_THREADS, MATVEC_ROWS_PER_BLOCK = 64, 8      # WARPS * 32 threads and WARPS * ROWS rows in quant_kernels.cu
 DEQUANTIZE_THREADS = 256
 ATTENTION_WARPS, MAX_DIMS_PER_LANE = 8, 8          # as #defined in quant_kernels.cu
-ATTENTION_THREADS = WARP * ATTENTION_WARPS
-# attention_decode's shared memory: S floats of scores (given at launch) + 8 KB of partial sums + 8 floats <= 48 KB
-MAX_ATTENTION_SPAN = (48 * 1024 - 4 * ATTENTION_WARPS * WARP * MAX_DIMS_PER_LANE - 4 * ATTENTION_WARPS) // 4
+ATTENTION_CHUNK = WARP * ATTENTION_WARPS            # keys per block of attention_decode, one per thread
 NORM_THREADS = 256                                  # as #defined in quant_kernels.cu
 ELEMENTWISE_THREADS = 256
 
@@ -195,33 +194,58 @@ def dequantize_q4_0(xp, qweight, scales, dtype):
 
 
 def attention_decode(xp, q, k, v, bias, sqrt_hd):
-    """Twin of the kernels attention_decode_f16 / _f32: one token's attention per head.
+    """Twin of the kernels attention_decode_f16 / _f32 and attention_combine: one token's attention per head.
 
     q (nh, hd) float32; k, v (nh, S, hd) float16 or float32, the attended cache positions; bias (nh or 1, S)
-    float32 -> (nh, hd) float32. The kernel's partition and order of sums; its expf may differ from NumPy's exp in
-    the last bit, so results agree to float32 rounding, not bit for bit."""
+    float32 -> (nh, hd) float32. The kernels' split into chunks of ATTENTION_CHUNK keys and their order of sums;
+    CUDA's expf may differ from NumPy's exp in the last bit, so they agree to float32 rounding, not bit for bit."""
+    m, l, o = attention_chunks(xp, q, k, v, bias, sqrt_hd)
+    if m.shape[1] == 1:                                           # one chunk: attention_decode writes o / l
+        return o[:, 0] / l[:, 0, None]
+    return attention_combine(xp, m, l, o)
+
+
+def attention_chunks(xp, q, k, v, bias, sqrt_hd):
+    """attention_decode's blocks: for each head and chunk of keys, the max score m, the sum l of e = exp(s - m)
+    and o = sum of e v: (nh, chunks), (nh, chunks), (nh, chunks, hd)."""
     nh, S, hd = k.shape
-    steps = -(-hd // WARP)
-    qs = pad_columns(xp, q, steps * WARP).reshape(nh, 1, steps, WARP)
-    ks = pad_columns(xp, k.astype(xp.float32), steps * WARP).reshape(nh, S, steps, WARP)
-    dots = warp_sums(xp, (qs * ks).reshape(nh * S, steps, WARP)).reshape(nh, S)      # lanes over dims, then halving
-    scores = dots / xp.float32(sqrt_hd) + bias
+    chunks = -(-S // ATTENTION_CHUNK)
+    width = chunks * ATTENTION_CHUNK
+    minus_inf = xp.float32(-np.inf)
+    k32, v32 = k.astype(xp.float32), v.astype(xp.float32)
+    dot = xp.zeros((nh, S), dtype=xp.float32)
+    for d in range(hd):                                           # thread per key: dims in order
+        dot = dot + q[:, d:d + 1] * k32[:, :, d]
+    scores = dot / xp.float32(sqrt_hd) + bias
+    scores = xp.concatenate([scores, xp.full((nh, width - S), minus_inf, dtype=xp.float32)], axis=1)
+    scores = scores.reshape(nh, chunks, ATTENTION_CHUNK)
+    m = scores.max(axis=2)
+    shift = xp.where(m == minus_inf, xp.float32(0.0), m)          # a chunk all masked: e = 0
+    e = xp.exp(scores - shift[..., None])
+    l = block_sums(xp, e.reshape(nh * chunks, ATTENTION_CHUNK), ATTENTION_CHUNK).reshape(nh, chunks)
 
-    e = xp.exp(scores - scores.max(axis=1, keepdims=True))
-    total = block_sums(xp, e, ATTENTION_THREADS)
-
-    rounds = -(-S // ATTENTION_WARPS)
-    e_by_warp = pad_columns(xp, e, rounds * ATTENTION_WARPS).reshape(nh, rounds, ATTENTION_WARPS, 1)
-    v_by_warp = xp.concatenate([v.astype(xp.float32),
-                                xp.zeros((nh, rounds * ATTENTION_WARPS - S, hd), dtype=xp.float32)], axis=1)
-    v_by_warp = v_by_warp.reshape(nh, rounds, ATTENTION_WARPS, hd)
-    acc = xp.zeros((nh, ATTENTION_WARPS, hd), dtype=xp.float32)
-    for r in range(rounds):                                     # warp w: j = w, w + WARPS, ...
-        acc = acc + e_by_warp[:, r] * v_by_warp[:, r]
-    out = acc[:, 0]
+    rounds = ATTENTION_CHUNK // ATTENTION_WARPS                   # warp w: keys w, w + WARPS, ... of its chunk
+    v_padded = xp.concatenate([v32, xp.zeros((nh, width - S, hd), dtype=xp.float32)], axis=1)
+    e_by_warp = e.reshape(nh, chunks, rounds, ATTENTION_WARPS, 1)
+    v_by_warp = v_padded.reshape(nh, chunks, rounds, ATTENTION_WARPS, hd)
+    acc = xp.zeros((nh, chunks, ATTENTION_WARPS, hd), dtype=xp.float32)
+    for r in range(rounds):
+        acc = acc + e_by_warp[:, :, r] * v_by_warp[:, :, r]
+    o = acc[:, :, 0]
     for w in range(1, ATTENTION_WARPS):
-        out = out + acc[:, w]
-    return out / total[:, None]
+        o = o + acc[:, :, w]
+    return m, l, o
+
+
+def attention_combine(xp, m, l, o):
+    """Twin of the kernel attention_combine: the chunks of each head joined, in order -> (nh, hd)."""
+    nh, chunks, hd = o.shape
+    scale = xp.exp(m - m.max(axis=1, keepdims=True))
+    total, out = xp.zeros((nh, 1), dtype=xp.float32), xp.zeros((nh, hd), dtype=xp.float32)
+    for c in range(chunks):
+        total = total + l[:, c:c + 1] * scale[:, c:c + 1]
+        out = out + o[:, c] * scale[:, c:c + 1]
+    return out / total
 
 
 def rms_norm_f32(xp, x, weight, eps):
@@ -396,26 +420,32 @@ class DeviceQuantizedWeight(QuantizedWeight):
 @dataclass
 class DeviceKVCache(KVCache):
     """The KV cache on the device: one new token attends in the kernel attention_decode (the cache read as it is
-    stored, float16 or float32, in one launch per layer); several tokens (prefill) as on the CPU.
+    stored, float16 or float32; one launch per layer, two beyond 256 positions); several tokens (prefill) as on
+    the CPU.
     With `kernels` None (an array module other than CuPy) the kernel's NumPy twin stands in."""
     kernels: object = None
 
     def attend(self, xp, i, q, bias):
         nh, T, hd = q.shape
         S = bias.shape[-1]
-        if T != 1 or hd > WARP * MAX_DIMS_PER_LANE or S > MAX_ATTENTION_SPAN:
+        if T != 1 or hd > WARP * MAX_DIMS_PER_LANE:
             return super().attend(xp, i, q, bias)
         bias = bias.reshape(bias.shape[0], S)                                # (nh or 1, S)
         sqrt_hd = math.sqrt(hd)
         if self.kernels is None:
             return attention_decode(xp, q[:, 0], self.k[i, :, :S], self.v[i, :, :S], bias, sqrt_hd)[:, None]
+        chunks = -(-S // ATTENTION_CHUNK)
         out = xp.empty((nh, hd), dtype=xp.float32)
+        scratch = xp.empty((nh, chunks, hd + 2) if chunks > 1 else (1,), dtype=xp.float32)
         name = "attention_decode_f16" if self.k.dtype == np.float16 else "attention_decode_f32"
         q, bias = xp.ascontiguousarray(q.reshape(nh, hd)), xp.ascontiguousarray(bias)
-        self.kernels[name]((nh,), (ATTENTION_THREADS,),
-                           (q, self.k[i], self.v[i], bias, out, np.int32(S), np.int32(hd), np.int32(self.max_len * hd),
-                            np.int32(S if bias.shape[0] > 1 else 0), np.float32(sqrt_hd)),
-                           shared_mem=4 * S)
+        self.kernels[name]((nh, chunks), (ATTENTION_CHUNK,),
+                           (q, self.k[i], self.v[i], bias, out, scratch, np.int32(S), np.int32(hd),
+                            np.int32(self.max_len * hd), np.int32(S if bias.shape[0] > 1 else 0),
+                            np.float32(sqrt_hd)))
+        if chunks > 1:
+            self.kernels["attention_combine"]((nh,), (-(-hd // WARP) * WARP,),
+                                              (scratch, out, np.int32(chunks), np.int32(hd)))
         return out[:, None]
 
 

@@ -258,32 +258,43 @@ def rms_norm_by_hand(row, weight, eps):
 
 
 def attention_by_hand(q, k, v, bias, sqrt_hd):
-    """The kernel attention_decode for one head, line by line in float32 scalars (exp on the array, as the twin)."""
-    f32 = np.float32
+    """The kernels attention_decode and attention_combine for one head, line by line in float32 scalars (exp on
+    arrays, as the twin does)."""
+    f32, chunk, warps = np.float32, backend.ATTENTION_CHUNK, backend.ATTENTION_WARPS
     S, hd = k.shape
-    scores = []
-    for j in range(S):                                  # warp per key: lanes over dims, then halving
-        lanes = [f32(0)] * 32
-        for lane in range(32):
-            for d in range(lane, hd, 32):
-                lanes[lane] = f32(lanes[lane] + f32(q[d] * f32(k[j, d])))
-        for offset in (16, 8, 4, 2, 1):
-            lanes = [f32(lanes[i] + lanes[i ^ offset]) for i in range(32)]
-        scores.append(f32(f32(lanes[0] / f32(sqrt_hd)) + bias[j]))
-    e = np.exp(np.array(scores, np.float32) - max(scores))
-    total = block_sum_by_hand(list(e), backend.ATTENTION_THREADS)
-    acc = [[f32(0)] * hd for _ in range(backend.ATTENTION_WARPS)]
-    for w in range(backend.ATTENTION_WARPS):            # warp w: keys w, w + WARPS, ...
-        for j in range(w, S, backend.ATTENTION_WARPS):
-            for d in range(hd):
-                acc[w][d] = f32(acc[w][d] + f32(e[j] * f32(v[j, d])))
-    out = []
-    for d in range(hd):
-        o = acc[0][d]
-        for w in range(1, backend.ATTENTION_WARPS):
-            o = f32(o + acc[w][d])
-        out.append(f32(o / total))
-    return out
+    parts = []
+    for c in range(-(-S // chunk)):                       # block (h, c): thread t takes key c * CHUNK + t
+        scores = []
+        for j in range(c * chunk, (c + 1) * chunk):
+            s = f32(-np.inf)
+            if j < S:
+                dot = f32(0)
+                for d in range(hd):
+                    dot = f32(dot + f32(q[d] * f32(k[j, d])))
+                s = f32(f32(dot / f32(sqrt_hd)) + bias[j])
+            scores.append(s)
+        m = max(scores)
+        e = np.exp(np.array(scores, np.float32) - (f32(0) if m == -np.inf else m))
+        l = block_sum_by_hand(list(e), chunk)
+        acc = [[f32(0)] * hd for _ in range(warps)]
+        for w in range(warps):                          # warp w: keys w, w + WARPS, ... of the chunk
+            for i in range(w, min(chunk, S - c * chunk), warps):
+                for d in range(hd):
+                    acc[w][d] = f32(acc[w][d] + f32(e[i] * f32(v[c * chunk + i, d])))
+        o = [acc[0][d] for d in range(hd)]
+        for w in range(1, warps):
+            o = [f32(o[d] + acc[w][d]) for d in range(hd)]
+        parts.append((m, l, o))
+    if len(parts) == 1:
+        m, l, o = parts[0]
+        return [f32(o[d] / l) for d in range(hd)]
+    M = max(m for m, _, _ in parts)                     # attention_combine
+    scales = np.exp(np.array([m for m, _, _ in parts], np.float32) - M)
+    L, out = f32(0), [f32(0)] * hd
+    for (m, l, o), scale in zip(parts, scales):
+        L = f32(L + f32(l * scale))
+        out = [f32(out[d] + f32(o[d] * scale)) for d in range(hd)]
+    return [f32(out[d] / L) for d in range(hd)]
 
 
 @pytest.mark.parametrize("n", [1, 37, 300, 600])
@@ -295,15 +306,16 @@ def test_rms_norm_twin_is_the_kernel_line_by_line(n):
     np.testing.assert_array_equal(backend.rms_norm_f32(np, x, weight, 1e-6), want)
 
 
-@pytest.mark.parametrize("S, hd", [(1, 8), (37, 40), (300, 64)])
+@pytest.mark.parametrize("S, hd, masked_from", [(1, 8, 1), (37, 40, 19), (300, 64, 151), (600, 16, 200)])
 @pytest.mark.parametrize("dtype", [np.float16, np.float32])
-def test_attention_twin_is_the_kernel_line_by_line(S, hd, dtype):
+def test_attention_twin_is_the_kernel_line_by_line(S, hd, masked_from, dtype):
+    """One chunk, several, and (600 keys, masked from 200) a chunk whose keys are all masked."""
     rng = np.random.default_rng(S + hd)
     nh = 2
     q = rng.standard_normal((nh, hd)).astype(np.float32)
     k, v = (rng.standard_normal((nh, S, hd)).astype(dtype) for _ in range(2))
     bias = rng.standard_normal((nh, S)).astype(np.float32)
-    bias[:, S // 2 + 1:] = -np.inf
+    bias[:, masked_from:] = -np.inf
     want = np.array([attention_by_hand(q[h], k[h], v[h], bias[h], hd ** 0.5) for h in range(nh)], np.float32)
     np.testing.assert_array_equal(backend.attention_decode(np, q, k, v, bias, hd ** 0.5), want)
 
@@ -421,16 +433,30 @@ def fake_kernels(launched=None):
                 for new, cache in ((bound["k"], bound["cache_k"]), (bound["v"], bound["cache_v"])):
                     cache[:, position] = new.reshape(nh, 1, hd).astype(cache.dtype)
                 return
+            if name == "attention_combine":
+                scratch, out = bound["scratch"], bound["out"]
+                chunks, hd = int(bound["chunks"]), int(bound["hd"])
+                nh = out.shape[0]
+                assert chunks > 1 and grid == (nh,) and block[0] % 32 == 0 and hd <= block[0] < hd + 32
+                assert scratch.shape == (nh, chunks, hd + 2) and out.shape == (nh, hd)
+                out[...] = backend.attention_combine(strict_xp, scratch[:, :, 0], scratch[:, :, 1], scratch[:, :, 2:])
+                return
             if name.startswith("attention"):
-                q, k, v, bias, out = (bound[n] for n in ("q", "k", "v", "bias", "out"))
+                q, k, v, bias, out, scratch = (bound[n] for n in ("q", "k", "v", "bias", "out", "scratch"))
                 S, hd = int(bound["S"]), int(bound["hd"])
                 nh, max_len = k.shape[0], k.shape[1]
-                assert grid == (nh,) and block == (backend.ATTENTION_THREADS,) and shared_mem == 4 * S
+                chunks = -(-S // backend.ATTENTION_CHUNK)
+                assert grid == (nh, chunks) and block == (backend.ATTENTION_CHUNK,) and shared_mem == 0
                 assert q.shape == out.shape == (nh, hd) and k.shape == v.shape == (nh, max_len, hd) and S <= max_len
                 assert int(bound["head_stride"]) == max_len * hd and float(bound["sqrt_hd"]) == np.float32(hd ** 0.5)
                 heads = nh if int(bound["bias_head_stride"]) == S else 1
                 assert bias.shape == (heads, S) and int(bound["bias_head_stride"]) in (S, 0)
-                out[...] = backend.attention_decode(strict_xp, q, k[:, :S], v[:, :S], bias, hd ** 0.5)
+                m, l, o = backend.attention_chunks(strict_xp, q, k[:, :S], v[:, :S], bias, hd ** 0.5)
+                if chunks == 1:
+                    out[...] = o[:, 0] / l[:, 0, None]
+                else:
+                    assert scratch.shape == (nh, chunks, hd + 2)
+                    scratch[:, :, 0], scratch[:, :, 1], scratch[:, :, 2:] = m, l, o
                 return
             rows, n_pad = int(bound["rows"]), int(bound["n_pad"])
             if name.startswith("matvec"):
@@ -534,6 +560,22 @@ def test_fused_matvec_launches_match_the_cuda_signatures(fixture_model, bits):
     kind = "f16" if bits == 16 else f"q{bits}_0"
     assert {f"matvec_{kind}", f"matvec_{kind}_add", f"matvec_{kind}_swiglu", "attention_decode_f16",
             "kv_store_f16", "rms_norm_f32"} <= set(names) and "silu_mul_f32" not in names
+
+
+@pytest.mark.parametrize("S", [1, 256, 257, 700])
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_long_attention_launches_a_chunk_per_256_keys_and_a_combine(S, dtype):
+    rng = np.random.default_rng(S)
+    nh, hd, max_len = 3, 24, 704
+    k, v = (strict_xp.asarray(rng.standard_normal((2, nh, max_len, hd)).astype(dtype)) for _ in range(2))
+    q = strict_xp.asarray(rng.standard_normal((nh, 1, hd)).astype(np.float32))
+    bias = strict_xp.asarray(rng.standard_normal((nh, 1, S)).astype(np.float32))
+    names = []
+    launched = backend.DeviceKVCache(k, v, kernels=fake_kernels(names)).attend(strict_xp, 1, q, bias)
+    twin = backend.DeviceKVCache(k, v).attend(strict_xp, 1, q, bias)
+    np.testing.assert_array_equal(launched.get(), twin.get())
+    suffix = "f16" if dtype == np.float16 else "f32"
+    assert names == [f"attention_decode_{suffix}"] + (["attention_combine"] if S > 256 else [])
 
 
 @settings(max_examples=30, deadline=None)

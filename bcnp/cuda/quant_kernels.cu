@@ -281,18 +281,20 @@ extern "C" __global__ void dequantize_q4_0_f16(const unsigned int* q, const unsi
 
 // --- decode attention: one new token's query against the cached keys and values -------------------------------------
 //
-// One block per head, ATTENTION_WARPS warps. For head h, with S = the attended positions (cache slots past the
-// token's own position are masked by bias = -inf):
-//   1. scores[j] = (q . k_j) / sqrt(hd) + bias[j]: warp w takes keys j = w, w + WARPS, ...; lane l adds the
-//      products of dims l, l + 32, ... in order, then the warp adds its lanes by halving.
-//   2. softmax numerator e_j = exp(scores[j] - max) and sum = sum_j e_j: thread t takes j = t, t + THREADS, ...;
-//      then lanes by halving, then warps 0, 1, ... in order.
-//   3. out[d] = (sum_j e_j v_j[d]) / sum: warp w takes j = w, w + WARPS, ... in order, lane l dims l, l + 32, ...;
-//      then warps 0, 1, ... in order.
-// K and V are read straight from the cache (float16 or float32), each value once; the scores live in shared memory
-// (S floats, given at launch). hd <= 32 * MAX_DIMS_PER_LANE.
+// Split by key chunks so that a long context keeps every SM reading (one block per head would use 40 of them):
+// block (h, c) takes head h's keys j in [c CHUNK, (c + 1) CHUNK), one per thread, and computes
+//   scores s_j = (q . k_j) / sqrt(hd) + bias[j]      (the dot in order d = 0, 1, ...; j >= S: -inf)
+//   m = max_j s_j,  e_j = exp(s_j - m),  l = sum_j e_j      (lanes by halving, then warps in order)
+//   o[d] = sum_j e_j v_j[d]      (warp w takes j = w, w + WARPS, ... in order, lane l dims l, l + 32, ...;
+//                                 then warps in order)
+// and writes (m, l, o) to the scratch; attention_combine joins the chunks of each head:
+//   M = max_c m_c,  L = sum_c l_c exp(m_c - M),  out[d] = (sum_c o_c[d] exp(m_c - M)) / L      (c in order)
+// With one chunk that is out = o / l exactly, so attention_decode writes it directly and no combine runs.
+// A chunk whose keys are all masked has m = -inf: it counts as l = 0, o = 0.
+// K and V are read straight from the cache (float16 or float32), each value once. hd <= 32 * MAX_DIMS_PER_LANE.
 
 #define ATTENTION_WARPS 8
+#define CHUNK (32 * ATTENTION_WARPS)
 #define MAX_DIMS_PER_LANE 8
 
 __device__ __forceinline__ float as_float(float v) { return v; }
@@ -312,71 +314,93 @@ __device__ float block_combine(float v, float* slots) {
 
 template <typename KV>
 __device__ void attention_decode(const float* __restrict__ q, const KV* __restrict__ k, const KV* __restrict__ v,
-                                 const float* __restrict__ bias, float* __restrict__ out, int S, int hd,
-                                 int head_stride, int bias_head_stride, float sqrt_hd) {
-    extern __shared__ float scores[];                    // (S,)
+                                 const float* __restrict__ bias, float* __restrict__ out,
+                                 float* __restrict__ scratch, int S, int hd, int head_stride,
+                                 int bias_head_stride, float sqrt_hd) {
+    __shared__ float qs[32 * MAX_DIMS_PER_LANE];
+    __shared__ float e[CHUNK];
     __shared__ float slots[ATTENTION_WARPS];
     __shared__ float partial[ATTENTION_WARPS][32 * MAX_DIMS_PER_LANE];
-    const int h = blockIdx.x, lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-    const int threads = 32 * ATTENTION_WARPS;
-    const float* qh = q + (long long)h * hd;
+    const int h = blockIdx.x, c = blockIdx.y, chunks = gridDim.y;
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
     const KV* kh = k + (long long)h * head_stride;
     const KV* vh = v + (long long)h * head_stride;
-    const float* bh = bias + (long long)h * bias_head_stride;
-
-    for (int j = warp; j < S; j += ATTENTION_WARPS) {
-        float dot = 0.0f;
-        for (int d = lane; d < hd; d += 32) dot = __fadd_rn(dot, __fmul_rn(qh[d], as_float(kh[(long long)j * hd + d])));
-        dot = warp_sum(dot);
-        if (lane == 0) scores[j] = __fadd_rn(__fdiv_rn(dot, sqrt_hd), bh[j]);
-    }
+    for (int d = threadIdx.x; d < hd; d += CHUNK) qs[d] = q[(long long)h * hd + d];
     __syncthreads();
 
-    float m = __int_as_float(0xFF800000u);               // -inf
-    for (int j = threadIdx.x; j < S; j += threads) m = fmaxf(m, scores[j]);
+    const int j = c * CHUNK + threadIdx.x;
+    float s = __int_as_float(0xFF800000u);               // -inf
+    if (j < S) {
+        float dot = 0.0f;
+        for (int d = 0; d < hd; d++) dot = __fadd_rn(dot, __fmul_rn(qs[d], as_float(kh[(long long)j * hd + d])));
+        s = __fadd_rn(__fdiv_rn(dot, sqrt_hd), bias[(long long)h * bias_head_stride + j]);
+    }
+    float m = s;
     for (int offset = 16; offset > 0; offset /= 2) m = fmaxf(m, __shfl_xor_sync(0xFFFFFFFFu, m, offset));
     m = block_combine<true>(m, slots);
-    float sum = 0.0f;
-    for (int j = threadIdx.x; j < S; j += threads) {
-        const float e = expf(__fsub_rn(scores[j], m));
-        scores[j] = e;
-        sum = __fadd_rn(sum, e);
-    }
-    sum = block_combine<false>(warp_sum(sum), slots);    // block_combine's first barrier also publishes scores[]
+    const float shift = m == __int_as_float(0xFF800000u) ? 0.0f : m;     // all masked: e = exp(-inf) = 0, not NaN
+    e[threadIdx.x] = expf(__fsub_rn(s, shift));
+    const float l = block_combine<false>(warp_sum(e[threadIdx.x]), slots);   // its first barrier publishes e[]
 
     float acc[MAX_DIMS_PER_LANE];
 #pragma unroll
     for (int n = 0; n < MAX_DIMS_PER_LANE; n++) acc[n] = 0.0f;
-    for (int j = warp; j < S; j += ATTENTION_WARPS) {
-        const float e = scores[j];
+    const int keys = min(CHUNK, S - c * CHUNK);
+    for (int i = warp; i < keys; i += ATTENTION_WARPS) {
+        const float ei = e[i];
+        const long long row = (long long)(c * CHUNK + i) * hd;
 #pragma unroll
         for (int n = 0; n < MAX_DIMS_PER_LANE; n++) {
             const int d = lane + 32 * n;
-            if (d < hd) acc[n] = __fadd_rn(acc[n], __fmul_rn(e, as_float(vh[(long long)j * hd + d])));
+            if (d < hd) acc[n] = __fadd_rn(acc[n], __fmul_rn(ei, as_float(vh[row + d])));
         }
     }
 #pragma unroll
     for (int n = 0; n < MAX_DIMS_PER_LANE; n++) partial[warp][lane + 32 * n] = acc[n];
     __syncthreads();
-    for (int d = threadIdx.x; d < hd; d += threads) {
+    float* part = scratch + ((long long)h * chunks + c) * (hd + 2);       // (m, l, o[hd]) of this chunk
+    for (int d = threadIdx.x; d < hd; d += CHUNK) {
         float o = partial[0][d];
         for (int w = 1; w < ATTENTION_WARPS; w++) o = __fadd_rn(o, partial[w][d]);
-        out[(long long)h * hd + d] = __fdiv_rn(o, sum);
+        if (chunks == 1) out[(long long)h * hd + d] = __fdiv_rn(o, l);
+        else part[2 + d] = o;
+    }
+    if (chunks > 1 && threadIdx.x == 0) {
+        part[0] = m;
+        part[1] = l;
     }
 }
 
 // q (nh, hd) float32; k, v: one layer of the cache, (nh, max_len, hd) (head_stride = max_len * hd);
-// bias (nh, S) or (1, S) (bias_head_stride S or 0); out (nh, hd) float32.
+// bias (nh, S) or (1, S) (bias_head_stride S or 0); out (nh, hd) float32; scratch (nh, chunks, hd + 2) float32.
+// Grid (nh, chunks = ceil(S / CHUNK)), CHUNK threads.
 extern "C" __global__ void attention_decode_f16(const float* q, const unsigned short* k, const unsigned short* v,
-                                                const float* bias, float* out, int S, int hd, int head_stride,
-                                                int bias_head_stride, float sqrt_hd) {
-    attention_decode(q, k, v, bias, out, S, hd, head_stride, bias_head_stride, sqrt_hd);
+                                                const float* bias, float* out, float* scratch, int S, int hd,
+                                                int head_stride, int bias_head_stride, float sqrt_hd) {
+    attention_decode(q, k, v, bias, out, scratch, S, hd, head_stride, bias_head_stride, sqrt_hd);
 }
 
-extern "C" __global__ void attention_decode_f32(const float* q, const float* k, const float* v,
-                                                const float* bias, float* out, int S, int hd, int head_stride,
+extern "C" __global__ void attention_decode_f32(const float* q, const float* k, const float* v, const float* bias,
+                                                float* out, float* scratch, int S, int hd, int head_stride,
                                                 int bias_head_stride, float sqrt_hd) {
-    attention_decode(q, k, v, bias, out, S, hd, head_stride, bias_head_stride, sqrt_hd);
+    attention_decode(q, k, v, bias, out, scratch, S, hd, head_stride, bias_head_stride, sqrt_hd);
+}
+
+// Grid (nh,), one thread per dim (a multiple of 32, at least hd): joins the chunks of attention_decode.
+extern "C" __global__ void attention_combine(const float* scratch, float* out, int chunks, int hd) {
+    const int h = blockIdx.x, d = threadIdx.x;
+    if (d >= hd) return;
+    const float* parts = scratch + (long long)h * chunks * (hd + 2);
+    float M = parts[0];
+    for (int c = 1; c < chunks; c++) M = fmaxf(M, parts[c * (hd + 2)]);
+    float L = 0.0f, o = 0.0f;
+    for (int c = 0; c < chunks; c++) {
+        const float* part = parts + c * (hd + 2);
+        const float scale = expf(__fsub_rn(part[0], M));
+        L = __fadd_rn(L, __fmul_rn(part[1], scale));
+        o = __fadd_rn(o, __fmul_rn(part[2 + d], scale));
+    }
+    out[(long long)h * hd + d] = __fdiv_rn(o, L);
 }
 
 // --- the small steps of a decode layer, one launch each -------------------------------------------------------------
