@@ -9,9 +9,10 @@ runs the same lines as on the CPU; its KV cache is float16 on the GPU. Activatio
 Each linear weight becomes a `DeviceQuantizedWeight` (8 or 4 bits, or 16 for float16 values): one token
 (decode) multiplies in a matvec kernel that reads the weights once, straight from their compact form; several
 tokens (prefill) expand the weights into a float16 scratch and multiply with cuBLAS (float32 accumulation).
-The cache (`DeviceKVCache`) attends for one token in one kernel that reads the float16 keys and values as stored.
-One-token steps are replayed from CUDA graphs (`DecodeGraphs`): Python launching ~40 kernels a layer would
-otherwise cost more time than the GPU needs to read the layer's weights.
+For one token the cache (`DeviceKVCache`) attends in a kernel that reads the float16 keys and values as stored,
+`decode_layer` runs a layer in 8 kernels (each norm one kernel, the residual adds and the MLP's activation inside
+the matvecs), and whole steps are replayed from CUDA graphs (`DecodeGraphs`): launched one by one from Python,
+the kernels would cost more time than the GPU needs to read the layer's weights.
 `to_device(model, dtype="float32")` keeps float32 weights, float32 prefill and a float32 cache instead: the same
 numbers as the CPU, for the golden tests.
 
@@ -33,11 +34,11 @@ from .model import CheckpointWeights, KVCache, Model, linear, new_cache, rope, t
 from .quant import BLOCK, QuantizedWeight, is_linear, padded_width
 
 KERNEL_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cuda", "quant_kernels.cu")
-KERNEL_NAMES = ("matvec_q8_0", "matvec_q4_0", "matvec_f16", "dequantize_q8_0_f32", "dequantize_q8_0_f16",
-                "dequantize_q4_0_f32", "dequantize_q4_0_f16", "attention_decode_f16", "attention_decode_f32",
-                "attention_combine",
-                "rms_norm_f32", "silu_mul_f32", "kv_store_f16", "kv_store_f32", "matvec_q8_0_add", "matvec_q4_0_add",
-                "matvec_f16_add", "matvec_q8_0_swiglu", "matvec_q4_0_swiglu", "matvec_f16_swiglu")
+KERNEL_NAMES = ("matvec_q8_0", "matvec_q4_0", "matvec_f16", "matvec_q8_0_add", "matvec_q4_0_add", "matvec_f16_add",
+                "matvec_q8_0_swiglu", "matvec_q4_0_swiglu", "matvec_f16_swiglu",
+                "dequantize_q8_0_f32", "dequantize_q8_0_f16", "dequantize_q4_0_f32", "dequantize_q4_0_f16",
+                "attention_decode_f16", "attention_decode_f32", "attention_combine",
+                "rms_norm_f32", "silu_mul_f32", "kv_store_f16", "kv_store_f32")
 WARP = 32
 MATVEC_THREADS, MATVEC_ROWS_PER_BLOCK = 64, 8      # WARPS * 32 threads and WARPS * ROWS rows in quant_kernels.cu
 DEQUANTIZE_THREADS = 256
@@ -262,41 +263,6 @@ def silu_mul_f32(xp, gate, up):
     return gate / (1.0 + xp.exp(-gate)) * up
 
 
-def add_linear(x, a, weight):
-    """x + a @ weight.T for one token: a device weight adds the residual x in its matvec kernel."""
-    if isinstance(weight, DeviceQuantizedWeight):
-        return weight.matvec(weight.vector(a), residual=x[0])[None]
-    return x + linear(a, weight)
-
-
-def swiglu(xp, kernels, h, gate, up):
-    """silu(gate_proj(h)) * up_proj(h) for one token: device weights of one kind in one kernel."""
-    if isinstance(gate, DeviceQuantizedWeight) and isinstance(up, DeviceQuantizedWeight) and gate.bits == up.bits \
-            and gate.shape == up.shape:
-        return gate.swiglu(up, gate.vector(h))[None]
-    return silu_mul_on_device(xp, kernels, linear(h, gate), linear(h, up))
-
-
-def rms_norm_on_device(xp, kernels, x, weight, eps):
-    """bcnp.model.rms_norm in one kernel (its twin without `kernels`)."""
-    if kernels is None:
-        return rms_norm_f32(xp, x, weight, eps)
-    x = xp.ascontiguousarray(x)
-    out = xp.empty_like(x)
-    kernels["rms_norm_f32"]((x.shape[0],), (NORM_THREADS,), (x, weight, out, np.int32(x.shape[1]), np.float32(eps)))
-    return out
-
-
-def silu_mul_on_device(xp, kernels, gate, up):
-    """silu(gate) * up in one kernel (its twin without `kernels`)."""
-    if kernels is None:
-        return silu_mul_f32(xp, gate, up)
-    out = xp.empty_like(gate)
-    kernels["silu_mul_f32"]((-(-gate.size // ELEMENTWISE_THREADS),), (ELEMENTWISE_THREADS,),
-                            (gate, up, out, np.int32(gate.size)))
-    return out
-
-
 # --- a linear weight on the device -------------------------------------------------------------------------------
 
 class DeviceQuantizedWeight(QuantizedWeight):
@@ -474,6 +440,41 @@ class GraphKVCache(DeviceKVCache):
         self.kernels[name]((-(-nh * hd // ELEMENTWISE_THREADS),), (ELEMENTWISE_THREADS,),
                            (k.reshape(nh * hd), v.reshape(nh * hd), self.k[i], self.v[i], self.position,
                             np.int32(nh), np.int32(hd), np.int32(self.max_len)))
+
+
+def add_linear(x, a, weight):
+    """x + a @ weight.T for one token: a device weight adds the residual x in its matvec kernel."""
+    if isinstance(weight, DeviceQuantizedWeight):
+        return weight.matvec(weight.vector(a), residual=x[0])[None]
+    return x + linear(a, weight)
+
+
+def swiglu(xp, kernels, h, gate, up):
+    """silu(gate_proj(h)) * up_proj(h) for one token: device weights of one kind in one kernel."""
+    if isinstance(gate, DeviceQuantizedWeight) and isinstance(up, DeviceQuantizedWeight) and gate.bits == up.bits \
+            and gate.shape == up.shape:
+        return gate.swiglu(up, gate.vector(h))[None]
+    return silu_mul_on_device(xp, kernels, linear(h, gate), linear(h, up))
+
+
+def rms_norm_on_device(xp, kernels, x, weight, eps):
+    """bcnp.model.rms_norm in one kernel (its twin without `kernels`)."""
+    if kernels is None:
+        return rms_norm_f32(xp, x, weight, eps)
+    x = xp.ascontiguousarray(x)
+    out = xp.empty_like(x)
+    kernels["rms_norm_f32"]((x.shape[0],), (NORM_THREADS,), (x, weight, out, np.int32(x.shape[1]), np.float32(eps)))
+    return out
+
+
+def silu_mul_on_device(xp, kernels, gate, up):
+    """silu(gate) * up in one kernel (its twin without `kernels`)."""
+    if kernels is None:
+        return silu_mul_f32(xp, gate, up)
+    out = xp.empty_like(gate)
+    kernels["silu_mul_f32"]((-(-gate.size // ELEMENTWISE_THREADS),), (ELEMENTWISE_THREADS,),
+                            (gate, up, out, np.int32(gate.size)))
+    return out
 
 
 def decode_layer(xp, x, w, i, config, cache, positions, bias, inv_freq):
