@@ -811,7 +811,7 @@ def test_gpu_graph_decode_replays_what_eager_decode_computes(cupy, fixture_model
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("S, hd, bias_per_head", [(1, 128, True), (37, 16, False), (3000, 128, True)])
+@pytest.mark.parametrize("S, hd, bias_per_head", [(1, 128, True), (37, 16, False), (257, 128, True), (3000, 128, True)])
 @pytest.mark.parametrize("dtype", [np.float16, np.float32])
 def test_gpu_attention_kernel_matches_its_twin(cupy, S, hd, bias_per_head, dtype):
     rng = np.random.default_rng(S)
