@@ -61,27 +61,32 @@ class Tensor:
         byte_strides = tuple(s * dt.itemsize for s in self.strides)
         return np.lib.stride_tricks.as_strided(storage[self.offset:], self.shape, byte_strides, writeable=False)
 
-    def float32(self, rows=None):
-        """The values as a new float32 array; `rows` (a slice of the first axis) reads only those rows."""
+    def stored(self, rows=None):
+        """The stored values of `rows` (a slice of the first axis; all by default), bfloat16 as np.uint16 bits,
+        refusing NaN and infinity: a weight that is not finite is a broken checkpoint, not a model."""
         values = self.numpy()
         if rows is not None:
             values = values[rows]
-        return to_float32(values, self.dtype)
+        bad = nonfinite(values, self.dtype)
+        if bad is not None:
+            if isinstance(rows, slice) and bad:
+                bad = (bad[0] + (rows.start or 0),) + bad[1:]       # the index in the whole tensor
+            raise CheckpointError(f"{self.where()} holds a non-finite value at index {bad}")
+        return values
+
+    def float32(self, rows=None):
+        """The values as a new float32 array; `rows` (a slice of the first axis) reads only those rows."""
+        return to_float32(self.stored(rows), self.dtype)
 
     def float16(self, rows=None):
         """The values as float16, refusing values float16 cannot hold (bfloat16 has float32's range).
 
         A float16 tensor is returned as its memory-mapped view; others are converted into a new array.
         """
-        values = self.numpy()
-        if rows is not None:
-            values = values[rows]
+        values = self.stored(rows)
         if self.dtype == "float16":
             return values
         x = to_float32(values, self.dtype)
-        finite = np.isfinite(x)
-        if not finite.all():
-            raise CheckpointError(f"{self.where()} holds non-finite values ({x[~finite][0]})")
         with np.errstate(over="ignore"):
             out = x.astype(np.float16)
         if np.isinf(out).any():  # magnitudes from 65520 up round to inf; 65504 is float16's largest
@@ -102,6 +107,21 @@ class Tensor:
         end = start + self.buffer.nbytes
         start -= start % mmap.PAGESIZE
         mapping.madvise(mmap.MADV_DONTNEED, start, end - start)
+
+
+# The exponent bits of each float format: all ones means infinity or NaN.
+EXPONENT_MASKS = {"float32": (np.uint32, 0x7F800000), "float16": (np.uint16, 0x7C00), "bfloat16": (np.uint16, 0x7F80)}
+
+
+def nonfinite(values, dtype):
+    """The index (a tuple) of the first NaN or infinity in stored `values` of `dtype`, or None (integers: None)."""
+    if dtype not in EXPONENT_MASKS:
+        return None
+    bits, mask = EXPONENT_MASKS[dtype]
+    exponent = np.bitwise_and(values.view(bits), bits(mask))
+    if not (exponent == mask).any():
+        return None
+    return tuple(int(i) for i in np.argwhere(exponent == mask)[0])
 
 
 def to_float32(values, dtype):

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from bcnp._dtypes import bf16_to_f32, f32_to_bf16
-from bcnp.checkpoint import CheckpointError, read_checkpoint, read_safetensors, read_torch_bin
+from bcnp.checkpoint import CheckpointError, read_checkpoint, read_safetensors, read_torch_bin, to_float32
 from bcnp.config import Config
 from conftest import FIXTURES, MODELS
 
@@ -263,7 +263,13 @@ def test_bfloat16_widens_to_the_float32_with_those_top_bits(bits):
             f.write(struct.pack("<Q", len(header)) + header + bits.tobytes())
         t = read_safetensors(path)["t"]
         assert np.array_equal(t.numpy(), bits)
-        widened = t.float32()
+        widened = to_float32(t.numpy(), "bfloat16")       # every bit pattern, NaN and infinity included
+        finite = (bits & 0x7F80) != 0x7F80
+        if finite.all():
+            assert np.array_equal(t.float32(), widened)
+        else:                                             # a weight that is not finite is refused by name
+            with pytest.raises(CheckpointError, match=r"tensor t holds a non-finite value at index \(\d+,\)"):
+                t.float32()
         del t
     assert widened.dtype == np.float32
     assert np.array_equal(widened.view(np.uint32) >> 16, bits) and not (widened.view(np.uint32) & 0xFFFF).any()

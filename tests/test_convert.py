@@ -152,7 +152,7 @@ def test_non_finite_weights_fail_quantization_naming_the_tensor(tmp_path):
     index = json.loads((source / "model.safetensors.index.json").read_text())["weight_map"]
     name = "model.layers.2.mlp.up_proj.weight"
     set_bfloat16(source / index[name], name, 0x7FC0)                                         # NaN
-    with pytest.raises(ValueError, match=rf"tensor {name} rows 0:\d+: non-finite"):
+    with pytest.raises(ValueError, match=rf"tensor {name} holds a non-finite value at index"):
         convert(source, tmp_path / "out", quantize_bits=8, progress=False)
     assert not (tmp_path / "out").exists() and leftovers(tmp_path, "out") == []
 
