@@ -128,7 +128,10 @@ def to_float32(values, dtype):
     """Stored values (as `Tensor.numpy()` returns them) to a new float32 array."""
     if dtype != "bfloat16":
         return np.array(values, dtype=np.float32)
-    from bcnp._dtypes import bf16_to_f32
+    try:
+        from bcnp._dtypes import bf16_to_f32
+    except ImportError:         # not built (bcnp.quant warned once): bfloat16 is the top half of a float32
+        return (np.asarray(values).astype(np.uint32) << np.uint32(16)).view(np.float32)
     src = np.ascontiguousarray(values).reshape(-1)
     dst = np.empty(src.shape, np.float32)
     bf16_to_f32(src, dst)

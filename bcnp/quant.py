@@ -16,7 +16,8 @@ Two implementations of the same functions:
   these to know what the format is.
 - `quantize_fast`, `dequantize_fast` (same signatures) run the compiled kernels of csrc/quant.pyx, bit-identical
   (the tests check), multi-threaded, 10-50x faster; use them for real tensors. `QuantizedWeight` -- the quantized
-  linear layer the model calls -- always uses the compiled kernels.
+  linear layer the model calls -- always uses the compiled kernels (`NumpyKernels` stands in, with one warning,
+  where they are not built).
 
 `QuantizedWeight.matmul(x)` multiplies one token (decode) with the fused kernel, which never expands W to float: it
 rounds x per block of 32 to int16 (llama.cpp's int8 is 256 times coarser) and sums exact integer block products (see
@@ -25,13 +26,33 @@ rounding.
 
 Threads: an explicit `threads` argument, else $OMP_NUM_THREADS, else all cores.
 """
+import importlib
+import warnings
+
 import numpy as np
 
-try:
-    from . import _quant
-except ImportError as e:                                    # pragma: no cover - a broken install
-    raise ImportError("bcnp._quant (the compiled kernels of csrc/quant.pyx) is missing or failed to load "
-                      f"({e}); build it with `pip install -e .` (or `python setup.py build_ext --inplace`)") from e
+from .errors import one_line
+
+
+def _compiled(name):
+    """(bcnp.<name>, None), the module setup.py builds from csrc/; or (None, why) when it cannot be imported."""
+    try:
+        return importlib.import_module(f"bcnp.{name}"), None
+    except ImportError as e:
+        return None, e
+
+
+# Without the compiled modules (no C compiler or Python.h where bcnp was installed, as on a fresh GPU machine) bcnp
+# still runs, on the NumPy specification (`NumpyKernels` below, bfloat16 in checkpoint.to_float32): slowly, and
+# saying so once, here, for both modules.
+_quant, _quant_error = _compiled("_quant")
+_dtypes_error = _compiled("_dtypes")[1]
+_missing = {f"bcnp.{name}": e for name, e in (("_quant", _quant_error), ("_dtypes", _dtypes_error)) if e is not None}
+if _missing:
+    warnings.warn(one_line(f"{' and '.join(_missing)} (compiled from csrc/) could not be loaded "
+                           f"({next(iter(_missing.values()))}); running the NumPy specification instead, many times "
+                           "slower: build them with `python setup.py build_ext --inplace` (needs a C compiler and "
+                           "Python.h) or `pip install -e .`"), RuntimeWarning, stacklevel=2)
 
 BLOCK = 32
 BITS = (8, 4)
@@ -136,6 +157,65 @@ def unpack_nibbles(packed):
     packed = np.asarray(packed, dtype=np.uint8)
     blocks = packed.reshape(*packed.shape[:-1], -1, 1, BLOCK // 2)
     return np.concatenate([blocks & 0x0F, blocks >> 4], axis=-2).reshape(*packed.shape[:-1], -1)
+
+
+class NumpyKernels:
+    """What bcnp.quant calls in the compiled bcnp._quant, answered by the specification above when the module is
+    not built (same arguments, same results; scales as float16 bits). The one difference: `matvec_*` multiplies the
+    dequantized weight by x in float32, where the compiled kernel rounds x to int16 per block first."""
+    SIMD = "numpy"
+
+    @staticmethod
+    def resolve_threads(threads=0):
+        return 1
+
+    @staticmethod
+    def quantize_q8_0(w, name="weight", threads=0):
+        qweight, scales = quantize(w, 8, name)
+        return qweight, scales.view(np.uint16)
+
+    @staticmethod
+    def quantize_q4_0(w, name="weight", threads=0):
+        qweight, scales = quantize(w, 4, name)
+        return qweight, scales.view(np.uint16)
+
+    @staticmethod
+    def dequantize_q8_0(q, d, out=None, threads=0):
+        return _into(out, dequantize(q, np.asarray(d).view(np.float16), 8))
+
+    @staticmethod
+    def dequantize_q4_0(q, d, out=None, threads=0):
+        return _into(out, dequantize(q, np.asarray(d).view(np.float16), 4))
+
+    @staticmethod
+    def matvec_q8_0(q, d, x, out=None, threads=0):
+        return _into(out, NumpyKernels.dequantize_q8_0(q, d) @ np.asarray(x, np.float32))
+
+    @staticmethod
+    def matvec_q4_0(q, d, x, out=None, threads=0):
+        return _into(out, NumpyKernels.dequantize_q4_0(q, d) @ np.asarray(x, np.float32))
+
+    pack_nibbles = staticmethod(pack_nibbles)
+    unpack_nibbles = staticmethod(unpack_nibbles)
+
+    @staticmethod
+    def f32_to_f16_bits(x):
+        return np.asarray(x, np.float32).astype(np.float16).view(np.uint16)
+
+    @staticmethod
+    def f16_bits_to_f32(h):
+        return np.asarray(h, np.uint16).view(np.float16).astype(np.float32)
+
+
+def _into(out, values):
+    if out is None:
+        return values
+    out[...] = values
+    return out
+
+
+if _quant is None:
+    _quant = NumpyKernels
 
 
 # --- the same, compiled ------------------------------------------------------------------------------------------
