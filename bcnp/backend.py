@@ -17,7 +17,8 @@ the kernels would cost more time than the GPU needs to read the layer's weights.
 numbers as the CPU, for the golden tests.
 
 The kernels live in bcnp/cuda/quant_kernels.cu. Each has a NumPy twin below, written against an array module
-`xp`, doing the same float32 operations in the same order; the tests check the twins against bcnp.quant and
+`xp`, doing the same float32 operations in the same order, subnormals flushed to zero as CuPy's -ftz=true makes
+the kernels do; the tests check the twins against bcnp.quant and
 bcnp.model on the CPU and the kernels against the twins on a GPU. `to_device(model, xp=module)` with any module
 other than CuPy runs the twins instead of the kernels, and each decode step op by op instead of from a graph:
 the tests run the whole forward pass that way on a module that refuses implicit conversions to NumPy, as CuPy
@@ -39,6 +40,12 @@ KERNEL_NAMES = ("matvec_q8_0", "matvec_q4_0", "matvec_f16", "matvec_q8_0_add", "
                 "dequantize_q8_0_f32", "dequantize_q8_0_f16", "dequantize_q4_0_f32", "dequantize_q4_0_f16",
                 "attention_decode_f16", "attention_decode_f32", "attention_combine",
                 "rms_norm_f32", "silu_mul_f32", "kv_store_f16", "kv_store_f32")
+# cupy.RawModule compiles with NVRTC: these options, then what CuPy appends (cupy/cuda/compiler.py, CuPy 13-14:
+# _compile_with_cache_cuda adds '-ftz=true', _compile_using_nvrtc_no_warning '-arch=sm_XY' of the device and
+# '--device-as-default-execution-space'). NVRTC takes the last -ftz it is given, so the kernels always flush
+# subnormals to zero, and the NumPy twins below do too.
+NVRTC_OPTIONS = ("-std=c++17",)
+CUPY_NVRTC_OPTIONS = ("-ftz=true", "--device-as-default-execution-space")        # and -arch=sm_XY
 WARP = 32
 MATVEC_THREADS, MATVEC_ROWS_PER_BLOCK = 64, 8      # WARPS * 32 threads and WARPS * ROWS rows in quant_kernels.cu
 DEQUANTIZE_THREADS = 256
@@ -84,7 +91,7 @@ def cuda_kernels(cupy):
     device = cupy.cuda.Device().id
     if device not in _kernels:
         with open(KERNEL_SOURCE, encoding="utf-8") as f:
-            module = cupy.RawModule(code=f.read(), options=("-std=c++17",))
+            module = cupy.RawModule(code=f.read(), options=NVRTC_OPTIONS)
         try:
             _kernels[device] = {name: module.get_function(name) for name in KERNEL_NAMES}   # compiles here
         except Exception as e:          # NVRTC missing (pip install nvidia-cuda-nvrtc-cu12) or a compile error
@@ -97,6 +104,20 @@ def cuda_kernels(cupy):
 # A matvec kernel gives each lane of a warp one word (4 values; 8 for Q4_0) per step, adds the word's products
 # in order, scales the sum by the block's d and adds it to the lane's running sum; the warp then adds its 32 lanes
 # by halving. The twins lay the same words out as (rows, steps, 32 lanes, values) and do exactly that.
+#
+# CuPy compiles every kernel with -ftz=true (CUPY_NVRTC_OPTIONS): each float32 add, multiply, divide and square
+# root of quant_kernels.cu flushes subnormal operands and results to zero (add.rn.ftz.f32 etc. in the PTX; a test
+# compiles it and checks). NumPy keeps subnormals, so the twins `flush` the float32 inputs they read and the
+# result of each such operation: then they equal the kernels bit for bit below 2^-126 too. Values converted from
+# float16 (weights, scales, a float16 cache) and integer codes times a float16 scale are never float32 subnormals.
+
+FLOAT32_TINY = np.float32(2.0 ** -126)              # float32's smallest normal number
+
+
+def flush(a):
+    """a with its float32 subnormals replaced by zero of the same sign, as -ftz=true does (NaN stays NaN)."""
+    return a * (abs(a) >= FLOAT32_TINY)
+
 
 def pad_columns(xp, a, width):
     """a (..., n) with zero columns appended up to `width`."""
@@ -107,10 +128,10 @@ def pad_columns(xp, a, width):
 
 def word_sums(values, x):
     """((v0 x0 + v1 x1) + v2 x2) + ..., over the last axis, in the kernel's order (no pairwise summation)."""
-    products = values * x
+    products = flush(values * x)
     s = 0.0 + products[..., 0]
     for k in range(1, products.shape[-1]):
-        s = s + products[..., k]
+        s = flush(s + products[..., k])
     return s
 
 
@@ -118,9 +139,9 @@ def warp_sums(xp, terms):
     """terms (rows, steps, 32): each lane's running sum over the steps, then the warp's halving sum (lane 0)."""
     acc = xp.zeros((terms.shape[0], WARP), dtype=xp.float32)
     for step in range(terms.shape[1]):
-        acc = acc + terms[:, step]
+        acc = flush(acc + terms[:, step])
     for offset in (16, 8, 4, 2, 1):
-        acc = acc + acc[:, [lane ^ offset for lane in range(WARP)]]
+        acc = flush(acc + acc[:, [lane ^ offset for lane in range(WARP)]])
     return acc[:, 0]
 
 
@@ -132,11 +153,11 @@ def block_sums(xp, values, threads):
     padded = pad_columns(xp, values, rounds * threads).reshape(rows, rounds, threads)
     by_thread = xp.zeros((rows, threads), dtype=xp.float32)
     for r in range(rounds):
-        by_thread = by_thread + padded[:, r]
+        by_thread = flush(by_thread + padded[:, r])
     by_warp = warp_sums(xp, by_thread.reshape(rows * (threads // WARP), 1, WARP)).reshape(rows, threads // WARP)
     total = by_warp[:, 0]
     for w in range(1, threads // WARP):
-        total = total + by_warp[:, w]
+        total = flush(total + by_warp[:, w])
     return total
 
 
@@ -147,9 +168,9 @@ def matvec_q8_0(xp, qweight, scales, x):
     steps = -(-n_pad // (4 * WARP))
     width = 4 * WARP * steps
     values = pad_columns(xp, qweight.astype(xp.float32), width).reshape(rows, steps, WARP, 4)
-    xs = pad_columns(xp, x, width).reshape(steps, WARP, 4)
+    xs = flush(pad_columns(xp, x, width).reshape(steps, WARP, 4))
     d = xp.repeat(pad_columns(xp, scales.astype(xp.float32), width // BLOCK), 8, axis=1).reshape(rows, steps, WARP)
-    return warp_sums(xp, word_sums(values, xs) * d)
+    return warp_sums(xp, flush(word_sums(values, xs) * d))
 
 
 def matvec_q4_0(xp, qweight, scales, x):
@@ -163,9 +184,9 @@ def matvec_q4_0(xp, qweight, scales, x):
     codes = xp.concatenate([packed & 15, packed >> 4], axis=-1)                       # 4 low, then 4 high
     values = (codes.astype(xp.float32) - 8.0).reshape(rows, steps, WARP, 8)
     xs = pad_columns(xp, x, BLOCK * blocks).reshape(steps, 8, 2, 4, 4)                # (.., block, half, word, k)
-    xs = xs.transpose(0, 1, 3, 2, 4).reshape(steps, WARP, 8)
+    xs = flush(xs.transpose(0, 1, 3, 2, 4).reshape(steps, WARP, 8))
     d = xp.repeat(pad_columns(xp, scales.astype(xp.float32), blocks), 4, axis=1).reshape(rows, steps, WARP)
-    return warp_sums(xp, word_sums(values, xs) * d)
+    return warp_sums(xp, flush(word_sums(values, xs) * d))
 
 
 def matvec_f16(xp, weight, x):
@@ -174,7 +195,12 @@ def matvec_f16(xp, weight, x):
     steps = -(-n_pad // (4 * WARP))
     width = 4 * WARP * steps
     values = pad_columns(xp, weight.astype(xp.float32), width).reshape(rows, steps, WARP, 4)
-    return warp_sums(xp, word_sums(values, pad_columns(xp, x, width).reshape(steps, WARP, 4)))
+    return warp_sums(xp, word_sums(values, flush(pad_columns(xp, x, width).reshape(steps, WARP, 4))))
+
+
+def add_residual(residual, y):
+    """Twin of the _add kernels' ending: residual + y, one float32 add."""
+    return flush(flush(residual) + y)
 
 
 def dequantize_q8_0(xp, qweight, scales, dtype):
@@ -193,7 +219,6 @@ def dequantize_q4_0(xp, qweight, scales, dtype):
     return w.reshape(rows, 2 * qweight.shape[1]).astype(dtype)
 
 
-
 def attention_decode(xp, q, k, v, bias, sqrt_hd):
     """Twin of the kernels attention_decode_f16 / _f32 and attention_combine: one token's attention per head.
 
@@ -202,7 +227,7 @@ def attention_decode(xp, q, k, v, bias, sqrt_hd):
     CUDA's expf may differ from NumPy's exp in the last bit, so they agree to float32 rounding, not bit for bit."""
     m, l, o = attention_chunks(xp, q, k, v, bias, sqrt_hd)
     if m.shape[1] == 1:                                           # one chunk: attention_decode writes o / l
-        return o[:, 0] / l[:, 0, None]
+        return flush(o[:, 0] / l[:, 0, None])
     return attention_combine(xp, m, l, o)
 
 
@@ -213,16 +238,16 @@ def attention_chunks(xp, q, k, v, bias, sqrt_hd):
     chunks = -(-S // ATTENTION_CHUNK)
     width = chunks * ATTENTION_CHUNK
     minus_inf = xp.float32(-np.inf)
-    k32, v32 = k.astype(xp.float32), v.astype(xp.float32)
+    q, k32, v32, bias = flush(q), flush(k.astype(xp.float32)), flush(v.astype(xp.float32)), flush(bias)
     dot = xp.zeros((nh, S), dtype=xp.float32)
     for d in range(hd):                                           # thread per key: dims in order
-        dot = dot + q[:, d:d + 1] * k32[:, :, d]
-    scores = dot / xp.float32(sqrt_hd) + bias
+        dot = flush(dot + flush(q[:, d:d + 1] * k32[:, :, d]))
+    scores = flush(flush(dot / xp.float32(sqrt_hd)) + bias)
     scores = xp.concatenate([scores, xp.full((nh, width - S), minus_inf, dtype=xp.float32)], axis=1)
     scores = scores.reshape(nh, chunks, ATTENTION_CHUNK)
     m = scores.max(axis=2)
     shift = xp.where(m == minus_inf, xp.float32(0.0), m)          # a chunk all masked: e = 0
-    e = xp.exp(scores - shift[..., None])
+    e = flush(xp.exp(flush(scores - shift[..., None])))
     l = block_sums(xp, e.reshape(nh * chunks, ATTENTION_CHUNK), ATTENTION_CHUNK).reshape(nh, chunks)
 
     rounds = ATTENTION_CHUNK // ATTENTION_WARPS                   # warp w: keys w, w + WARPS, ... of its chunk
@@ -231,36 +256,38 @@ def attention_chunks(xp, q, k, v, bias, sqrt_hd):
     v_by_warp = v_padded.reshape(nh, chunks, rounds, ATTENTION_WARPS, hd)
     acc = xp.zeros((nh, chunks, ATTENTION_WARPS, hd), dtype=xp.float32)
     for r in range(rounds):
-        acc = acc + e_by_warp[:, :, r] * v_by_warp[:, :, r]
+        acc = flush(acc + flush(e_by_warp[:, :, r] * v_by_warp[:, :, r]))
     o = acc[:, :, 0]
     for w in range(1, ATTENTION_WARPS):
-        o = o + acc[:, :, w]
+        o = flush(o + acc[:, :, w])
     return m, l, o
 
 
 def attention_combine(xp, m, l, o):
     """Twin of the kernel attention_combine: the chunks of each head joined, in order -> (nh, hd)."""
     nh, chunks, hd = o.shape
-    scale = xp.exp(m - m.max(axis=1, keepdims=True))
+    scale = flush(xp.exp(flush(m - m.max(axis=1, keepdims=True))))
     total, out = xp.zeros((nh, 1), dtype=xp.float32), xp.zeros((nh, hd), dtype=xp.float32)
     for c in range(chunks):
-        total = total + l[:, c:c + 1] * scale[:, c:c + 1]
-        out = out + o[:, c] * scale[:, c:c + 1]
-    return out / total
+        total = flush(total + flush(l[:, c:c + 1] * scale[:, c:c + 1]))
+        out = flush(out + flush(o[:, c] * scale[:, c:c + 1]))
+    return flush(out / total)
 
 
 def rms_norm_f32(xp, x, weight, eps):
     """Twin of the kernel rms_norm_f32: x (T, n) float32, weight (n,) -> x * (1 / sqrt(mean(x^2) + eps)) * weight,
     the sum of squares in the kernel's order (IEEE sqrt and division: equal to the kernel bit for bit)."""
     n = x.shape[1]
-    total = block_sums(xp, x * x, NORM_THREADS)
-    r = 1.0 / xp.sqrt(total / xp.float32(n) + xp.float32(eps))
-    return x * r[:, None] * weight
+    x, weight = flush(x), flush(weight)
+    total = block_sums(xp, flush(x * x), NORM_THREADS)
+    r = flush(1.0 / flush(xp.sqrt(flush(flush(total / xp.float32(n)) + xp.float32(eps)))))
+    return flush(flush(x * r[:, None]) * weight)
 
 
 def silu_mul_f32(xp, gate, up):
     """Twin of the kernel silu_mul_f32: silu(gate) * up (CUDA's expf may differ from NumPy's exp in the last bit)."""
-    return gate / (1.0 + xp.exp(-gate)) * up
+    gate = flush(gate)
+    return flush(flush(gate / flush(1.0 + flush(xp.exp(-gate)))) * flush(up))
 
 
 # --- a linear weight on the device -------------------------------------------------------------------------------
@@ -314,7 +341,7 @@ class DeviceQuantizedWeight(QuantizedWeight):
         xp = self.xp
         if self.kernels is None:
             y = self.twin(x)
-            return y if residual is None else residual + y
+            return y if residual is None else add_residual(residual, y)
         if x.data.ptr % 16:                                                 # the kernels read x as float4
             x = x.copy()
         y = xp.empty(self.out_features, dtype=xp.float32)

@@ -188,11 +188,25 @@ def twin_matvec(xp, qweight, scales, bits, x):
     return (backend.matvec_q8_0 if bits == 8 else backend.matvec_q4_0)(xp, qweight, scales, x)
 
 
+def r32(value):
+    """One float32 operation of a kernel as CuPy compiles it (-ftz=true): rounded to float32, a subnormal result
+    flushed to zero of its sign."""
+    value = np.float32(value)
+    return np.copysign(np.float32(0), value) if abs(value) < 2.0**-126 else value
+
+
+def flushed(a):
+    """A kernel's float32 operands as -ftz=true reads them: subnormals as zero."""
+    a = np.asarray(a, np.float32)
+    return np.where(np.abs(a) < 2.0**-126, np.copysign(np.float32(0), a), a)
+
+
 def kernel_by_hand(qweight, scales, bits, x):
     """The matvec kernels of quant_kernels.cu transcribed line by line in float32 scalars: lane `lane` takes
     words lane, lane + 32, ...; each word's products summed in order, times the block's d, into the lane's sum;
-    then the warp halves: lane i += lane i ^ 16, ^ 8, ^ 4, ^ 2, ^ 1."""
+    then the warp halves: lane i += lane i ^ 16, ^ 8, ^ 4, ^ 2, ^ 1. Under -ftz=true (r32, flushed)."""
     f32 = np.float32
+    x = flushed(x)
     rows, n_pad = qweight.shape[0], qweight.shape[1] * (2 if bits == 4 else 1)
     words = n_pad // (8 if bits == 4 else 4)
     y = np.zeros(rows, np.float32)
@@ -212,10 +226,10 @@ def kernel_by_hand(qweight, scales, bits, x):
                     d = None if bits == 16 else f32(scales[row, w // 8])
                 s = f32(0)
                 for v, xv in zip(values, xs):
-                    s = f32(s + f32(v * xv))
-                acc[lane] = f32(acc[lane] + (s if d is None else f32(s * d)))
+                    s = r32(s + r32(v * xv))
+                acc[lane] = r32(acc[lane] + (s if d is None else r32(s * d)))
         for offset in (16, 8, 4, 2, 1):
-            acc = [f32(acc[i] + acc[i ^ offset]) for i in range(32)]
+            acc = [r32(acc[i] + acc[i ^ offset]) for i in range(32)]
         y[row] = acc[0]
     return y
 
@@ -236,25 +250,26 @@ def block_sum_by_hand(values, threads):
     by_thread = [f32(0)] * threads
     for t in range(threads):
         for j in range(t, len(values), threads):
-            by_thread[t] = f32(by_thread[t] + values[j])
+            by_thread[t] = r32(by_thread[t] + values[j])
     warps = []
     for w in range(threads // 32):
         acc = by_thread[32 * w: 32 * w + 32]
         for offset in (16, 8, 4, 2, 1):
-            acc = [f32(acc[i] + acc[i ^ offset]) for i in range(32)]
+            acc = [r32(acc[i] + acc[i ^ offset]) for i in range(32)]
         warps.append(acc[0])
     total = warps[0]
     for v in warps[1:]:
-        total = f32(total + v)
+        total = r32(total + v)
     return total
 
 
 def rms_norm_by_hand(row, weight, eps):
     """The kernel rms_norm_f32 for one row, line by line in float32 scalars."""
     f32 = np.float32
-    total = block_sum_by_hand([f32(v * v) for v in row], backend.NORM_THREADS)
-    r = f32(f32(1) / np.sqrt(f32(f32(total / f32(len(row))) + f32(eps))))
-    return [f32(f32(v * r) * w) for v, w in zip(row, weight)]
+    row, weight = flushed(row), flushed(weight)
+    total = block_sum_by_hand([r32(v * v) for v in row], backend.NORM_THREADS)
+    r = r32(f32(1) / r32(np.sqrt(r32(r32(total / f32(len(row))) + f32(eps)))))
+    return [r32(r32(v * r) * w) for v, w in zip(row, weight)]
 
 
 def attention_by_hand(q, k, v, bias, sqrt_hd):
@@ -262,6 +277,7 @@ def attention_by_hand(q, k, v, bias, sqrt_hd):
     arrays, as the twin does)."""
     f32, chunk, warps = np.float32, backend.ATTENTION_CHUNK, backend.ATTENTION_WARPS
     S, hd = k.shape
+    q, k, v, bias = (flushed(a.astype(np.float32)) for a in (q, k, v, bias))
     parts = []
     for c in range(-(-S // chunk)):                       # block (h, c): thread t takes key c * CHUNK + t
         scores = []
@@ -270,31 +286,31 @@ def attention_by_hand(q, k, v, bias, sqrt_hd):
             if j < S:
                 dot = f32(0)
                 for d in range(hd):
-                    dot = f32(dot + f32(q[d] * f32(k[j, d])))
-                s = f32(f32(dot / f32(sqrt_hd)) + bias[j])
+                    dot = r32(dot + r32(q[d] * k[j, d]))
+                s = r32(r32(dot / f32(sqrt_hd)) + bias[j])
             scores.append(s)
         m = max(scores)
-        e = np.exp(np.array(scores, np.float32) - (f32(0) if m == -np.inf else m))
+        e = flushed(np.exp(flushed(np.array(scores, np.float32) - (f32(0) if m == -np.inf else m))))
         l = block_sum_by_hand(list(e), chunk)
         acc = [[f32(0)] * hd for _ in range(warps)]
         for w in range(warps):                          # warp w: keys w, w + WARPS, ... of the chunk
             for i in range(w, min(chunk, S - c * chunk), warps):
                 for d in range(hd):
-                    acc[w][d] = f32(acc[w][d] + f32(e[i] * f32(v[c * chunk + i, d])))
+                    acc[w][d] = r32(acc[w][d] + r32(e[i] * v[c * chunk + i, d]))
         o = [acc[0][d] for d in range(hd)]
         for w in range(1, warps):
-            o = [f32(o[d] + acc[w][d]) for d in range(hd)]
+            o = [r32(o[d] + acc[w][d]) for d in range(hd)]
         parts.append((m, l, o))
     if len(parts) == 1:
         m, l, o = parts[0]
-        return [f32(o[d] / l) for d in range(hd)]
+        return [r32(o[d] / l) for d in range(hd)]
     M = max(m for m, _, _ in parts)                     # attention_combine
-    scales = np.exp(np.array([m for m, _, _ in parts], np.float32) - M)
+    scales = flushed(np.exp(flushed(np.array([m for m, _, _ in parts], np.float32) - M)))
     L, out = f32(0), [f32(0)] * hd
     for (m, l, o), scale in zip(parts, scales):
-        L = f32(L + f32(l * scale))
-        out = [f32(out[d] + f32(o[d] * scale)) for d in range(hd)]
-    return [f32(out[d] / L) for d in range(hd)]
+        L = r32(L + r32(l * scale))
+        out = [r32(out[d] + r32(o[d] * scale)) for d in range(hd)]
+    return [r32(out[d] / L) for d in range(hd)]
 
 
 @pytest.mark.parametrize("n", [1, 37, 300, 600])
@@ -318,6 +334,37 @@ def test_attention_twin_is_the_kernel_line_by_line(S, hd, masked_from, dtype):
     bias[:, masked_from:] = -np.inf
     want = np.array([attention_by_hand(q[h], k[h], v[h], bias[h], hd ** 0.5) for h in range(nh)], np.float32)
     np.testing.assert_array_equal(backend.attention_decode(np, q, k, v, bias, hd ** 0.5), want)
+
+
+def subnormal_mixture(rng, shape, tiny_share=0.5):
+    """Standard normal values of which about `tiny_share` scaled down to the float32 subnormal range and below
+    (2^-126 ... 2^-149) or just above it, where a product or a sum lands in the subnormals."""
+    x = rng.standard_normal(shape)
+    tiny = rng.random(shape) < tiny_share
+    x[tiny] *= 2.0 ** rng.uniform(-150, -110, tiny.sum())
+    return x.astype(np.float32)
+
+
+@pytest.mark.parametrize("bits", [8, 4, 16])
+def test_twins_flush_subnormals_as_the_kernels_do_under_ftz(bits):
+    """CuPy's -ftz=true: subnormal operands and results of float32 operations count as zero. The twins and the
+    line-by-line kernels agree on inputs made of them, and differ from plain IEEE arithmetic there."""
+    rng = np.random.default_rng(bits)
+    qweight, scales = random_weight(bits, 5, 64, bits)
+    x = subnormal_mixture(rng, 64, tiny_share=1.0)                 # every x below or near 2^-126
+    got = twin_matvec(np, qweight, scales, bits, x)
+    np.testing.assert_array_equal(got, kernel_by_hand(qweight, scales, bits, x))
+    w = reference_weight(qweight, scales, bits)
+    assert np.all(got[np.abs(w @ x) < 2.0**-126] == 0) and np.any(w @ flushed(x) != w @ x)
+    x = subnormal_mixture(rng, (2, 300))
+    np.testing.assert_array_equal(backend.rms_norm_f32(np, x, np.ones(300, np.float32), 1e-6),
+                                  np.array([rms_norm_by_hand(row, np.ones(300), 1e-6) for row in x], np.float32))
+    q, k, v = subnormal_mixture(rng, (2, 16)), subnormal_mixture(rng, (2, 40, 16)), subnormal_mixture(rng, (2, 40, 16))
+    bias = np.zeros((2, 40), np.float32)
+    want = np.array([attention_by_hand(q[h], k[h], v[h], bias[h], 4.0) for h in range(2)], np.float32)
+    np.testing.assert_array_equal(backend.attention_decode(np, q, k, v, bias, 4.0), want)
+    assert backend.flush(np.float32([2.0**-127, -2.0**-130, np.nan, -np.inf, 2.0**-126])).tolist()[:2] == [0.0, 0.0]
+    assert np.signbit(backend.flush(np.float32([-2.0**-130])))[0]
 
 
 @settings(max_examples=30, deadline=None)
@@ -453,7 +500,7 @@ def fake_kernels(launched=None):
                 assert bias.shape == (heads, S) and int(bound["bias_head_stride"]) in (S, 0)
                 m, l, o = backend.attention_chunks(strict_xp, q, k[:, :S], v[:, :S], bias, hd ** 0.5)
                 if chunks == 1:
-                    out[...] = o[:, 0] / l[:, 0, None]
+                    out[...] = backend.flush(o[:, 0] / l[:, 0, None])
                 else:
                     assert scratch.shape == (nh, chunks, hd + 2)
                     scratch[:, :, 0], scratch[:, :, 1], scratch[:, :, 2:] = m, l, o
@@ -475,7 +522,7 @@ def fake_kernels(launched=None):
                         return twin(strict_xp, q, d, bound["x"])
                 if name.endswith("_add"):
                     assert bound["r"].shape == (rows,)
-                    bound["y"][...] = bound["r"] + product()
+                    bound["y"][...] = backend.add_residual(bound["r"], product())
                 elif name.endswith("_swiglu"):
                     bound["y"][...] = backend.silu_mul_f32(strict_xp, product(), product("_up"))
                 else:
@@ -641,18 +688,39 @@ def test_graph_steps_on_the_strict_module_decode_as_the_cpu_does(fixture_model, 
         device.forward([4], cache)
 
 
-@pytest.mark.skipif(shutil.which("nvcc") is None,
-                    reason="nvcc is not installed, so the CUDA source cannot be compiled on this machine "
-                           "(CuPy compiles it with NVRTC at run time on a GPU machine)")
+NO_NVCC = pytest.mark.skipif(shutil.which("nvcc") is None,
+                             reason="nvcc is not installed, so the CUDA source cannot be compiled on this machine "
+                                    "(CuPy compiles it with NVRTC at run time on a GPU machine)")
+CUPY_FLAGS_FOR_NVCC = backend.NVRTC_OPTIONS + ("-ftz=true",)     # what CuPy passes that nvcc also understands
+
+
+def nvcc(tmp_path, arch, output):
+    out = tmp_path / f"quant_kernels.{output}"
+    result = subprocess.run(["nvcc", *CUPY_FLAGS_FOR_NVCC, f"-arch={arch}", f"--{output}", "-Werror", "all-warnings",
+                             "-o", str(out), backend.KERNEL_SOURCE], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    return out.read_bytes()
+
+
+@NO_NVCC
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
 def test_cuda_source_compiles_with_nvcc(tmp_path, arch):
-    cubin = tmp_path / "quant_kernels.cubin"
-    result = subprocess.run(["nvcc", "-std=c++17", f"-arch={arch}", "--cubin", "-Werror", "all-warnings",
-                             "-o", str(cubin), backend.KERNEL_SOURCE], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
-    binary = cubin.read_bytes()
+    binary = nvcc(tmp_path, arch, "cubin")
     for name in backend.KERNEL_NAMES:
         assert name.encode() in binary
+
+
+@NO_NVCC
+def test_with_cupys_flags_every_float32_operation_flushes_subnormals(tmp_path):
+    """Why the twins flush: compiled as CuPy compiles it (-ftz=true, for an H100/H200), every float32 add,
+    multiply, divide, square root, FMA, max and exp2 in the PTX is the .ftz form; no IEEE-subnormal one is left."""
+    ptx = nvcc(tmp_path, "sm_90", "ptx").decode()
+    float_ops = re.findall(r"\b(?:add|sub|mul|div|sqrt|fma|max|min|ex2)(?:\.(?:rn|rm|rz|rp|approx|full))*"
+                           r"(?:\.ftz)?(?:\.sat)?\.f32\b", ptx)
+    assert len(float_ops) > 1000
+    assert [op for op in float_ops if ".ftz" not in op] == []
+    # the float16 conversions are inline PTX, untouched by -ftz: float16 subnormals convert exactly
+    assert "cvt.f32.f16" in ptx and "cvt.ftz.f32.f16" not in ptx
 
 
 def nvrtc_library():
@@ -663,7 +731,7 @@ def nvrtc_library():
     places = ["/usr/local/cuda*/lib*/libnvrtc.so*"]
     spec = importlib.util.find_spec("nvidia")
     for root in (spec.submodule_search_locations or []) if spec else []:
-        places.append(f"{root}/cuda_nvrtc/lib/libnvrtc.so*")
+        places += [f"{root}/cuda_nvrtc/lib/libnvrtc.so*", f"{root}/cu13/lib/libnvrtc.so*"]
     found = [path for place in places for path in sorted(glob.glob(place)) if ".alt." not in path]
     return ctypes.util.find_library("nvrtc") or (found[0] if found else None)
 
@@ -671,25 +739,26 @@ def nvrtc_library():
 @pytest.mark.skipif(nvrtc_library() is None, reason="NVRTC (libnvrtc) is not installed on this machine")
 def test_cuda_source_compiles_with_nvrtc_as_cupy_compiles_it():
     """CuPy compiles the kernels at run time with NVRTC, which has no system headers: compile the file the same
-    way (the options backend.cuda_kernels passes) and find every kernel in the PTX."""
+    way (the options backend.cuda_kernels passes, then CuPy's own, for an sm_90 GPU: a CUBIN) and find every
+    kernel in it."""
     import ctypes
     nvrtc = ctypes.CDLL(nvrtc_library())
     program = ctypes.c_void_p()
     source = kernel_source().encode()
     assert nvrtc.nvrtcCreateProgram(ctypes.byref(program), source, b"quant_kernels.cu", 0, None, None) == 0
-    options = [b"-std=c++17", b"--gpu-architecture=compute_80"]
+    options = [o.encode() for o in backend.NVRTC_OPTIONS + backend.CUPY_NVRTC_OPTIONS + ("-arch=sm_90",)]
     status = nvrtc.nvrtcCompileProgram(program, len(options), (ctypes.c_char_p * len(options))(*options))
     size = ctypes.c_size_t()
     nvrtc.nvrtcGetProgramLogSize(program, ctypes.byref(size))
     log = ctypes.create_string_buffer(size.value)
     nvrtc.nvrtcGetProgramLog(program, log)
     assert status == 0, log.value.decode(errors="replace")
-    nvrtc.nvrtcGetPTXSize(program, ctypes.byref(size))
-    ptx = ctypes.create_string_buffer(size.value)
-    nvrtc.nvrtcGetPTX(program, ptx)
+    assert nvrtc.nvrtcGetCUBINSize(program, ctypes.byref(size)) == 0
+    cubin = ctypes.create_string_buffer(size.value)
+    assert nvrtc.nvrtcGetCUBIN(program, cubin) == 0
     nvrtc.nvrtcDestroyProgram(ctypes.byref(program))
     for name in backend.KERNEL_NAMES:
-        assert f".entry {name}(".encode() in ptx.value, name
+        assert name.encode() in cubin.raw, name
 
 
 def test_gpu_bench_runs_end_to_end_on_numpy():
