@@ -329,10 +329,17 @@ class DeviceQuantizedWeight(QuantizedWeight):
         w = self.expanded(self.dtype)                                       # (out, in_padded)
         if w.dtype == np.float32:
             return x @ w.T
-        if self.kernels is not None:
-            y = xp.matmul(x.astype(xp.float16), w.T)                       # cublasGemmEx, float32 compute
-        else:                                                               # its twin: the same operands, float32 sums
-            y = (x.astype(xp.float16).astype(xp.float32) @ w.astype(xp.float32).T).astype(xp.float16)
+        with np.errstate(over="ignore", invalid="ignore"):                  # (the twin's) checked below
+            if self.kernels is not None:
+                y = xp.matmul(x.astype(xp.float16), w.T)                   # cublasGemmEx, float32 compute
+            else:                                                           # its twin: the same operands, float32 sums
+                y = (x.astype(xp.float16).astype(xp.float32) @ w.astype(xp.float32).T).astype(xp.float16)
+        # An activation or a product beyond float16's 65504 became infinity (the original computes in bfloat16,
+        # whose range is float32's): then this product again in float32. The check is one reduction and one
+        # synchronisation per linear per prefill, not per token.
+        if not bool(xp.isfinite(y).all()):
+            del w, y
+            return x @ self.expanded(np.float32).T
         return y.astype(xp.float32)
 
     def matvec(self, x, residual=None):
@@ -418,6 +425,11 @@ class DeviceKVCache(KVCache):
     With `kernels` None (an array module other than CuPy) the kernel's NumPy twin stands in."""
     kernels: object = None
 
+    def store(self, i, k, v):
+        if self.k.dtype == np.float16:                   # as the kernel kv_store_f16: saturate, not infinity
+            k, v = clamp_to_float16(k), clamp_to_float16(v)
+        super().store(i, k, v)
+
     def attend(self, xp, i, q, bias):
         nh, T, hd = q.shape
         S = bias.shape[-1]
@@ -459,6 +471,8 @@ class GraphKVCache(DeviceKVCache):
 
     def store(self, i, k, v):
         if self.kernels is None:                                            # the kernel kv_store's twin
+            if self.k.dtype == np.float16:
+                k, v = clamp_to_float16(k), clamp_to_float16(v)
             self.k[i][:, self.position] = k.transpose(1, 0, 2).astype(self.k.dtype)     # (nh, 1, hd)
             self.v[i][:, self.position] = v.transpose(1, 0, 2).astype(self.v.dtype)
             return
@@ -467,6 +481,17 @@ class GraphKVCache(DeviceKVCache):
         self.kernels[name]((-(-nh * hd // ELEMENTWISE_THREADS),), (ELEMENTWISE_THREADS,),
                            (k.reshape(nh * hd), v.reshape(nh * hd), self.k[i], self.v[i], self.position,
                             np.int32(nh), np.int32(hd), np.int32(self.max_len)))
+
+
+FLOAT16_MAX = 65504.0
+
+
+def clamp_to_float16(a):
+    """a (float32) limited to float16's finite range, NaN kept: what a float16 KV cache stores. A key or value
+    beyond 65504 would otherwise be stored as infinity, and every later score of its head would be NaN; clamping
+    keeps the model running, as other float16 engines do (a ggml_clamp(v, -65504, 65504) before the cast to
+    the cache). to_device(model, dtype="float32") keeps such values exactly."""
+    return a.clip(-FLOAT16_MAX, FLOAT16_MAX)
 
 
 def add_linear(x, a, weight):
@@ -535,66 +560,79 @@ class DecodeGraphs:
     rounded up to WINDOW) and its token and position are read from device arrays, so the first step in each
     window runs eagerly (compiling kernels, sizing the memory pool) and is then captured; the rest of the
     window replays the graph: one launch per token. On an array module other than CuPy every step runs the same
-    code op by op, which lets the CPU prove the fixed-shape step computes what transformer() does."""
+    code op by op, which lets the CPU prove the fixed-shape step computes what transformer() does.
+
+    Memory: a graph writes to the addresses its capture allocated, at every replay, but CuPy takes a buffer back
+    into its pool as soon as Python drops it. In the default pool, those addresses would go to other arrays, and
+    `free_all_blocks()` (which CuPy itself calls on an out-of-memory) would hand them back to the driver: silent
+    corruption or an illegal address. So each window's eager step and capture allocate from a MemoryPool of
+    their own, kept with the graph (`self.graphs[window]`) and used by nothing else: after the capture no one
+    allocates from it again, and the pool lives as long as the graph.
+
+    The cache keeps its DecodeGraphs (`cache.decoder`) but the DecodeGraphs does not keep the cache: no reference
+    cycle, so a dropped cache frees its KV arrays, graphs and pools at once, not at the next cycle collection."""
     WINDOW = 256
 
-    def __init__(self, model, cache):
+    def __init__(self, model):
         xp = model.xp
-        self.model, self.cache = model, cache
+        self.model = model
         self.token = xp.zeros(1, dtype=xp.int64)
         self.position = xp.zeros(1, dtype=xp.int64)
-        self.graphs = {}                                                    # window -> (graph, logits it writes)
+        self.graphs = {}                                    # window -> (graph, logits it writes, its memory pool)
         self.stream = xp.cuda.Stream(non_blocking=True) if is_cupy(xp) else None    # capture needs its own stream
 
-    def window(self):
-        return min(-(-(self.cache.length + 1) // self.WINDOW) * self.WINDOW, self.cache.max_len)
+    def window(self, cache):
+        return min(-(-(cache.length + 1) // self.WINDOW) * self.WINDOW, cache.max_len)
 
-    def step(self, token):
-        """Host float32 logits (V,) after appending `token` to the cache."""
-        xp, cache = self.model.xp, self.cache
+    def step(self, cache, token):
+        """Host float32 logits (V,) after appending `token` to `cache`."""
+        xp = self.model.xp
         if cache.length + 1 > cache.max_len:
             raise ValueError(f"{cache.length} cached + 1 new token exceed the context of {cache.max_len}")
         if self.stream is None:
-            return to_numpy(self._run(token))
+            return to_numpy(self._run(cache, token))
         self.stream.wait_event(xp.cuda.get_current_stream().record())      # after the prefill, on its stream
         with self.stream:
-            return self._run(token).get()                                   # .get() waits for the stream
+            return self._run(cache, token).get()                            # .get() waits for the stream
 
-    def _run(self, token):
-        xp, model, cache = self.model.xp, self.model, self.cache
-        window = self.window()
+    def _run(self, cache, token):
+        xp, model = self.model.xp, self.model
+        window = self.window(cache)
         self.token[...] = token                                             # fills on the device: no copy to record
         self.position[...] = cache.length
         if window in self.graphs:
-            graph, logits = self.graphs[window]
+            graph, logits, _ = self.graphs[window]
             graph.launch(self.stream)
+        elif self.stream is not None and model.graphs:
+            pool = xp.cuda.MemoryPool()
+            with xp.cuda.using_allocator(pool.malloc):
+                logits = self._forward(cache, window)                       # eager: compiles, sizes the pool
+                self._capture(cache, window, pool)
         else:
-            logits = transformer(xp, model.w, model.config, self.token, self._step(window), last_only=True,
-                                 layer=decode_layer)
-            if self.stream is not None and model.graphs:
-                self._capture(window)
+            logits = self._forward(cache, window)
         cache.length += 1
         return logits[0]
 
-    def _step(self, window):
-        c = self.cache
-        return GraphKVCache(c.k, c.v, c.length, c.kernels, position=self.position, window=window)
+    def _forward(self, cache, window):
+        model = self.model
+        step = GraphKVCache(cache.k, cache.v, cache.length, cache.kernels, position=self.position, window=window)
+        return transformer(model.xp, model.w, model.config, self.token, step, last_only=True, layer=decode_layer)
 
-    def _capture(self, window):
-        """Record the step at `window` (nothing runs: the eager step before did the work)."""
+    def _capture(self, cache, window, pool):
+        """Record the step at `window` (nothing runs: the eager step before did the work), allocating from
+        `pool`, which the graph then keeps."""
         model = self.model
         try:
             self.stream.begin_capture()
             try:
-                logits = transformer(model.xp, model.w, model.config, self.token, self._step(window),
-                                     last_only=True, layer=decode_layer)
+                logits = self._forward(cache, window)
             except Exception:
                 try:
                     self.stream.end_capture()                              # leave capture mode, keep the cause
                 except Exception:
                     pass
                 raise
-            self.graphs[window] = (self.stream.end_capture(), logits)
+            self.graphs[window] = (self.stream.end_capture(), logits, pool)
         except Exception as e:                 # a CuPy or driver that cannot capture this: decode op by op
             model.graphs = False
             warnings.warn(f"CUDA graph capture failed, decoding without graphs: {first_line(e)}", RuntimeWarning)
@@ -624,8 +662,8 @@ class DeviceModel(Model):
             return super().next_logits(ids, cache)
         decoder = getattr(cache, "decoder", None)
         if decoder is None:
-            decoder = cache.decoder = DecodeGraphs(self, cache)
-        return decoder.step(int(ids[0]))
+            decoder = cache.decoder = DecodeGraphs(self)
+        return decoder.step(cache, int(ids[0]))
 
     def forward(self, ids, cache):
         ids = self._check_ids(ids)

@@ -105,6 +105,44 @@ def test_quantized_forward_on_the_strict_module_matches_the_cpu_quantized_model(
     assert scaled_error(prefill_then_decode(half, prompt), want) <= 1e-2
 
 
+def with_huge_attention_inputs(model, factor=1e6):
+    """The model with layer 0's input_layernorm scaled by `factor`: its q, k, v (and so its float16 prefill
+    products and cache entries) go far beyond float16's 65504, though every weight stays within it."""
+    w = {name: model.w[name] for name in model.w.names()}
+    w["model.layers.0.input_layernorm.weight"] = w["model.layers.0.input_layernorm.weight"] * np.float32(factor)
+    return model._with_weights(w, np)
+
+
+def test_float16_overflow_neither_makes_nan_in_prefill_nor_in_the_cache(fixture_model):
+    model, golden = fixture_model
+    big = with_huge_attention_inputs(model)
+    prompt = golden["prompt_2"]
+    exact = to_device(big, xp=strict_xp, dtype="float32")
+    cache32 = exact.new_cache(len(prompt))
+    want = exact.forward(prompt, cache32)
+    assert np.isfinite(want).all() and np.abs(cache32.v.get()).max() > 4 * 65504     # the overflow is real
+    half = to_device(big, xp=strict_xp)
+    cache = half.new_cache(len(prompt))
+    got = half.forward(prompt[:26], cache)                          # prefill: products checked, cache clamped
+    got = np.concatenate([got] + [half.forward([t], cache) for t in prompt[26:]])      # decode: the kernels' twins
+    assert np.isfinite(got).all()
+    for stored in (cache.k.get(), cache.v.get()):
+        assert np.abs(stored).max() == 65504 and np.isfinite(stored).all()
+    # (the clamped values are not the model's: only a float32 cache, dtype="float32", keeps such a model exact)
+
+
+def test_a_float16_prefill_product_beyond_65504_is_computed_in_float32():
+    rng = np.random.default_rng(7)
+    w = rng.standard_normal((6, 64)).astype(np.float16)
+    x = (rng.standard_normal((3, 64)) * 3e4).astype(np.float32)    # x and x @ w.T beyond float16
+    weight = DeviceQuantizedWeight(strict_xp, strict_xp.asarray(w), None, 16, 64, np.float16)
+    y = weight.matmul(strict_xp.asarray(x)).get()
+    np.testing.assert_allclose(y, x @ w.astype(np.float32).T, rtol=1e-5)
+    small = weight.matmul(strict_xp.asarray(x / 3e4)).get()        # within range: the float16 product
+    np.testing.assert_array_equal(small, ((x / 3e4).astype(np.float16).astype(np.float32)
+                                          @ w.astype(np.float32).T).astype(np.float16).astype(np.float32))
+
+
 def test_to_host_brings_back_the_same_weights(fixture_model):
     model, golden = fixture_model
     back = to_host(to_device(model, xp=strict_xp, dtype="float32"))
@@ -478,6 +516,8 @@ def fake_kernels(launched=None):
                 assert (grid[0] - 1) * block[0] < nh * hd <= grid[0] * block[0]
                 position = bound["position"]
                 for new, cache in ((bound["k"], bound["cache_k"]), (bound["v"], bound["cache_v"])):
+                    if cache.dtype == np.float16:                          # saturates at +-65504
+                        new = backend.clamp_to_float16(new)
                     cache[:, position] = new.reshape(nh, 1, hd).astype(cache.dtype)
                 return
             if name == "attention_combine":
@@ -652,12 +692,112 @@ def test_a_failed_capture_falls_back_to_op_by_op_with_one_warning(fixture_model)
         def end_capture(self):
             raise RuntimeError("cudaErrorStreamCaptureInvalidated: operation failed due to a previous error\n...")
 
-    decoder = backend.DecodeGraphs(device, device.new_cache(8))
+    decoder = backend.DecodeGraphs(device)
     decoder.stream = RefusingStream()
     with pytest.warns(RuntimeWarning, match=r"^CUDA graph capture failed, decoding without graphs: "
                                             r"cudaErrorStreamCaptureInvalidated: operation failed[^\n]*$"):
-        decoder._capture(8)
+        decoder._capture(device.new_cache(8), 8, pool=None)
     assert not device.graphs and decoder.graphs == {}
+
+
+class FakeCuda:
+    """Just enough of cupy.cuda for DecodeGraphs on the strict module: streams that 'capture' by running the
+    step and remember which allocator was in force, memory pools, using_allocator. No arithmetic is recorded:
+    a replayed step returns the logits of its capture (the tests here look at memory, not values)."""
+
+    def __init__(self):
+        self.allocators = [None]                          # the allocator stack of using_allocator
+        self.pools = []
+
+    def MemoryPool(self):
+        pool = types.SimpleNamespace(malloc=lambda size: None)
+        self.pools.append(pool)
+        return pool
+
+    def using_allocator(self, allocator):
+        import contextlib
+
+        @contextlib.contextmanager
+        def context():
+            self.allocators.append(allocator)
+            try:
+                yield
+            finally:
+                self.allocators.pop()
+        return context()
+
+    def get_current_stream(self):
+        return types.SimpleNamespace(record=lambda: None)
+
+    def Stream(self, non_blocking=False):
+        cuda = self
+
+        class Stream:
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                return False
+
+            def wait_event(self, event):
+                pass
+
+            def begin_capture(self):
+                self.capture_allocator = cuda.allocators[-1]
+
+            def end_capture(self):
+                return types.SimpleNamespace(allocator=self.capture_allocator, launches=[],
+                                             launch=lambda stream, g=None: None)
+        return Stream()
+
+
+def test_each_graph_allocates_from_a_pool_of_its_own_that_it_keeps(fixture_model, monkeypatch):
+    """The CUDA graphs write to the buffers their capture allocated: those must come from a pool that nothing else
+    allocates from and nothing frees (not CuPy's default pool, whose free_all_blocks() would release them)."""
+    monkeypatch.setattr(backend.DecodeGraphs, "WINDOW", 4)
+    cuda = FakeCuda()
+    monkeypatch.setattr(strict_xp, "cuda", cuda, raising=False)
+    model, golden = fixture_model
+    device = to_device(model.quantize(8), xp=strict_xp)
+    cache = device.new_cache(12)
+    device.forward(golden["prompt_1"][:3], cache)                  # prefill: the default allocator
+    assert cuda.pools == []
+    decoder = cache.decoder = backend.DecodeGraphs(device)
+    decoder.stream = cuda.Stream()
+    for token in golden["prompt_1"][3:7]:                          # positions 3 | 4 5 6: windows 4 and 8
+        device.forward([token], cache)
+    assert sorted(decoder.graphs) == [4, 8] and len(cuda.pools) == 2
+    for window, (graph, logits, pool) in decoder.graphs.items():
+        assert graph.allocator == pool.malloc                     # captured while allocating from its own pool
+    assert decoder.graphs[4][2] is not decoder.graphs[8][2]
+    assert cuda.allocators == [None]                               # and back to the default allocator after
+
+
+def test_a_dropped_cache_frees_its_decode_graphs_without_the_cycle_collector(fixture_model):
+    """cache.decoder -> DecodeGraphs -> no cache: nothing to wait for the cycle collector (a 13B cache is 3.4 GB)."""
+    import gc
+    import weakref
+    model, golden = fixture_model
+    device = to_device(model.quantize(8), xp=strict_xp)
+
+    def decoders_alive():
+        return sum(isinstance(o, backend.DecodeGraphs) for o in gc.get_objects())
+
+    gc.collect()
+    gc.disable()
+    try:
+        before = decoders_alive()
+        cache = device.new_cache(8)
+        device.forward(golden["prompt_1"][:2], cache)
+        device.forward([5], cache)
+        decoder, k = weakref.ref(cache.decoder), weakref.ref(cache)
+        del cache
+        assert decoder() is None and k() is None
+        for _ in range(2):                                         # what repeated chats do
+            assert len(list(device.generate(golden["prompt_1"], max_new_tokens=3, do_sample=False))) <= 3
+        assert decoders_alive() == before
+    finally:
+        gc.enable()
 
 
 def decode_one_at_a_time(model, prompt, split, cache):
@@ -677,7 +817,7 @@ def test_graph_steps_on_the_strict_module_decode_as_the_cpu_does(fixture_model, 
     cache.k[...] = 7.0                                 # stale values in the slots not yet written must not matter
     cache.v[...] = -3.0
     got = decode_one_at_a_time(device, prompt, 5, cache)
-    assert cache.length == len(prompt) and cache.decoder.cache is cache
+    assert cache.length == len(prompt) and isinstance(cache.decoder, backend.DecodeGraphs)
     want = decode_one_at_a_time(model, prompt, 5, model.new_cache(len(prompt) + 3))
     assert scaled_error(got, want) <= 1e-5
     assert scaled_error(got, golden["logits_full_2"]) <= 1e-4
@@ -918,3 +1058,37 @@ def test_gpu_norm_silu_and_store_kernels_match_their_twins(cupy, T, n):
         np.testing.assert_array_equal(cache.k.get(), want)
         want[1, :, position] = v[0].astype(dtype)
         np.testing.assert_array_equal(cache.v.get(), want)
+
+
+@pytest.mark.gpu
+def test_gpu_graphs_survive_free_all_blocks_and_other_allocations(cupy, fixture_model, monkeypatch):
+    """The graphs' buffers live in pools of their own: the default pool's free_all_blocks() (the benchmark calls
+    it; CuPy does on an out-of-memory) and new arrays of every size must not touch them."""
+    monkeypatch.setattr(backend.DecodeGraphs, "WINDOW", 8)
+    model, golden = fixture_model
+    prompt = golden["prompt_2"]
+    graphs, eager = to_device(model.quantize(8)), to_device(model.quantize(8))
+    eager.graphs = False
+    want = decode_one_at_a_time(eager, prompt, 5, eager.new_cache(len(prompt) + 3))
+    cache = graphs.new_cache(len(prompt) + 3)
+    got = [graphs.forward(prompt[:5], cache)]
+    for token in prompt[5:]:
+        got.append(graphs.forward([token], cache))
+        cupy.get_default_memory_pool().free_all_blocks()
+        junk = [cupy.full(n, cupy.nan, cupy.float32) for n in (64, 4096, 1 << 16, 1 << 20)]     # noqa: F841
+    assert graphs.graphs and len(cache.decoder.graphs) == -(-len(prompt) // 8)
+    np.testing.assert_array_equal(np.concatenate(got), want)
+
+
+@pytest.mark.gpu
+def test_gpu_float16_overflow_is_clamped_in_the_cache_and_recomputed_in_prefill(cupy, fixture_model):
+    model, golden = fixture_model
+    prompt = golden["prompt_2"]
+    half = to_device(with_huge_attention_inputs(model))
+    cache = half.new_cache(len(prompt))
+    got = np.concatenate([half.forward(prompt[:26], cache)] + [half.forward([t], cache) for t in prompt[26:]])
+    assert np.isfinite(got).all()
+    for stored in (cache.k.get(), cache.v.get()):
+        assert np.abs(stored.astype(np.float32)).max() == 65504
+    twin = to_device(with_huge_attention_inputs(model), xp=strict_xp)
+    assert scaled_error(got, prefill_then_decode(twin, prompt)) <= 1e-2

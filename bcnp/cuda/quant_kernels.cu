@@ -436,9 +436,12 @@ extern "C" __global__ void silu_mul_f32(const float* __restrict__ gate, const fl
 }
 
 // The new token's keys and values (nh * hd float32 each) into one layer of the cache, (nh, max_len, hd), at the
-// position read from the device: one thread per value; float16 caches round to nearest.
+// position read from the device: one thread per value; float16 caches round to nearest, and saturate at +-65504
+// (NaN stays NaN; backend.clamp_to_float16): an infinite key or value would make its head's later scores NaN.
 __device__ __forceinline__ void put(float* p, float value) { *p = value; }
-__device__ __forceinline__ void put(unsigned short* p, float value) { *p = float_to_half(value); }
+__device__ __forceinline__ void put(unsigned short* p, float value) {
+    *p = float_to_half(value > 65504.0f ? 65504.0f : value < -65504.0f ? -65504.0f : value);
+}
 
 template <typename KV>
 __device__ void kv_store(const float* k, const float* v, KV* cache_k, KV* cache_v, const long long* position,
