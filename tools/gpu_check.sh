@@ -7,8 +7,9 @@
 #   3. time the cold compile of the CUDA kernels (CuPy's kernel cache starts empty) and of CuPy's own kernels in a
 #      first forward pass;
 #   4. the GPU tests (pytest -m gpu tests/test_backend.py: golden fixtures on CuPy, kernels against their twins, ...),
-#      stopping at the first failure; then the backend's CPU tests on this Python and NumPy;
+#      stopping at the first failure;
 #   5. Baichuan-13B-width decode at fp16 / int8 / int4 against the memory roofline (tools/gpu_bench.py);
+#   6. the backend's CPU tests (strict module, twins, NumPy fallback) on this Python and NumPy, if time is left;
 # and last a summary table of the steps. Everything is also written to $OUT/gpu_check.log (./gpu_check.log when
 # $OUT is unset): only the end of the output may come back from the machine, the log keeps the first error.
 # Each step runs even if an earlier one failed, within an overall budget of $GPU_CHECK_SECONDS (default 460 s);
@@ -22,7 +23,7 @@ mkdir -p "$(dirname "$LOG")"
 
 export PYTHONUNBUFFERED=1                 # output in order, up to the moment a step dies
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"     # this tree's bcnp, not an installed one
-export CUPY_CACHE_DIR="${CUPY_CACHE_DIR:-$PWD/.cupy_kernel_cache}"   # known place: cold unless a run left it
+CUPY_CACHE="${CUPY_CACHE_DIR:-$HOME/.cupy/kernel_cache}"          # CuPy's compiled kernels (cold on a new machine)
 PY="${PYTHON:-python3}"
 command -v "$PY" >/dev/null 2>&1 || PY=python
 BUDGET="${GPU_CHECK_SECONDS:-460}"
@@ -48,7 +49,7 @@ step() {
     ((limit > left)) && limit=$left
     echo; echo "=== $name (at ${SECONDS}s, limit ${limit}s) ==="
     local start=$SECONDS rc
-    timeout "$limit" "$@"
+    timeout "$limit" bash -c '"$@"' step "$@"        # bash: the steps below are exported shell functions
     rc=$?
     local took=$((SECONDS - start))
     if ((rc == 0)); then record "$name" ok "$took"
@@ -86,8 +87,8 @@ machine() {
 
 cold_compile() {
     local cached
-    cached=$(find "$CUPY_CACHE_DIR" -type f 2>/dev/null | wc -l)
-    echo "CuPy kernel cache $CUPY_CACHE_DIR: $cached files before this step"
+    cached=$(find "$CUPY_CACHE" -type f 2>/dev/null | wc -l)
+    echo "CuPy kernel cache $CUPY_CACHE: $cached files before this step"
     "$PY" - <<'EOF'
 import time
 t = time.perf_counter()
@@ -111,6 +112,9 @@ for run in ("first (CuPy compiles its elementwise and reduction kernels)", "seco
 EOF
 }
 
+export PY CUPY_CACHE
+export -f build_prerequisites build machine cold_compile
+
 main() {
     echo "bcnp GPU check, $(date -u '+%Y-%m-%d %H:%M:%S UTC'), log $LOG, python $PY, budget ${BUDGET}s"
     step "machine" 60 machine
@@ -123,9 +127,9 @@ main() {
     step "cold compile" 120 cold_compile
     step "GPU tests (pytest -m gpu)" 170 "$PY" -m pytest -x -q -m gpu --tb=short --durations=15 \
         -p no:cacheprovider tests/test_backend.py
-    step "backend CPU tests (pytest -m 'not gpu')" 90 "$PY" -m pytest -x -q -m "not gpu" --tb=short \
-        --durations=5 -p no:cacheprovider tests/test_backend.py tests/test_numpy_fallback.py
     step "decode benchmark (tools/gpu_bench.py)" 170 "$PY" tools/gpu_bench.py "$@"
+    step "backend CPU tests (pytest -m 'not gpu')" 120 "$PY" -m pytest -x -q -m "not gpu" --tb=short \
+        --durations=5 -p no:cacheprovider tests/test_backend.py tests/test_numpy_fallback.py
 
     echo
     echo "=== summary (full log: $LOG) ==="
