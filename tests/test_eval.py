@@ -52,7 +52,7 @@ def tiny_model():
     return Model(cfg, random_weights(cfg, seed=9, std=0.3))
 
 
-# --- the files ---------------------------------------------------------------------------------------------------------
+# --- the files -----------------------------------------------------------------------------------------------------
 
 def test_each_layout_reads_every_subject_with_its_categories():
     ceval = read_benchmark("ceval", DATA / "ceval")
