@@ -35,10 +35,8 @@ import numpy as np
 from bcnp.checkpoint import CheckpointError, checkpoint_files, nonfinite, read_checkpoint
 from bcnp.config import Config, ConfigError, read_config_json
 from bcnp.errors import one_line, read_json_object
-from bcnp.layout import (BLOCK_SIZE, EMBEDDING, FLOAT_DTYPES, FORMAT_VERSION, converted_float_dtype,
-                         expected_converted_shapes, model_family, quantized_bits, quantized_shapes)
-
-__all__ = ["convert", "expected_converted_shapes", "quantized_bits", "main"]   # the last two: bcnp.layout's
+from bcnp.layout import (BLOCK_SIZE, EMBEDDING, FLOAT_DTYPES, FORMAT_VERSION, converted_float_dtype,  # noqa: F401
+                         expected_converted_shapes, model_family, quantized_bits, quantized_shapes)  # (re-exported)
 
 CHUNK_ROWS = 1024                       # rows converted at a time: bounds the temporaries (10 MB of 13B embedding)
 SAFETENSORS_CODES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "int8": "I8", "uint8": "U8"}
@@ -282,8 +280,11 @@ def convert(hf_dir, out_dir, quantize_bits=None, force=False, max_shard_bytes=4 
         with contextlib.suppress(OSError):            # the error that got us here is the one to report
             remove_ours(tmp)
         raise
-    if old is not None:
-        remove_ours(old)          # after the swap: a crash while deleting leaves `old`, which the next run removes
+    if old is not None:           # after the swap: a crash while deleting leaves `old`, which the next run removes
+        try:
+            remove_ours(old)
+        except OSError as e:
+            log(f"could not delete {old}, the model --force replaced ({e}); rm -rf -- {shlex.quote(old)}")
     return out_dir
 
 
@@ -434,24 +435,31 @@ def recover_leftovers(out, inputs, log):
     is renamed away), and at 26 GB for the 13B it is what actually hurts; only directories with our marker (or
     empty ones) are deleted, anything else with our naming is reported with the command that removes it."""
     for path, kind, pid in leftovers(out):
-        marker = read_marker(path)
-        if still_running(pid, marker):
-            log(f"{path}: another conversion to {out} (pid {pid}) is running; whichever finishes second will "
-                "fail without touching the other's output")
-            continue
-        if any(holds(os.stat(path), p) for p in inputs):
-            continue                                  # someone is converting from inside it: leave it be
-        if kind == "old" and not os.path.lexists(out):
-            os.rename(path, out)                      # the only complete model: --force died between its renames
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(os.path.join(out, MARKER))
-            log(f"restored {out} from {path}, where an interrupted --force conversion (pid {pid}) had moved it")
-        elif marker is not None or not os.listdir(path):
-            remove_ours(path)
-            log(f"removed {path}, left by an interrupted conversion (pid {pid})")
-        else:
-            log(f"{path} looks like the leftover of an interrupted conversion (pid {pid}) but has no {MARKER} "
-                f"file, so it was left alone; remove it with: rm -rf -- {shlex.quote(path)}")
+        try:
+            recover_leftover(path, kind, pid, out, inputs, log)
+        except OSError as e:                          # one we cannot handle must not stop the conversion
+            log(f"{path}: left by an interrupted conversion (pid {pid}) and could not be cleaned up ({e})")
+
+
+def recover_leftover(path, kind, pid, out, inputs, log):
+    marker = read_marker(path)
+    if still_running(pid, marker):
+        log(f"{path}: another conversion to {out} (pid {pid}) is running; whichever finishes second will "
+            "fail without touching the other's output")
+        return
+    if any(holds(os.stat(path), p) for p in inputs):
+        return                                        # someone is converting from inside it: leave it be
+    if kind == "old" and not os.path.lexists(out):
+        os.rename(path, out)                          # the only complete model: --force died between renames
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(out, MARKER))
+        log(f"restored {out} from {path}, where an interrupted --force conversion (pid {pid}) had moved it")
+    elif marker is not None or not os.listdir(path):
+        remove_ours(path)
+        log(f"removed {path}, left by an interrupted conversion (pid {pid})")
+    else:
+        log(f"{path} looks like the leftover of an interrupted conversion (pid {pid}) but has no {MARKER} "
+            f"file, so it was left alone; remove it with: rm -rf -- {shlex.quote(path)}")
 
 
 @contextlib.contextmanager
