@@ -499,7 +499,7 @@ def read_model_dir(directory):
     """(config, bcnp section of config.json or None, tensors) of a Hugging Face directory or one written by
     `bcnp.convert`, every tensor's name and shape checked against the config."""
     from .config import Config, read_config_json
-    from .convert import expected_converted_shapes
+    from .layout import expected_section_shapes
     directory = os.fspath(directory)
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"{directory}: no such model directory")
@@ -508,10 +508,6 @@ def read_model_dir(directory):
     if section is None:
         expected = config.weight_shapes()
     else:
-        bits = (section.get("quantization") or {}).get("bits")
-        if bits not in (None, 8, 4):
-            raise CheckpointError(f"{os.path.join(directory, 'config.json')}: bcnp.quantization.bits must be 8 or "
-                                  f"4, got {bits!r}")
-        expected = expected_converted_shapes(config, bits)
+        expected = expected_section_shapes(config, section, os.path.join(directory, "config.json"))
     tensors = read_checkpoint(directory, expected)
     return config, section, {name: tensors[name] for name in expected}      # in the model's order

@@ -54,8 +54,7 @@ if _missing:
                            "slower: build them with `python setup.py build_ext --inplace` (needs a C compiler and "
                            "Python.h) or `pip install -e .`"), RuntimeWarning, stacklevel=2)
 
-BLOCK = 32
-BITS = (8, 4)
+from .layout import BITS, BLOCK_SIZE as BLOCK, is_linear, padded_width, quantized_bits  # noqa: F401 (re-exported)
 
 
 # --- the specification, in NumPy ------------------------------------------------------------------------------
@@ -63,10 +62,6 @@ BITS = (8, 4)
 def _check_bits(bits):
     if bits not in BITS:
         raise ValueError(f"bits must be 8 or 4, got {bits!r}")
-
-
-def padded_width(in_features):
-    return -(-in_features // BLOCK) * BLOCK
 
 
 def _weight_blocks(w, name):
@@ -248,25 +243,6 @@ def dequantize_fast(qweight, scales, bits, in_features=None, threads=None, out=N
     q = _c_contiguous(qweight, np.int8 if bits == 8 else np.uint8)
     w = kernel(q, _c_contiguous(scales, np.float16).view(np.uint16), out, threads or 0)
     return w if in_features is None else w[:, :in_features]
-
-
-# --- what gets quantized ---------------------------------------------------------------------------------------
-
-LINEAR_SUFFIXES = ("self_attn.W_pack.weight", "self_attn.o_proj.weight",
-                   "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight")
-
-
-def is_linear(name):
-    return name == "lm_head.weight" or name.endswith(LINEAR_SUFFIXES)
-
-
-def quantized_bits(name, bits):
-    """How many bits weight `name` gets when the model is quantized to `bits` (None: it stays float). Every linear
-    gets `bits` except lm_head, which keeps 8: the output matrix matters most (llama.cpp keeps it precise too).
-    The embedding is a lookup, not a matmul: it stays float16."""
-    if bits is None or not is_linear(name):
-        return None
-    return 8 if name == "lm_head.weight" else bits
 
 
 # --- the quantized linear layer --------------------------------------------------------------------------------

@@ -156,7 +156,7 @@ def test_converted_directory_holds_the_bytes_the_report_predicts(tmp_path, bits,
     r = inspect_model(out)
     assert r["format"] == "bcnp"
     assert r["quantization"]["bits"] == bits and r["quantization"]["source_dtype"] == "bfloat16"
-    expected = expected_converted_shapes(config, bits)
+    expected = expected_converted_shapes(config, bits, "bfloat16")   # float tensors keep the source dtype
     assert [t["name"] for t in r["tensors"]] == list(expected)
     assert all((t["dtype"], tuple(t["shape"])) == expected[t["name"]] for t in r["tensors"])
     assert r["stored_bytes"] == r["memory"]["weights"][precision]     # the prediction, from the config alone
