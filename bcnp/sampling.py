@@ -85,11 +85,12 @@ SETTINGS = {
 }
 
 
-def check_setting(name, value):
-    """ValueError "`name` must be ..., got `value`" when `value` is outside what generation can use."""
+def check_setting(name, value, label=None):
+    """ValueError "`label` (default `name`) must be ..., got `value`" when `value` is outside what generation
+    can use."""
     valid, expected = SETTINGS[name]
     if not valid(value):
-        raise ValueError(f"{name} must be {expected}, got {value!r:.60}")
+        raise ValueError(f"{label or name} must be {expected}, got {value!r:.60}")
 
 
 def check_sampling_args(temperature, top_k, top_p, repetition_penalty, do_sample):
