@@ -12,7 +12,7 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
-from .config import ConfigError
+from .config import MAX_CONFIG_BYTES, ConfigError
 from .errors import read_json_object
 
 FLOAT32_MAX = np.float32(np.finfo(np.float32).max)
@@ -44,7 +44,8 @@ class GenerationConfig:
         if os.path.isdir(path):
             path = os.path.join(path, "generation_config.json")
         try:
-            d = read_json_object(path, error=ConfigError, max_bytes=2**20, what="generation_config.json")
+            d = read_json_object(path, error=ConfigError, max_bytes=MAX_CONFIG_BYTES,
+                                 what="generation_config.json")
         except FileNotFoundError:
             d = {}
         names = {f.name for f in fields(cls)}

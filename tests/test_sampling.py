@@ -64,7 +64,8 @@ def test_a_tiny_temperature_stays_finite_and_is_greedy(logits, temperature):
     assert not np.isnan(scaled).any() and scaled.max() == 0 and (scaled <= 0).all()
     probabilities = softmax(scaled)
     assert np.isfinite(probabilities).all() and probabilities.sum() == pytest.approx(1.0)
-    if (logits == logits.max()).sum() == 1:
+    top_two = np.sort(logits)[-2:]
+    if len(logits) == 1 or top_two[1] - top_two[0] > 50 * temperature:      # else it is not greedy yet
         token = next_token(logits, [], rng=np.random.default_rng(0), **dict(SAMPLE, temperature=temperature))
         assert token == int(np.argmax(logits))
 
@@ -254,7 +255,7 @@ def test_generation_config_fields_are_checked_when_read(tmp_path, field, value, 
         GenerationConfig.from_json(tmp_path, vocab_size=512)
 
 
-@pytest.mark.parametrize("content, message", [(b"[" * 100_000, "is nested too deeply"),
+@pytest.mark.parametrize("content, message", [(b"[" * 30_000, "is nested too deeply"),
                                               ('{"top_k": "\xe9"}'.encode("latin-1"), "is not UTF-8"),
                                               (b"[]", "must be a JSON object")], ids=["deep", "latin-1", "list"])
 def test_an_unreadable_generation_config_names_the_file(tmp_path, content, message):
