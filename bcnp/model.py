@@ -403,7 +403,8 @@ class Model:
         seen = [int(t) for t in ids]
         step = ids
         for _ in range(max_new_tokens):
-            logits = self.next_logits(step, cache)
+            with np.errstate(over="ignore", invalid="ignore"):     # overflow is caught below, as one error
+                logits = self.next_logits(step, cache)
             if not np.isfinite(logits).all():
                 raise ValueError(f"{self.path or 'the model'}: the logits at position {cache.length - 1} are not "
                                  "finite (NaN or infinity): a weight or an activation overflowed; stopping instead "

@@ -13,8 +13,8 @@ import time
 import pytest
 
 from bcnp import generate
-from test_generate_cli import (CLI_DEFAULTS, HF_FIXTURE, ROOT, STATS, InterruptedModel, model_dir, run_cli,  # noqa: F401
-                               typed_lines)
+from test_generate_cli import HF_FIXTURE, ROOT, STATS, InterruptedModel, typed_lines
+from test_generate_cli import model_dir  # noqa: F401  (the chat model directory fixture)
 
 
 def run(module, *args, stdin=b"", stdout=subprocess.PIPE, shell_suffix=None, env=None, timeout=120):
@@ -184,3 +184,20 @@ def test_ctrl_c_twice_in_a_real_session_exits_130_without_a_traceback(model_dir)
         p.kill()
     assert p.returncode == 130, err.decode()
     assert b"Traceback" not in err and b"Exception ignored" not in err
+
+
+def test_logits_that_overflow_stop_generation_with_one_error_line(tmp_path):
+    """Finite weights can still overflow float32 (a final norm of 1e38): the reply must not be '⁇ ⁇ ⁇'."""
+    from safetensors.numpy import save_file
+    from bcnp.config import Config
+    from bcnp.model import random_weights
+    directory = bad_copy(tmp_path, "config.json")
+    for stale in directory.glob("pytorch_model*"):
+        stale.unlink()
+    weights = random_weights(Config.from_json(directory))
+    weights["model.norm.weight"][:] = 1e38
+    weights["lm_head.weight"][:] = 1e38                              # every logit overflows, from the first token
+    save_file(weights, str(directory / "model.safetensors"))
+    r = run("generate", "--model", directory, "--prompt", "hi", "--greedy")
+    one_error_line(r, "the logits at position .* are not finite")
+    assert r.stdout == b""

@@ -38,7 +38,8 @@ def test_the_fixture_configs_open():
     (GOOD_13B, "num_hidden_layers", 10**7, r"num_hidden_layers must be an integer in \[1, 1024\]"),
     (GOOD_13B, "num_attention_heads", None, "num_attention_heads must be an integer"),
     (GOOD_13B, "num_attention_heads", 3, "hidden_size 5120 is not a multiple of num_attention_heads 3"),
-    (GOOD_13B, "model_max_length", 1e12, r"model_max_length must be an integer in \[1, 1048576\], got 1000000000000\.0"),
+    (GOOD_13B, "model_max_length", 1e12, r"model_max_length must be an integer in \[1, 1048576\], "
+                                          r"got 1000000000000\.0"),
     (GOOD_13B, "model_max_length", 2**21, "model_max_length must be an integer"),
     (GOOD_13B, "model_max_length", 0, "model_max_length must be an integer"),
     (GOOD_7B, "max_position_embeddings", "4096", "max_position_embeddings must be an integer"),
