@@ -3,15 +3,38 @@
 The two models differ in one respect that matters to the forward pass: 13B (`BaichuanForCausalLM`) biases
 attention with ALiBi and names its context `model_max_length`; 7B (`BaiChuanForCausalLM`) rotates q and k with
 RoPE and names it `max_position_embeddings`.
+
+`Config.from_dict` checks the type and range of every field bcnp uses, so a directory that opens is one that
+runs: inspect, convert and generate all read a config through it, and a hostile config.json cannot make bcnp
+build anything huge (10^7 layers, a 10^12-token cache) before a single file has been checked.
 """
-import dataclasses
-import json
+import math
+import numbers
 import os
 from dataclasses import dataclass
+
+from .errors import read_json_object
 
 
 class ConfigError(ValueError):
     pass
+
+
+ARCHITECTURES = {"BaichuanForCausalLM": "alibi", "BaiChuanForCausalLM": "rope"}   # 13B, 7B
+DTYPES = ("float32", "float16", "bfloat16")
+
+# Sane maxima, so that nothing bcnp builds from a config (the table of weight shapes, the KV cache) can be huge.
+# The largest released models stay far below them: Llama-3.1-405B has 126 layers, 128 heads, hidden 16384 and
+# intermediate 53248; the largest vocabularies are ~256k (Gemma); the longest contexts 2^20 tokens. Baichuan-13B:
+# 40 layers, 40 heads, 5120 / 13696, vocab 64000, 4096 tokens.
+MAX_LAYERS = 1024
+MAX_HEADS = 1024
+MAX_WIDTH = 2**17              # hidden_size and intermediate_size
+MAX_VOCAB = 2**22
+MAX_CONTEXT = 2**20
+# config.json and generation_config.json are ~1 kB. The bound is also memory: read_json allocates it up front
+# (1 MiB made the converter's peak allocation 8x larger, tests/test_convert.py).
+MAX_CONFIG_BYTES = 2**16
 
 
 @dataclass(frozen=True)
@@ -36,30 +59,35 @@ class Config:
 
     @classmethod
     def from_dict(cls, d, source="config.json"):
-        archs = d.get("architectures") or []
-        if "BaichuanForCausalLM" in archs or ("model_max_length" in d and "max_position_embeddings" not in d):
-            position, max_position = "alibi", d.get("model_max_length")
-        elif "BaiChuanForCausalLM" in archs or "max_position_embeddings" in d:
-            position, max_position = "rope", d.get("max_position_embeddings")
-        else:
-            raise ConfigError(f"{source}: not a Baichuan config (architectures={archs!r}, "
-                              "expected BaichuanForCausalLM (13B, ALiBi) or BaiChuanForCausalLM (7B, RoPE))")
-        required = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"]
-        missing = [k for k in required if not isinstance(d.get(k), int) or d[k] <= 0]
-        if not isinstance(max_position, int) or max_position <= 0:
-            missing.append("model_max_length" if position == "alibi" else "max_position_embeddings")
-        if missing:
-            raise ConfigError(f"{source}: missing or invalid positive integer field(s): {', '.join(missing)}")
-        if d["hidden_size"] % d["num_attention_heads"]:
-            raise ConfigError(f"{source}: hidden_size {d['hidden_size']} is not a multiple of "
-                              f"num_attention_heads {d['num_attention_heads']}")
-        if position == "rope" and (d["hidden_size"] // d["num_attention_heads"]) % 2:
-            raise ConfigError(f"{source}: RoPE needs an even head_dim")
-        if d.get("tie_word_embeddings"):
-            raise ConfigError(f"{source}: tie_word_embeddings=true is not a Baichuan layout")
-        names = {f.name for f in dataclasses.fields(cls)}
-        known = {k: d[k] for k in names if k in d}
-        return cls(**known, max_position=max_position, position_embedding=position)
+        """The Config of config.json's dict `d` (unknown keys ignored); ConfigError naming `source` and the
+        field for anything bcnp would later trip over."""
+        field = FieldChecker(d, source)
+        position = position_embedding(d, source)
+        context_field = "model_max_length" if position == "alibi" else "max_position_embeddings"
+        sizes = dict(vocab_size=field.integer("vocab_size", 1, MAX_VOCAB),
+                     hidden_size=field.integer("hidden_size", 1, MAX_WIDTH),
+                     intermediate_size=field.integer("intermediate_size", 1, MAX_WIDTH),
+                     num_hidden_layers=field.integer("num_hidden_layers", 1, MAX_LAYERS),
+                     num_attention_heads=field.integer("num_attention_heads", 1, MAX_HEADS),
+                     max_position=field.integer(context_field, 1, MAX_CONTEXT))
+        if sizes["hidden_size"] % sizes["num_attention_heads"]:
+            raise ConfigError(f"{source}: hidden_size {sizes['hidden_size']} is not a multiple of "
+                              f"num_attention_heads {sizes['num_attention_heads']}")
+        if position == "rope" and (sizes["hidden_size"] // sizes["num_attention_heads"]) % 2:
+            raise ConfigError(f"{source}: RoPE needs an even head_dim (hidden_size / num_attention_heads)")
+        if field.boolean("tie_word_embeddings", default=False):
+            raise ConfigError(f"{source}: tie_word_embeddings=true is not a Baichuan layout (it has a separate "
+                              "lm_head)")
+        if field.string("hidden_act", default="silu") != "silu":
+            raise ConfigError(f"{source}: hidden_act must be \"silu\" (Baichuan's SwiGLU), got {d['hidden_act']!r:.60}")
+        vocab = sizes["vocab_size"]
+        return cls(**sizes, position_embedding=position,
+                   rms_norm_eps=field.real("rms_norm_eps", 0.0, 1.0, default=cls.rms_norm_eps),
+                   rope_theta=field.real("rope_theta", 0.0, math.inf, default=cls.rope_theta),
+                   bos_token_id=field.token_id("bos_token_id", vocab, default=cls.bos_token_id),
+                   eos_token_id=field.token_id("eos_token_id", vocab, default=cls.eos_token_id),
+                   pad_token_id=field.token_id("pad_token_id", vocab, default=cls.pad_token_id),
+                   torch_dtype=field.choice("torch_dtype", DTYPES, default=cls.torch_dtype))
 
     @classmethod
     def from_json(cls, path):
@@ -76,6 +104,8 @@ class Config:
              "bos_token_id": self.bos_token_id, "eos_token_id": self.eos_token_id,
              "pad_token_id": self.pad_token_id, "torch_dtype": self.torch_dtype}
         d["model_max_length" if self.position_embedding == "alibi" else "max_position_embeddings"] = self.max_position
+        if self.position_embedding == "rope" and self.rope_theta != 10000.0:
+            d["rope_theta"] = self.rope_theta
         return d
 
     def weight_shapes(self):
@@ -105,24 +135,107 @@ class Config:
         return n
 
 
+def position_embedding(d, source):
+    """"alibi" (13B) or "rope" (7B), from `architectures` (or, without it, the name of the context field)."""
+    model_type = d.get("model_type", "baichuan")
+    if model_type != "baichuan":
+        raise ConfigError(f"{source}: model_type is {model_type!r:.60}, not \"baichuan\": not a Baichuan model")
+    if "architectures" in d:
+        archs = d["architectures"]
+        if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+            raise ConfigError(f"{source}: architectures must be a list of strings, got {archs!r:.60}")
+        known = [ARCHITECTURES[a] for a in archs if a in ARCHITECTURES]
+        if len(known) != 1:
+            raise ConfigError(f"{source}: not a Baichuan config (architectures={archs!r:.100}, expected "
+                              "[\"BaichuanForCausalLM\"] (13B, ALiBi) or [\"BaiChuanForCausalLM\"] (7B, RoPE))")
+        return known[0]
+    if "model_type" in d and ("model_max_length" in d) != ("max_position_embeddings" in d):
+        return "alibi" if "model_max_length" in d else "rope"
+    raise ConfigError(f"{source}: not a Baichuan config (no architectures field; expected [\"BaichuanForCausalLM\"] "
+                      "(13B, ALiBi) or [\"BaiChuanForCausalLM\"] (7B, RoPE))")
+
+
+class FieldChecker:
+    """Typed reads of config.json's fields, each a ConfigError naming the file and the field when wrong.
+    JSON's true/false are Python bools, which are ints: they are refused where a number is expected."""
+
+    def __init__(self, d, source):
+        self.d, self.source = d, source
+
+    def fail(self, name, expected):
+        value = self.d.get(name)
+        raise ConfigError(f"{self.source}: {name} must be {expected}, got {value!r:.60}"
+                          + ("" if name in self.d else " (missing)"))
+
+    def integer(self, name, low, high, default=None):
+        value = self.d.get(name, default)
+        if not (isinstance(value, int) and not isinstance(value, bool) and low <= value <= high):
+            self.fail(name, f"an integer in [{low}, {high}]")
+        return value
+
+    def token_id(self, name, vocab_size, default):
+        return self.integer(name, 0, vocab_size - 1, default)
+
+    def real(self, name, low, high, default):
+        """A finite number in the open interval (low, high)."""
+        value = self.d.get(name, default)
+        if not (isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+                and low < value < high):
+            self.fail(name, f"a finite number in ({low:g}, {high:g})")
+        return float(value)
+
+    def boolean(self, name, default):
+        value = self.d.get(name, default)
+        if not isinstance(value, bool):
+            self.fail(name, "true or false")
+        return value
+
+    def string(self, name, default):
+        value = self.d.get(name, default)
+        if not isinstance(value, str):
+            self.fail(name, "a string")
+        return value
+
+    def choice(self, name, choices, default):
+        value = self.d.get(name, default)
+        if value not in choices or not isinstance(value, str):
+            self.fail(name, "one of " + ", ".join(choices))
+        return value
+
+
 def config_path(path):
     path = os.fspath(path)
     return os.path.join(path, "config.json") if os.path.isdir(path) else path
 
 
 def read_config_json(path):
-    """The dict in config.json (`path`: the file or its directory), with a clear error when it is not there."""
+    """The dict in config.json (`path`: the file or its directory), with a clear error when it is not there;
+    its `bcnp` section (written by bcnp.convert), if any, has the shape its readers expect."""
     path = config_path(path)
     try:
-        with open(path, encoding="utf-8") as f:
-            d = json.load(f)
+        d = read_json_object(path, error=ConfigError, max_bytes=MAX_CONFIG_BYTES, what="config.json")
     except FileNotFoundError:
         raise ConfigError(f"{path}: no config.json (is this a Baichuan model directory?)") from None
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(d, dict):
-        raise ConfigError(f"{path}: expected a JSON object, got {type(d).__name__}")
+    if "bcnp" in d:
+        check_bcnp_section(d["bcnp"], path)
     return d
+
+
+def check_bcnp_section(section, path):
+    """{"format_version": int, "quantization": null or {"bits": 8 | 4, "block_size": 32}, "source_dtype": str}."""
+    if not isinstance(section, dict):
+        raise ConfigError(f"{path}: the bcnp section must be an object, got {section!r:.60}")
+    version = section.get("format_version")
+    if not (isinstance(version, int) and not isinstance(version, bool) and version >= 1):
+        raise ConfigError(f"{path}: bcnp.format_version must be an integer >= 1, got {version!r:.60}")
+    q = section.get("quantization")
+    if q is not None and not (isinstance(q, dict) and q.get("bits") in (8, 4) and not isinstance(q.get("bits"), bool)
+                              and q.get("block_size") == 32 and not isinstance(q.get("block_size"), bool)):
+        raise ConfigError(f"{path}: bcnp.quantization must be null or {{\"bits\": 8 or 4, \"block_size\": 32}}, "
+                          f"got {q!r:.80}")
+    if section.get("source_dtype") not in DTYPES or not isinstance(section.get("source_dtype"), str):
+        raise ConfigError(f"{path}: bcnp.source_dtype must be one of {', '.join(DTYPES)}, "
+                          f"got {section.get('source_dtype')!r:.60}")
 
 
 # The released models, for tests, benchmarks and `bcnp.inspect --preset`.

@@ -7,34 +7,27 @@
 The reply streams to stdout; a stats line (prompt tokens, prefill and decode speed, tokens generated) goes to
 stderr. In the interactive chat, /reset forgets the conversation and /quit (or Ctrl-D) leaves; Ctrl-C during a
 reply stops that reply and keeps the part already printed in the history (the model saw it, and so did you);
-Ctrl-C at the prompt leaves. Every mistake a user can make ends with one line `error: ...` on stderr and a
-non-zero exit status.
+Ctrl-C at the prompt leaves (exit status 130). Every mistake a user can make ends with one line `error: ...` on
+stderr and a non-zero exit status; a typed line that is not UTF-8 is refused alone, and the chat goes on.
 
 The prompt goes through the chat template. When the conversation outgrows the context, the oldest rounds are
 dropped first and then the room kept for the reply shrinks; the newest message itself is never cut: if it does
 not fit with room for at least one new token, that is an error.
 """
-import argparse
 import os
 import sys
 import time
 
-EXIT_ERROR = 1
-EXIT_USAGE = 2
-EXIT_INTERRUPTED = 130
+from .cli import (EXIT_ERROR, EXIT_INTERRUPTED, EXIT_USAGE, ArgumentParser, Output, OutputError, UsageError,
+                  error_line, run)
 
-
-class UsageError(Exception):
-    pass
+# The sampling settings a user may set, with their flags (checked by bcnp.sampling's rules).
+SETTING_FLAGS = {"max_new_tokens": "--max-new-tokens", "temperature": "--temperature", "top_k": "--top-k",
+                 "top_p": "--top-p", "repetition_penalty": "--repetition-penalty"}
 
 
 class PromptTooLong(ValueError):
     pass
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    def error(self, message):                  # argparse would print the usage and then the message
-        raise UsageError(message)
 
 
 def parse_args(argv):
@@ -59,20 +52,21 @@ def parse_args(argv):
 
 
 def check_args(args):
+    from .sampling import check_setting
+    from .tokenizer import utf8_problem
     if args.demo == (args.model is not None):
         raise UsageError("give either --model DIR or --demo")
-    if args.max_new_tokens is not None and args.max_new_tokens < 1:
-        raise UsageError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    if args.temperature is not None and not args.temperature > 0:
-        raise UsageError(f"--temperature must be > 0, got {args.temperature} (use --greedy for no sampling)")
-    if args.top_k is not None and args.top_k < 0:
-        raise UsageError(f"--top-k must be >= 0 (0 = off), got {args.top_k}")
-    if args.top_p is not None and not 0 < args.top_p <= 1:
-        raise UsageError(f"--top-p must be in (0, 1], got {args.top_p}")
-    if args.repetition_penalty is not None and not args.repetition_penalty > 0:
-        raise UsageError(f"--repetition-penalty must be > 0 (1.0 = off), got {args.repetition_penalty}")
+    for name, flag in SETTING_FLAGS.items():
+        if getattr(args, name) is not None:
+            try:
+                check_setting(name, getattr(args, name), label=flag)
+            except ValueError as e:
+                raise UsageError(str(e)) from None
     if args.seed is not None and args.seed < 0:
         raise UsageError(f"--seed must be >= 0, got {args.seed}")
+    for flag, text in (("--prompt", args.prompt), ("--system", args.system)):    # a path may hold any bytes
+        if text is not None and utf8_problem(text):
+            raise UsageError(f"{flag} is not valid UTF-8 ({utf8_problem(text)})")
 
 
 def load_model(args):
@@ -162,7 +156,8 @@ def one_shot(model, args, out, err):
 
 
 def interactive(model, args, out, err, read_line=None):
-    """Multi-turn chat until /quit, end of input or Ctrl-C at the prompt."""
+    """Multi-turn chat until /quit, end of input (status 0) or Ctrl-C at the prompt (130)."""
+    from .tokenizer import utf8_problem
     read_line = read_line or prompt_reader()
     system, history, turn = system_messages(args), [], 0
     err.write("Chat with the model: /reset forgets the conversation, /quit or Ctrl-D leaves, "
@@ -170,9 +165,15 @@ def interactive(model, args, out, err, read_line=None):
     while True:
         try:
             line = read_line()
-        except (EOFError, KeyboardInterrupt):
+        except EOFError:
             err.write("\n")
             return 0
+        except KeyboardInterrupt:
+            err.write("\n")
+            return EXIT_INTERRUPTED
+        if utf8_problem(line):
+            err.write(error_line(f"that line is not valid UTF-8 ({utf8_problem(line)}); nothing was sent"))
+            continue
         command = line.strip()
         if not command:
             continue
@@ -212,14 +213,12 @@ def max_new_tokens(model, args):
     return args.max_new_tokens or model.generation_config.max_new_tokens
 
 
-def error_line(e):
-    return "error: " + " ".join(str(e).split()) + "\n"      # one line, whatever the message holds
-
-
 def main(argv=None, out=None, err=None):
-    out, err = out or sys.stdout, err or sys.stderr
+    out = sys.stdout if out is None else out
+    err = sys.stderr if err is None else err
     try:
         args = parse_args(argv)
+        out = Output(out)                       # before anything is built: stdout closed is an error now
         if args.demo:
             from .demo import build_demo_model
             args.model = build_demo_model()
@@ -234,20 +233,13 @@ def main(argv=None, out=None, err=None):
         return EXIT_USAGE
     except BrokenPipeError:
         raise                                   # not a user error: whoever read our output went away
-    except (ValueError, OSError, RuntimeError, ImportError) as e:
+    except (OutputError, ValueError, OSError, RuntimeError, ImportError, MemoryError) as e:
         err.write(error_line(e))
         return EXIT_ERROR
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:                   # in a reply, the first Ctrl-C is handled there; this is another
         err.write("\n")
         return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":
-    for stream in (sys.stdout, sys.stderr):
-        if hasattr(stream, "reconfigure"):
-            stream.reconfigure(errors="replace")    # a terminal that cannot show a character gets '?'
-    try:
-        sys.exit(main())
-    except BrokenPipeError:                     # e.g. `| head`: stop quietly, and keep Python's exit flush quiet
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        sys.exit(EXIT_ERROR)
+    run(main)

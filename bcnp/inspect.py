@@ -10,7 +10,6 @@ exact; GB means 10^9 bytes. Nothing is read but the headers: values stay on disk
 
 `inspect_model(path_or_config)` computes the report as a dict; `format_report(report)` turns it into the text.
 """
-import argparse
 import dataclasses
 import json
 import os
@@ -19,6 +18,7 @@ import sys
 
 import numpy as np
 
+from .cli import EXIT_ERROR, EXIT_USAGE, ArgumentParser, Output, OutputError, UsageError, error_line, run
 from .config import BAICHUAN_7B, BAICHUAN_13B, Config
 
 PRESETS = {"13b": BAICHUAN_13B, "7b": BAICHUAN_7B}
@@ -136,7 +136,7 @@ def inspect_model(source):
         where = os.fspath(source)
         config, quantization, tensors, files = read_model_dir(where)
         form = "huggingface" if quantization is None else "bcnp"
-        generation = GenerationConfig.from_json(where)
+        generation = GenerationConfig.from_json(where, config.vocab_size)
         path = os.path.join(where, "generation_config.json")
         generation_source = path if os.path.isfile(path) else "defaults"
     return {"source": where,
@@ -287,17 +287,9 @@ def format_report(r, all_tensors=False):
 
 # --- command line ----------------------------------------------------------------------------------------------
 
-class UsageError(Exception):
-    pass
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    def error(self, message):
-        raise UsageError(message)
-
-
 def main(argv=None, out=None, err=None):
-    out, err = out or sys.stdout, err or sys.stderr
+    out = sys.stdout if out is None else out
+    err = sys.stderr if err is None else err
     p = ArgumentParser(prog="python -m bcnp.inspect", description=__doc__.split("\n\n")[0])
     p.add_argument("model", nargs="?", metavar="MODEL_DIR", help="a Hugging Face or bcnp.convert directory")
     p.add_argument("--preset", choices=sorted(PRESETS), help="the released Baichuan-13B or -7B shapes, no files")
@@ -308,20 +300,17 @@ def main(argv=None, out=None, err=None):
         if (args.model is None) == (args.preset is None):
             raise UsageError("give a MODEL_DIR or --preset 13b|7b (one of them)")
     except UsageError as e:
-        err.write(f"error: {e}\n")
-        return 2
+        err.write(error_line(e))
+        return EXIT_USAGE
     try:
+        out = Output(out)
         report = inspect_model(PRESETS[args.preset] if args.preset else args.model)
-    except (ValueError, OSError) as e:           # ConfigError and CheckpointError are ValueErrors
-        err.write("error: " + " ".join(str(e).split()) + "\n")
-        return 1
-    out.write(json.dumps(report, indent=1) + "\n" if args.json else format_report(report, args.tensors))
+        out.write(json.dumps(report, indent=1) + "\n" if args.json else format_report(report, args.tensors))
+    except (OutputError, ValueError, OSError) as e:      # ConfigError and CheckpointError are ValueErrors
+        err.write(error_line(e))
+        return EXIT_ERROR
     return 0
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except BrokenPipeError:                      # `| head`: stop quietly
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        sys.exit(1)
+    run(main)

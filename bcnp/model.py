@@ -8,6 +8,7 @@ Shapes: T new tokens, S = tokens in the cache after appending them, H hidden, nh
 """
 import functools
 import math
+import numbers
 import os
 from dataclasses import dataclass
 
@@ -145,10 +146,22 @@ class KVCache:
 
 
 def new_cache(xp, config, max_len=None, dtype=None):
+    """An empty KVCache for `max_len` positions (default: the whole context); MemoryError saying how much the
+    context needs when it cannot be had (a 2^20-token context of the 13B needs 1.7 TB in float32)."""
     max_len = config.max_position if max_len is None else max_len
-    shape = (config.num_hidden_layers, config.num_attention_heads, max_len, config.head_dim)
+    if not (isinstance(max_len, numbers.Integral) and not isinstance(max_len, bool)
+            and 1 <= max_len <= config.max_position):
+        raise ValueError(f"new_cache: max_len must be an integer in [1, {config.max_position}] (the context), "
+                         f"got {max_len!r:.60}")
+    shape = (config.num_hidden_layers, config.num_attention_heads, int(max_len), config.head_dim)
     dtype = xp.float32 if dtype is None else dtype
-    return KVCache(xp.zeros(shape, dtype=dtype), xp.zeros(shape, dtype=dtype))
+    try:
+        return KVCache(xp.zeros(shape, dtype=dtype), xp.zeros(shape, dtype=dtype))
+    except MemoryError:                        # numpy's _ArrayMemoryError, CuPy's OutOfMemoryError
+        nbytes = 2 * math.prod(shape) * np.dtype(dtype).itemsize
+        raise MemoryError(f"the context of {max_len} tokens needs {nbytes / 1e9:.1f} GB of KV cache "
+                          f"({np.dtype(dtype).name} keys and values of {config.num_hidden_layers} layers), more "
+                          "than this machine can allocate; use a shorter context or fewer new tokens") from None
 
 
 # --- the transformer ---------------------------------------------------------------------------------------------
@@ -279,7 +292,7 @@ class Model:
         if os.path.exists(os.path.join(path, "tokenizer.model")):
             from .tokenizer import Tokenizer
             tokenizer = Tokenizer(os.path.join(path, "tokenizer.model"))
-        return cls(config, w, np, tokenizer, GenerationConfig.from_json(path), path)
+        return cls(config, w, np, tokenizer, GenerationConfig.from_json(path, config.vocab_size), path)
 
     def _with_weights(self, w, xp):
         return Model(self.config, w, xp, self.tokenizer, self.generation_config, self.path)
@@ -287,11 +300,12 @@ class Model:
     def quantize(self, bits):
         """Every linear weight to `bits` (8 or 4; lm_head always 8), the embedding to float16; one tensor at a
         time, so a bfloat16 13B quantizes in little more memory than its quantized size."""
-        if bits not in (8, 4):
+        if bits not in (8, 4) or isinstance(bits, bool):
             raise ValueError(f"quantize: bits must be 8 or 4, got {bits!r}")
         if self.xp is not np:
             raise ValueError("quantize on the CPU, then move: model.quantize(8).cuda()")
         names = self.w.names() if isinstance(self.w, CheckpointWeights) else list(self.w)
+        self._check_not_quantized_otherwise(names, bits)
         quantized = {}
         for name in names:
             if isinstance(self.w, CheckpointWeights) and name not in self.w:
@@ -304,6 +318,15 @@ class Model:
                 quantized[name] = QuantizedWeight.from_float(array, quantized_bits(name, bits), name=name)
         return self._with_weights(quantized, np)
 
+    def _check_not_quantized_otherwise(self, names, bits):
+        """Quantizing again to the same bits changes nothing; to other bits it would quantize the rounding errors
+        of the first pass (and used to keep the first bits silently)."""
+        for name in names:
+            weight = self.w.get(name)                 # .get: a CheckpointWeights does not convert on .get
+            if isinstance(weight, QuantizedWeight) and weight.bits != quantized_bits(name, bits):
+                raise ValueError(f"quantize({bits}): the model is already quantized ({name} has {weight.bits} bits); "
+                                 "quantize the original float model instead")
+
     def cuda(self):
         from .backend import to_device
         return to_device(self)
@@ -315,6 +338,7 @@ class Model:
     # --- running ---
 
     def new_cache(self, max_len=None):
+        """An empty cache for `max_len` positions (default: the whole context)."""
         return new_cache(self.xp, self.config, max_len, self.cache_dtype)
 
     def forward(self, ids, cache):
@@ -335,9 +359,13 @@ class Model:
 
     def next_logits(self, ids, cache):
         """Host float32 logits (V,) of the last of `ids`, appended to `cache`: one step of generation."""
+        ids = self._check_ids(ids)
         return to_numpy(transformer(self.xp, self.w, self.config, ids, cache, last_only=True))[0]
 
     def _check_ids(self, ids):
+        if isinstance(ids, (str, bytes)):
+            raise ValueError(f"token ids must be a sequence of integers, got {type(ids).__name__} (encode text with "
+                             "model.tokenizer.encode first)")
         ids = np.asarray(ids)
         if ids.ndim != 1 or ids.size == 0 or not np.issubdtype(ids.dtype, np.integer):
             raise ValueError(f"token ids must be a non-empty 1-D sequence of integers, got shape {ids.shape} "
@@ -348,9 +376,10 @@ class Model:
 
     def generate(self, ids, max_new_tokens=None, temperature=None, top_k=None, top_p=None,
                  repetition_penalty=None, do_sample=None, seed=None):
-        """Yield new token ids one at a time; stop at eos (not yielded), max_new_tokens or a full context.
-        Unset arguments come from the checkpoint's generation_config.json."""
-        from .sampling import next_token
+        """An iterator of new token ids; it stops at eos (not yielded), max_new_tokens or a full context.
+        Unset arguments come from the checkpoint's generation_config.json. Everything is checked here, before
+        the first token; a step whose logits are not finite (NaN or infinity) stops it with a ValueError."""
+        from .sampling import check_sampling_args, check_setting
         g = self.generation_config
         max_new_tokens = g.max_new_tokens if max_new_tokens is None else max_new_tokens
         settings = dict(temperature=g.temperature if temperature is None else temperature,
@@ -358,16 +387,28 @@ class Model:
                         top_p=g.top_p if top_p is None else top_p,
                         repetition_penalty=g.repetition_penalty if repetition_penalty is None else repetition_penalty,
                         do_sample=g.do_sample if do_sample is None else do_sample)
+        check_setting("max_new_tokens", max_new_tokens)
+        check_sampling_args(**settings)
+        if seed is not None and not (isinstance(seed, numbers.Integral) and seed >= 0):
+            raise ValueError(f"seed must be an integer >= 0, got {seed!r:.60}")
         ids = self._check_ids(ids)
         if len(ids) >= self.config.max_position:
             raise ValueError(f"prompt has {len(ids)} tokens; the context holds {self.config.max_position} "
                              "(prompt plus at least one new token)")
-        rng = np.random.default_rng(seed)
-        cache = self.new_cache(min(self.config.max_position, len(ids) + max(max_new_tokens, 0)))
+        cache = self.new_cache(min(self.config.max_position, len(ids) + max_new_tokens))
+        return self._generate(ids, cache, max_new_tokens, settings, np.random.default_rng(seed))
+
+    def _generate(self, ids, cache, max_new_tokens, settings, rng):
+        from .sampling import next_token
         seen = [int(t) for t in ids]
         step = ids
         for _ in range(max_new_tokens):
-            logits = self.next_logits(step, cache)
+            with np.errstate(over="ignore", invalid="ignore"):     # overflow is caught below, as one error
+                logits = self.next_logits(step, cache)
+            if not np.isfinite(logits).all():
+                raise ValueError(f"{self.path or 'the model'}: the logits at position {cache.length - 1} are not "
+                                 "finite (NaN or infinity): a weight or an activation overflowed; stopping instead "
+                                 "of printing tokens chosen from them")
             token = next_token(logits, seen, rng=rng, **settings)
             if token == self.config.eos_token_id:
                 return

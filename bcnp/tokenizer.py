@@ -4,10 +4,12 @@ Baichuan's tokenizer.model is SentencePiece BPE with byte fallback: a character 
 spelled as its UTF-8 bytes, one `<0xNN>` piece each. Content is encoded with plain `sp.encode(text)`: the
 chat template adds role tokens itself, never bos/eos (`add_bos_token` and `add_eos_token` are false).
 """
-import json
 import os
 
 import sentencepiece as spm
+
+from .config import ConfigError
+from .errors import read_json_object
 
 REPLACEMENT_CHARACTER = "\ufffd"   # what SentencePiece decodes an incomplete or invalid byte sequence to
 
@@ -38,17 +40,17 @@ class Tokenizer:
 
     def _read_tokenizer_config(self, config_path):
         try:
-            with open(config_path, encoding="utf-8") as f:
-                config = json.load(f)
+            config = read_json_object(config_path, error=ConfigError, max_bytes=2**20, what="tokenizer_config.json")
         except FileNotFoundError:
             return
-        except (OSError, ValueError) as e:
-            raise ValueError(f"{config_path}: not valid JSON ({e})") from None
         for name in ("bos", "eos", "pad", "unk"):
-            token = config.get(f"{name}_token") if isinstance(config, dict) else None
+            token = config.get(f"{name}_token")
             if isinstance(token, dict):                 # {"__type": "AddedToken", "content": "<s>", ...}
                 token = token.get("content")
-            if isinstance(token, str) and self._has_piece(token):
+            if token is not None and not isinstance(token, str):
+                raise ConfigError(f"{config_path}: {name}_token must be a piece (a string or "
+                                  f"{{\"content\": string}}), got {config[name + '_token']!r:.60}")
+            if token is not None and self._has_piece(token):
                 setattr(self, f"{name}_id", self.sp.piece_to_id(token))
 
     def _has_piece(self, piece):
@@ -61,6 +63,9 @@ class Tokenizer:
     def encode(self, text):
         if not isinstance(text, str):
             raise TypeError(f"encode: expected str, got {type(text).__name__}")
+        problem = utf8_problem(text)
+        if problem:                                 # SentencePiece would fail with a pybind11 cast message
+            raise ValueError(f"encode: the text is not valid UTF-8 ({problem})")
         return self.sp.encode(text)
 
     def decode(self, ids):
@@ -78,6 +83,19 @@ class Tokenizer:
 
     def is_control(self, token_id):
         return self.sp.is_control(int(token_id))
+
+
+def utf8_problem(text):
+    """Why `text` cannot be written as UTF-8, or None. Undecodable bytes reach Python as surrogate escapes
+    (sys.argv, and stdin read with errors="surrogateescape"): byte 0xff becomes U+DCFF."""
+    try:
+        text.encode("utf-8")
+        return None
+    except UnicodeEncodeError as e:
+        code = ord(text[e.start])
+        if 0xDC80 <= code <= 0xDCFF:
+            return f"byte 0x{code - 0xDC00:02x} at character {e.start}"
+        return f"a lone surrogate U+{code:04X} at character {e.start}"
 
 
 class StreamDecoder:

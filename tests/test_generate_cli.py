@@ -125,12 +125,16 @@ def test_end_of_input_ends_the_session(model_dir):
     (["--model", "{missing}", "--prompt", "hi"], "no such directory"),
     (["--model", "{hf_fixture}", "--prompt", "hi"], "no tokenizer.model"),
     (["--prompt", "hi"], "give either --model DIR or --demo"),
-    (["--model", "{model}", "--top-k", "-1"], "--top-k must be >= 0"),
-    (["--model", "{model}", "--top-p", "0"], r"--top-p must be in \(0, 1\]"),
-    (["--model", "{model}", "--top-p", "1.5"], r"--top-p must be in \(0, 1\]"),
-    (["--model", "{model}", "--temperature", "0"], "--temperature must be > 0"),
-    (["--model", "{model}", "--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
-    (["--model", "{model}", "--repetition-penalty", "-1"], "--repetition-penalty must be > 0"),
+    (["--model", "{model}", "--top-k", "-1"], "--top-k must be an integer >= 0"),
+    (["--model", "{model}", "--top-p", "0"], r"--top-p must be a number in \(0, 1\]"),
+    (["--model", "{model}", "--top-p", "1.5"], r"--top-p must be a number in \(0, 1\]"),
+    (["--model", "{model}", "--top-p", "nan"], r"--top-p must be a number in \(0, 1\]"),
+    (["--model", "{model}", "--temperature", "0"], "--temperature must be a finite number > 0"),
+    (["--model", "{model}", "--temperature", "inf"], "--temperature must be a finite number > 0"),
+    (["--model", "{model}", "--max-new-tokens", "0"], "--max-new-tokens must be an integer >= 1"),
+    (["--model", "{model}", "--repetition-penalty", "-1"], "--repetition-penalty must be a finite number > 0"),
+    (["--model", "{model}", "--repetition-penalty", "inf"], "--repetition-penalty must be a finite number > 0"),
+    (["--model", "{model}", "--repetition-penalty", "nan"], "--repetition-penalty must be a finite number > 0"),
     (["--model", "{model}", "--seed", "-3"], "--seed must be >= 0"),
     (["--model", "{model}", "--top-k", "many"], "invalid int value"),
     (["--model", "{model}", "--quantize", "3"], "invalid choice"),
@@ -196,12 +200,12 @@ def test_ctrl_c_stops_the_reply_and_keeps_the_session_and_the_partial_reply():
     assert model.prompts[1] == model.prompts[0] + t.encode("hello world") + [195] + t.encode("second") + [196]
 
 
-def test_ctrl_c_at_the_prompt_quits_cleanly():
+def test_ctrl_c_at_the_prompt_quits_cleanly_with_status_130():
     def press_ctrl_c():
         raise KeyboardInterrupt
     out, err = io.StringIO(), io.StringIO()
     args = type("Args", (), CLI_DEFAULTS)()
-    assert interactive(InterruptedModel(), args, out, err, read_line=press_ctrl_c) == 0
+    assert interactive(InterruptedModel(), args, out, err, read_line=press_ctrl_c) == 130
     assert out.getvalue() == ""
 
 

@@ -1,6 +1,7 @@
 """The forward pass against the original implementation (golden logits of ../shared/fixtures, copied into
 tests/fixtures), and the properties the architecture promises."""
 import math
+import pathlib
 import subprocess
 import sys
 
@@ -181,6 +182,97 @@ def test_context_overflow_is_a_clear_error():
         list(model.generate(np.zeros(cfg.max_position, dtype=int), max_new_tokens=1, do_sample=False))
     with pytest.raises(ValueError, match="token ids"):
         model.logits([cfg.vocab_size])
+
+
+# --- public methods check their inputs -------------------------------------------------------------------------------
+
+def tiny_model(**weights_changes):
+    cfg = tiny_config("alibi")
+    w = random_weights(cfg)
+    for name, change in weights_changes.items():
+        change(w[name.replace("__", ".")])
+    return Model(cfg, w)
+
+
+@pytest.mark.parametrize("ids", [[-1], [97], ["a"], [[1, 2]], [], "hello"])
+def test_next_logits_and_forward_refuse_ids_outside_the_vocabulary(ids):
+    """next_logits([-1], cache) used to read the last row of the embedding."""
+    model = tiny_model()
+    for method in (model.next_logits, model.forward):
+        with pytest.raises(ValueError, match="token ids must be"):
+            method(ids, model.new_cache(8))
+
+
+@pytest.mark.parametrize("max_len", [0, -1, 81, 2.5, "8", True])
+def test_new_cache_refuses_a_length_outside_the_context(max_len):
+    with pytest.raises(ValueError, match=r"max_len must be an integer in \[1, 80\]"):
+        tiny_model().new_cache(max_len)
+
+
+class NoMemory:
+    """An array module that cannot allocate, like NumPy asked for 1.7 TB."""
+    float32 = np.float32
+
+    @staticmethod
+    def zeros(shape, dtype):
+        raise MemoryError("Unable to allocate")
+
+
+def test_a_cache_that_cannot_be_allocated_says_how_much_the_context_needs():
+    cfg = Config(**{**BAICHUAN_13B.__dict__, "max_position": 2**20})
+    with pytest.raises(MemoryError, match=r"the context of 1048576 tokens needs 1718\.0 GB of KV cache"):
+        new_cache(NoMemory, cfg)
+    overcommit = pathlib.Path("/proc/sys/vm/overcommit_memory")
+    if not overcommit.exists() or overcommit.read_text().strip() != "1":     # else 1.7 TB "succeed", lazily
+        with pytest.raises(MemoryError, match="the context of 1048576 tokens needs"):
+            Model(cfg, {}).new_cache()
+
+
+def test_quantizing_again_to_other_bits_is_refused_and_to_the_same_bits_changes_nothing():
+    """model.quantize(8).quantize(4) used to stay 8-bit silently."""
+    q8 = tiny_model().quantize(8)
+    with pytest.raises(ValueError, match=r"quantize\(4\): the model is already quantized \(.* has 8 bits\)"):
+        q8.quantize(4)
+    again = q8.quantize(8)
+    assert all(again.w[k] is v for k, v in q8.w.items() if k != "model.embed_tokens.weight")
+    assert tiny_model().quantize(4).quantize(4).w["lm_head.weight"].bits == 8
+    for bits in (16, True, "8"):
+        with pytest.raises(ValueError, match="bits must be 8 or 4"):
+            tiny_model().quantize(bits)
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(max_new_tokens="abc"), "max_new_tokens must be an integer >= 1"),
+    (dict(max_new_tokens=0), "max_new_tokens must be an integer >= 1"),
+    (dict(temperature=float("nan")), "temperature must be a finite number > 0"),
+    (dict(repetition_penalty=float("inf")), "repetition_penalty must be a finite number > 0"),
+    (dict(top_k=-1), "top_k must be an integer >= 0"),
+    (dict(seed=-1), "seed must be an integer >= 0"),
+])
+def test_generate_checks_its_settings_when_called_not_at_the_first_token(settings, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_model().generate([1, 2], **settings)                      # no next(): nothing computed yet
+
+
+@pytest.mark.parametrize("do_sample", [False, True])
+def test_generation_stops_with_a_clear_error_when_the_logits_are_not_finite(do_sample):
+    """One NaN weight used to print '⁇ ⁇ ⁇' with exit status 0 under greedy decoding."""
+    model = tiny_model(lm_head__weight=lambda w: w.__setitem__((5, 3), np.nan))
+    with pytest.raises(ValueError, match="the logits at position 2 are not finite"):
+        list(model.generate([1, 2, 3], max_new_tokens=4, do_sample=do_sample, seed=0))
+    overflowing = tiny_model(model__norm__weight=lambda w: w.__setitem__(slice(None), 1e38),
+                             lm_head__weight=lambda w: w.__setitem__(slice(None), 1e38))     # float32 overflows
+    with pytest.raises(ValueError, match="not finite"):
+        list(overflowing.generate([1], max_new_tokens=2, do_sample=do_sample, seed=0))
+
+
+def test_a_bad_generation_config_is_refused_when_the_model_is_opened(tmp_path):
+    import shutil
+    from bcnp.config import ConfigError
+    model_dir = shutil.copytree(FIXTURES / "b13-alibi-h8-l4-bf16" / "hf-safetensors", tmp_path / "m")
+    (model_dir / "generation_config.json").write_text('{"eos_token_id": 512}')          # vocab_size is 512
+    with pytest.raises(ConfigError, match=r"generation_config.json: eos_token_id must be a token id in \[0, 511\]"):
+        Model.from_pretrained(model_dir)
 
 
 def test_importing_bcnp_never_imports_torch():

@@ -7,6 +7,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
+from bcnp.config import ConfigError
 from bcnp.sampling import (GenerationConfig, apply_repetition_penalty, apply_temperature, next_token, softmax,
                            top_k_filter, top_p_filter)
 
@@ -47,11 +48,26 @@ def test_penalty_one_or_nothing_seen_changes_nothing():
 
 # --- temperature -------------------------------------------------------------------------------------------------
 
-def test_temperature_divides_the_logits():
+def test_temperature_divides_the_distances_from_the_largest_logit():
     logits = np.array([1.0, -2.0, 0.5], dtype=np.float32)
-    assert np.array_equal(apply_temperature(logits, 0.5), logits * 2)
-    with pytest.raises(ValueError, match="temperature must be > 0"):
+    assert np.array_equal(apply_temperature(logits, 0.5), (logits - 1.0) * 2)
+    np.testing.assert_allclose(softmax(apply_temperature(logits, 0.5)), softmax(logits / 0.5), rtol=1e-6)
+    with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
         apply_temperature(logits, 0.0)
+
+
+@settings(max_examples=200, deadline=None)
+@given(logit_vectors, st.sampled_from([1e-6, 1e-30, 1e-45, 1e-50, 1e-300, 5e-324]))
+def test_a_tiny_temperature_stays_finite_and_is_greedy(logits, temperature):
+    """1e-45 used to turn every logit into +-inf and the probabilities into NaN."""
+    scaled = apply_temperature(logits, temperature)
+    assert not np.isnan(scaled).any() and scaled.max() == 0 and (scaled <= 0).all()
+    probabilities = softmax(scaled)
+    assert np.isfinite(probabilities).all() and probabilities.sum() == pytest.approx(1.0)
+    top_two = np.sort(logits)[-2:]
+    if len(logits) == 1 or top_two[1] - top_two[0] > 50 * temperature:      # else it is not greedy yet
+        token = next_token(logits, [], rng=np.random.default_rng(0), **dict(SAMPLE, temperature=temperature))
+        assert token == int(np.argmax(logits))
 
 
 # --- top-k ---------------------------------------------------------------------------------------------------------
@@ -150,17 +166,44 @@ def test_sampling_follows_the_softmax_probabilities():
 
 
 @pytest.mark.parametrize("bad, message", [
-    (dict(temperature=0.0), "temperature must be > 0 when sampling"),
-    (dict(temperature=-1.0), "temperature must be > 0 when sampling"),
+    (dict(temperature=0.0), "temperature must be a finite number > 0"),
+    (dict(temperature=-1.0), "temperature must be a finite number > 0"),
+    (dict(temperature=float("inf")), "temperature must be a finite number > 0"),
+    (dict(temperature=float("nan")), "temperature must be a finite number > 0"),
+    (dict(temperature="0.7"), "temperature must be a finite number > 0"),
     (dict(top_k=-1), "top_k must be an integer >= 0"),
     (dict(top_k=2.5), "top_k must be an integer >= 0"),
-    (dict(top_p=0.0), r"top_p must be in \(0, 1\]"),
-    (dict(top_p=1.5), r"top_p must be in \(0, 1\]"),
-    (dict(repetition_penalty=0.0), "repetition_penalty must be > 0"),
+    (dict(top_k=True), "top_k must be an integer >= 0"),
+    (dict(top_p=0.0), r"top_p must be a number in \(0, 1\]"),
+    (dict(top_p=1.5), r"top_p must be a number in \(0, 1\]"),
+    (dict(top_p=float("nan")), r"top_p must be a number in \(0, 1\]"),
+    (dict(repetition_penalty=0.0), "repetition_penalty must be a finite number > 0"),
+    (dict(repetition_penalty=float("inf")), "repetition_penalty must be a finite number > 0"),
+    (dict(repetition_penalty=float("nan")), "repetition_penalty must be a finite number > 0"),
+    (dict(do_sample="yes"), "do_sample must be true or false"),
 ])
 def test_settings_out_of_range_are_a_clear_value_error(bad, message):
     with pytest.raises(ValueError, match=message):
         next_token(np.zeros(4, dtype=np.float32), [], rng=np.random.default_rng(0), **dict(SAMPLE, **bad))
+
+
+@pytest.mark.parametrize("logits", [[0.0, np.nan], [np.inf, 0.0], [-np.inf, -np.inf]])
+def test_logits_that_cannot_be_sampled_are_a_clear_value_error(logits):
+    for mode in (SAMPLE, GREEDY):
+        with pytest.raises(ValueError, match="the logits hold NaN or \\+inf, or every token is removed"):
+            next_token(np.array(logits, dtype=np.float32), [], rng=np.random.default_rng(0), **mode)
+
+
+@settings(max_examples=100, deadline=None)
+@given(logit_vectors, st.sampled_from([1e-45, 1e-30, 1e30, 3e38]), st.integers(0, 2**32))
+def test_an_extreme_repetition_penalty_saturates_instead_of_overflowing(logits, penalty, seed):
+    seen = list(range(len(logits)))
+    penalized = apply_repetition_penalty(logits, seen, penalty)
+    assert np.isfinite(penalized).all()
+    exact = np.where(logits < 0, logits.astype(np.float64) * penalty, logits.astype(np.float64) / penalty)
+    assert (np.diff(penalized[np.argsort(exact, kind="stable")]) >= 0).all()        # the order is kept
+    assert 0 <= next_token(logits, seen, rng=np.random.default_rng(seed), **dict(SAMPLE, repetition_penalty=penalty)) \
+        < len(logits)
 
 
 def test_greedy_ignores_the_temperature():
@@ -185,5 +228,37 @@ def test_generation_config_from_json(tmp_path):
     assert GenerationConfig.from_json(tmp_path / "generation_config.json") == g
     assert GenerationConfig.from_json(tmp_path / "elsewhere") == GenerationConfig()       # missing: defaults
     (tmp_path / "generation_config.json").write_text("{not json")
-    with pytest.raises(ValueError, match="generation_config.json: not valid JSON"):
+    with pytest.raises(ConfigError, match="generation_config.json: generation_config.json is not valid JSON"):
+        GenerationConfig.from_json(tmp_path)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("max_new_tokens", "abc", "max_new_tokens must be an integer >= 1, got 'abc'"),
+    ("max_new_tokens", None, "max_new_tokens must be an integer >= 1, got None"),
+    ("max_new_tokens", 0, "max_new_tokens must be an integer >= 1"),
+    ("max_new_tokens", 2048.0, "max_new_tokens must be an integer >= 1"),
+    ("temperature", "hot", "temperature must be a finite number > 0"),
+    ("temperature", 0, "temperature must be a finite number > 0"),
+    ("top_k", True, "top_k must be an integer >= 0"),
+    ("top_p", 2, r"top_p must be a number in \(0, 1\]"),
+    ("repetition_penalty", -1, "repetition_penalty must be a finite number > 0"),
+    ("do_sample", "true", "do_sample must be true or false"),
+    ("eos_token_id", "two", r"eos_token_id must be a token id in \[0, 511\], got 'two'"),
+    ("eos_token_id", 512, r"eos_token_id must be a token id in \[0, 511\]"),
+    ("user_token_id", -1, "user_token_id must be a token id"),
+    ("assistant_token_id", [196], "assistant_token_id must be a token id"),
+])
+def test_generation_config_fields_are_checked_when_read(tmp_path, field, value, message):
+    path = tmp_path / "generation_config.json"
+    path.write_text(json.dumps({"temperature": 0.3, field: value}))
+    with pytest.raises(ConfigError, match=f"{path}: {message}"):
+        GenerationConfig.from_json(tmp_path, vocab_size=512)
+
+
+@pytest.mark.parametrize("content, message", [(b"[" * 30_000, "is nested too deeply"),
+                                              ('{"top_k": "\xe9"}'.encode("latin-1"), "is not UTF-8"),
+                                              (b"[]", "must be a JSON object")], ids=["deep", "latin-1", "list"])
+def test_an_unreadable_generation_config_names_the_file(tmp_path, content, message):
+    (tmp_path / "generation_config.json").write_bytes(content)
+    with pytest.raises(ConfigError, match=f"{tmp_path / 'generation_config.json'}: generation_config.json {message}"):
         GenerationConfig.from_json(tmp_path)

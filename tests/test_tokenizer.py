@@ -62,6 +62,28 @@ def test_tokenizer_config_beside_the_model_names_special_pieces(tmp_path):
     assert (t.pad_id, t.eos_id, t.unk_id, t.bos_id) == (2, 1, 0, 1)
 
 
+@pytest.mark.parametrize("content, message", [
+    (b"[" * 100_000, "tokenizer_config.json is nested too deeply"),
+    ('{"pad_token": "\xe9"}'.encode("latin-1"), "tokenizer_config.json is not UTF-8"),
+    (b'{"bos_token": 5}', r"bos_token must be a piece \(a string or \{\"content\": string\}\), got 5"),
+    (b'{"eos_token": {"content": ["</s>"]}}', "eos_token must be a piece"),
+], ids=["deep", "latin-1", "number", "list"])
+def test_a_bad_tokenizer_config_is_a_config_error_naming_the_file(tmp_path, content, message):
+    from bcnp.config import ConfigError
+    shutil.copy(TINY, tmp_path / "tokenizer.model")
+    (tmp_path / "tokenizer_config.json").write_bytes(content)
+    with pytest.raises(ConfigError, match=f"{tmp_path / 'tokenizer_config.json'}: {message}"):
+        Tokenizer(tmp_path / "tokenizer.model")
+
+
+@pytest.mark.parametrize("text, where", [("a\udcffb", "byte 0xff at character 1"),
+                                         ("\ud800", "a lone surrogate U\\+D800 at character 0")])
+def test_text_that_is_not_utf8_is_a_value_error_not_a_pybind11_message(tiny, text, where):
+    """Undecodable bytes in sys.argv or stdin arrive as surrogate escapes ('\\xff' -> U+DCFF)."""
+    with pytest.raises(ValueError, match=f"encode: the text is not valid UTF-8 \\({where}\\)"):
+        tiny.encode(text)
+
+
 def test_encode_is_plain_sentencepiece_without_bos_or_eos(tiny):
     cases = json.loads((FIXTURES / "chat_input.json").read_text(encoding="utf-8"))["cases"]
     for case in cases:
