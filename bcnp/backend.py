@@ -658,6 +658,7 @@ class DeviceModel(Model):
         return DeviceKVCache(c.k, c.v, kernels=self.kernels)
 
     def next_logits(self, ids, cache):
+        ids = self._check_ids(ids)
         if len(ids) != 1 or not isinstance(cache, DeviceKVCache):
             return super().next_logits(ids, cache)
         decoder = getattr(cache, "decoder", None)

@@ -42,13 +42,17 @@ def read_json(path, error=ValueError, max_bytes=16 * 2**20, what="JSON file"):
     path = os.fspath(path)
     try:
         with open(path, "rb") as f:
-            data = f.read(max_bytes + 1)
+            size = os.fstat(f.fileno()).st_size
+            if size > max_bytes:        # refused before reading: a read of max_bytes would allocate that much
+                raise error(f"{path}: {what} is {size:,} bytes, more than the {max_bytes:,} a {what} may have; "
+                            "refusing to parse it")
+            data = f.read(size + 1)             # (read(n) allocates n bytes up front); growth is cut below
     except FileNotFoundError:
         raise
     except OSError as e:
         raise error(f"{path}: cannot read {what} ({e.strerror or e})") from None
     if len(data) > max_bytes:
-        raise error(f"{path}: {what} is larger than {max_bytes // 2**20} MiB; refusing to parse it")
+        raise error(f"{path}: {what} is more than {max_bytes:,} bytes; refusing to parse it")
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:

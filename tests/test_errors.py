@@ -27,7 +27,7 @@ def test_one_line_keeps_both_ends_of_a_long_message():
 def test_read_json_names_the_file_for_each_failure(tmp_path):
     cases = {"deep.json": (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
              "latin1.json": ('{"a": "é"}'.encode("latin-1"), "not UTF-8"),
-             "bad.json": (b"{not json", "not valid JSON"), "big.json": (b" " * 2**20 + b"{}", "larger than 1 MiB")}
+             "bad.json": (b"{not json", "not valid JSON"), "big.json": (b" " * 2**20 + b"{}", "more than the 1,048,576")}
     for name, (data, why) in cases.items():
         (tmp_path / name).write_bytes(data)
         with pytest.raises(ValueError, match=f"{name}: .*{why}"):

@@ -255,7 +255,7 @@ def test_generation_config_fields_are_checked_when_read(tmp_path, field, value, 
         GenerationConfig.from_json(tmp_path, vocab_size=512)
 
 
-@pytest.mark.parametrize("content, message", [(b"[" * 30_000, "is nested too deeply"),
+@pytest.mark.parametrize("content, message", [(b"[" * 100_000, "is nested too deeply"),
                                               ('{"top_k": "\xe9"}'.encode("latin-1"), "is not UTF-8"),
                                               (b"[]", "must be a JSON object")], ids=["deep", "latin-1", "list"])
 def test_an_unreadable_generation_config_names_the_file(tmp_path, content, message):
