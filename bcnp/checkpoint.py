@@ -58,7 +58,7 @@ class Tensor:
     def __init__(self, name, path, dtype, shape, buffer, offset=0, strides=None):
         self.name, self.path, self.dtype, self.shape = name, path, dtype, tuple(int(s) for s in shape)
         self.buffer, self.offset, self.strides = buffer, int(offset), strides
-        self.numel = int(np.prod(self.shape, dtype=np.int64))
+        self.numel = math.prod(self.shape)
         self.nbytes = self.numel * NUMPY_DTYPES[dtype].itemsize if dtype in NUMPY_DTYPES else 0
 
     def __repr__(self):
@@ -765,9 +765,20 @@ def checkpoint_files(directory):
                           "pytorch_model.bin or pytorch_model-*.bin)")
 
 
+MAX_INDEX_BYTES = 16 * 2**20    # ~100 bytes per tensor: room for 150,000 tensors
+
+
 def _read_index(index_path):
     """The weight_map of an index file: tensor name -> a shard's plain file name in the same directory."""
-    index = read_json_object(index_path, error=CheckpointError, what="checkpoint index")
+    try:
+        size = os.path.getsize(index_path)
+    except OSError as e:
+        raise CheckpointError(f"{index_path}: cannot read the checkpoint index ({e.strerror or e})") from None
+    if size > MAX_INDEX_BYTES:
+        raise CheckpointError(f"{index_path}: checkpoint index of {size} bytes; a 13B's is ~30 kB (at most "
+                              f"{MAX_INDEX_BYTES // 2**20} MiB read)")
+    # read_json allocates max_bytes + 1 up front: a cap of the file's own size keeps opening a model small.
+    index = read_json_object(index_path, error=CheckpointError, max_bytes=max(size, 1), what="checkpoint index")
     weight_map = index.get("weight_map")
     if type(weight_map) is not dict or not weight_map:
         raise CheckpointError(f"{index_path}: weight_map must map tensor names to shard file names")

@@ -3,7 +3,7 @@ file either loads to the original tensors or raises CheckpointError, never any o
 
 What a mutant may legitimately change (bcnp does not checksum what it maps, see `read_torch_bin`): bytes inside a
 storage or a safetensors data area load as different values; a safetensors header (no checksum at all) can also
-rename a tensor. Set BCNP_FUZZ_MUTANTS to run a longer campaign (the default keeps CI near 20 s).
+rename a tensor. Set BCNP_FUZZ_MUTANTS (and BCNP_FUZZ_SEED) for a longer campaign; the default keeps CI near 15 s.
 """
 import json
 import os
@@ -18,6 +18,7 @@ from bcnp.checkpoint import CheckpointError, read_checkpoint, read_safetensors, 
 from conftest import FIXTURES
 
 MUTANTS = int(os.environ.get("BCNP_FUZZ_MUTANTS", "1500"))
+SEED = int(os.environ.get("BCNP_FUZZ_SEED", "0"))          # another seed, another campaign
 MODEL = FIXTURES / "b7-rope-h4-l3-fp16"
 TORCH_SHARD = MODEL / "hf" / "pytorch_model-00001-of-00002.bin"          # written by torch.save
 SAFETENSORS_SHARD = MODEL / "hf-safetensors" / "model-00001-of-00002.safetensors"
@@ -110,7 +111,8 @@ def test_torch_bin_mutants_load_the_original_or_raise_checkpoint_error(tmp_path)
     # hot: everything but the storages (the zip records, data.pkl, byteorder, the directory).
     edges = sorted([0] + [b for span in storages for b in span] + [size])
     hot = [(a, b) for a, b in zip(edges[::2], edges[1::2]) if b > a]
-    escapes, loaded = campaign(tmp_path, TORCH_SHARD, read_torch_bin, hot, storages, False, seed=1, n=MUTANTS)
+    escapes, loaded = campaign(tmp_path, TORCH_SHARD, read_torch_bin, hot, storages, False, seed=SEED + 1,
+                               n=MUTANTS)
     assert not escapes, escapes[:10]
     assert loaded > MUTANTS // 10          # the campaign also exercised mutants that load (storage bytes)
 
@@ -119,7 +121,7 @@ def test_safetensors_mutants_load_the_original_or_raise_checkpoint_error(tmp_pat
     data = SAFETENSORS_SHARD.read_bytes()
     header_end = 8 + int(np.frombuffer(data[:8], "<u8")[0])
     hot, data_area = [(0, header_end)], [(header_end, len(data))]
-    escapes, loaded = campaign(tmp_path, SAFETENSORS_SHARD, read_safetensors, hot, data_area, True, seed=2,
+    escapes, loaded = campaign(tmp_path, SAFETENSORS_SHARD, read_safetensors, hot, data_area, True, seed=SEED + 2,
                                n=MUTANTS)
     assert not escapes, escapes[:10]
     assert loaded > MUTANTS // 10
@@ -132,7 +134,7 @@ def test_index_mutants_load_the_original_or_raise_checkpoint_error(tmp_path, lay
     index = directory / index_name
     data = index.read_bytes()
     original = contents(read_checkpoint(directory))
-    rng = random.Random(3)
+    rng = random.Random(SEED + 3)
     escapes = []
     for i in range(max(MUTANTS // 10, 100)):
         mutant, _ = mutate(data, rng, None)

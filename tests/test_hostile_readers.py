@@ -349,3 +349,10 @@ def test_malformed_index_files_are_refused(tmp_path, raw, match):
     directory = indexed_dir(tmp_path, {})
     (directory / "model.safetensors.index.json").write_bytes(raw)
     refused(directory / "model.safetensors.index.json", lambda _: read_checkpoint(directory), match)
+
+
+def test_an_index_over_16_mib_is_refused_unread(tmp_path):
+    directory = indexed_dir(tmp_path, {})
+    with open(directory / "model.safetensors.index.json", "r+b") as f:
+        f.truncate(16 * 2**20 + 1)                       # sparse
+    refused(directory / "model.safetensors.index.json", lambda _: read_checkpoint(directory), "at most 16 MiB")
