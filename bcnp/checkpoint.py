@@ -345,6 +345,7 @@ MAX_PICKLE_OPS = 2**19   # ~15,000 tensors at ~35 opcodes each (Baichuan-13B: ~1
 MAX_MARKS = 100          # torch nests 3 deep (state dict, rebuild arguments, storage id)
 MAX_COUNT = 2**62        # sizes, strides, offsets and element counts are below this (int64 must hold products)
 MAX_NDIM = 32            # numpy's limit
+MAX_ELEMENTS = 2**58     # numpy refuses a shape whose nonzero sizes times the item size reach 2**63, zeros or not
 
 # Storage classes by name; only the first five can be read (Baichuan uses BFloat16 and Half).
 TORCH_STORAGES = {"FloatStorage": "float32", "HalfStorage": "float16", "BFloat16Storage": "bfloat16",
@@ -417,7 +418,7 @@ def _is_count(n):
 
 def _is_shape(shape, kind=tuple):
     return type(shape) is kind and len(shape) <= MAX_NDIM and all(_is_count(n) for n in shape) and \
-        math.prod(n for n in shape if n) < MAX_COUNT
+        math.prod(n for n in shape if n) < MAX_ELEMENTS
 
 
 class _StateDictPickle:
@@ -625,7 +626,8 @@ def _record_problem(record):
     if type(storage) is not _Storage:
         return f"has a {_what(storage)} for its storage"
     if not (_is_count(offset) and _is_shape(size) and _is_shape(stride) and len(size) == len(stride)):
-        return f"has an invalid size, stride or offset (counts below 2**62 expected, at most {MAX_NDIM} of them)"
+        return (f"has an invalid size, stride or offset (at most {MAX_NDIM} counts below 2**62, under 2**58 "
+                "elements)")
     return None
 
 
@@ -690,7 +692,8 @@ def _safetensors_entry(where, entry):
         code = shown(code) if type(code) is str else f"a {type(code).__name__}"
         raise CheckpointError(f"{where} has unsupported dtype {code}; bcnp reads {', '.join(SAFETENSORS_DTYPES)}")
     if not _is_shape(shape, list):
-        raise CheckpointError(f"{where}: shape must be a list of at most {MAX_NDIM} counts below 2**62")
+        raise CheckpointError(f"{where}: shape must be a list of at most {MAX_NDIM} counts, holding under 2**58 "
+                              "elements")
     dtype = SAFETENSORS_DTYPES[code]
     nbytes = math.prod(shape) * NUMPY_DTYPES[dtype].itemsize
     if not (type(offsets) is list and len(offsets) == 2 and all(_is_count(n) for n in offsets)):

@@ -290,6 +290,11 @@ def test_malformed_safetensors_headers_are_refused(tmp_path, header, data, match
         assert reference_refuses(path)                   # we are at least as strict as the reference
 
 
+def test_an_empty_tensor_too_big_for_numpy_is_refused(tmp_path):
+    """Valid to the reference library, but numpy cannot even shape an empty (0, 2**61) float32 array."""
+    refused(safetensors_file(tmp_path, {"a": entry(0, 0, shape=[0, 2**61])}), read_safetensors, "shape must be")
+
+
 def test_what_the_reference_accepts_we_read_alike(tmp_path):
     header = {"__metadata__": {"format": "pt"}, "b": entry(8, 16), "empty": entry(0, 0, shape=[0, 3]),
               "a": entry(0, 8)}
