@@ -4,26 +4,42 @@ Nothing here loads a whole file. Each reader returns `Tensor` records that point
 the file; values are touched only when a caller asks for them (`numpy()`, `float32()`, `float16()`), so opening
 Baichuan-13B (26.5 GB of bfloat16 in 3 shards) costs a few milliseconds and no RAM.
 
-A `.bin` is a ZIP of raw storages plus a pickled description (`data.pkl`). Unpickling is the dangerous part:
-a pickle can name any global and call it. `_StateDictUnpickler` knows only the few torch names a state dict
-uses and rebuilds them as our own records, so no pickle code ever runs. See FORMATS.md for the byte facts.
+The files may be hostile: every way one can be malformed ends in one `CheckpointError` that names the file,
+in bounded time and memory, and a name from a file reaches a message only through `shown()` (escaped, cut).
+- A `.bin` is a ZIP of raw storages plus a pickled description (`data.pkl`). Every member's local header is
+  checked against the zip directory and no two members may overlap; the small members are read within a size
+  cap, their CRC verified. `data.pkl` is run by `_StateDictPickle`, an interpreter of the ~30 opcodes a state
+  dict uses, which knows only the few torch names a state dict needs and builds our own records: no pickle code
+  ever runs, and nothing can alter a record once built.
+- A safetensors header is at most 100 MB and must describe the data exactly, as the reference library requires.
 """
 import collections
 import glob
-import io
 import json
+import math
 import mmap
 import os
 import pickle
+import pickletools
 import re
 import struct
 import zipfile
+import zlib
 
 import numpy as np
+
+from .errors import read_json_object
 
 
 class CheckpointError(ValueError):
     pass
+
+
+def shown(text, limit=120):
+    """A name from a file, fit for an error message: as is when short and printable, else its repr, cut."""
+    if len(text) <= limit and text.isprintable():
+        return text
+    return repr(text[:limit]) + ("..." if len(text) > limit else "")
 
 
 # Our dtype names, the NumPy dtype their bytes are read as (bfloat16 as its raw bits), and the element size.
@@ -42,14 +58,14 @@ class Tensor:
     def __init__(self, name, path, dtype, shape, buffer, offset=0, strides=None):
         self.name, self.path, self.dtype, self.shape = name, path, dtype, tuple(int(s) for s in shape)
         self.buffer, self.offset, self.strides = buffer, int(offset), strides
-        self.numel = int(np.prod(self.shape, dtype=np.int64))
+        self.numel = math.prod(self.shape)
         self.nbytes = self.numel * NUMPY_DTYPES[dtype].itemsize if dtype in NUMPY_DTYPES else 0
 
     def __repr__(self):
-        return f"Tensor({self.name!r}, {self.dtype}, {self.shape}, {os.path.basename(self.path)})"
+        return f"Tensor({shown(self.name)!r}, {self.dtype}, {self.shape}, {os.path.basename(self.path)})"
 
     def where(self):
-        return f"{self.path}: tensor {self.name}"
+        return f"{self.path}: tensor {shown(self.name)}"
 
     def numpy(self):
         """The stored values (bfloat16 as np.uint16 bits): a read-only view of the memory map, no copy."""
@@ -145,178 +161,167 @@ def map_file(path):
     return np.memmap(path, dtype=np.uint8, mode="r")
 
 
-# --- torch .bin ---------------------------------------------------------------------------------------------
+# --- torch .bin: the zip ----------------------------------------------------------------------------------------
 
-# Storage classes by name; only the first five can be read (Baichuan uses BFloat16 and Half).
-TORCH_STORAGES = {"FloatStorage": "float32", "HalfStorage": "float16", "BFloat16Storage": "bfloat16",
-                  "CharStorage": "int8", "ByteStorage": "uint8",
-                  "DoubleStorage": "float64", "LongStorage": "int64", "IntStorage": "int32",
-                  "ShortStorage": "int16", "BoolStorage": "bool", "ComplexFloatStorage": "complex64",
-                  "ComplexDoubleStorage": "complex128", "QInt8Storage": "qint8", "QUInt8Storage": "quint8",
-                  "QInt32Storage": "qint32", "UntypedStorage": "untyped"}
-
-
-class _StorageType:
-    """Stands in for a torch.*Storage class: only ever compared, never called."""
-
-    def __init__(self, name):
-        self.name, self.dtype = name, TORCH_STORAGES[name]
+MAX_PICKLE_BYTES = 64 * 2**20   # data.pkl of a Baichuan-13B shard is ~50 kB (~350 bytes per tensor)
+MAX_RECORD_BYTES = 4096         # the other small members: byteorder ("little"), version ("3\n"), serialization_id
+UNSUPPORTED_FLAGS = 0x1 | 0x20 | 0x40   # encrypted, patch data, strong encryption: torch.save writes none of them
+LOCAL_HEADER = struct.Struct("<4s2xHH4xIIIHH")   # signature, flags, method, CRC, sizes, name and extra lengths
+# What zipfile raises on a corrupt archive is not specified; these are the types a fuzz campaign met.
+ZIP_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError, struct.error,
+              NotImplementedError, RuntimeError, OverflowError, IndexError, zlib.error)
 
 
-class _TensorType:
-    """Stands in for torch.Tensor / torch.nn.Parameter as the `new_type` of _rebuild_from_type_v2."""
-
-    def __init__(self, name):
-        self.name = name
+def _reason(error):
+    return shown(f"{type(error).__name__}: {error}", 200)
 
 
-class _Storage:
-    def __init__(self, storage_type, key, numel):
-        self.type, self.key, self.numel = storage_type, key, numel
+def _open_zip(path):
+    try:
+        return zipfile.ZipFile(path)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such file") from None
+    except ZIP_ERRORS as e:
+        raise CheckpointError(f"{path}: not a torch zip checkpoint, truncated or corrupt ({_reason(e)})") from None
 
 
-class _TensorRecord:
-    """What _rebuild_tensor_v2 returns here: where a tensor's values are, to be mapped once the name is known."""
+def _torch_members(archive, path):
+    """({name: ZipInfo}, the records' prefix `<stem>/`) of a torch.save zip, refusing what torch never writes."""
+    members = {}
+    for info in archive.infolist():
+        where = f"{path}: zip member {shown(info.filename)}"
+        if info.filename in members:
+            raise CheckpointError(f"{where} appears twice (corrupt zip)")
+        if info.flag_bits & UNSUPPORTED_FLAGS:
+            raise CheckpointError(f"{where} is encrypted or patched (flags {info.flag_bits:#06x}); torch.save "
+                                  "writes plain members")
+        if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+            raise CheckpointError(f"{where} uses compression method {info.compress_type}; torch.save stores "
+                                  "members uncompressed")
+        members[info.filename] = info
+    pickles = [name for name in members if name == "data.pkl" or name.endswith("/data.pkl")]
+    if not pickles:
+        raise CheckpointError(f"{path}: no data.pkl in the zip (not a torch.save checkpoint)")
+    if len(pickles) > 1:
+        raise CheckpointError(f"{path}: the zip holds {len(pickles)} data.pkl records ({shown(pickles[0])}, "
+                              f"{shown(pickles[1])}, ...); a torch.save file has one")
+    return members, pickles[0][: -len("data.pkl")]
 
-    def __init__(self, storage, offset, size, stride):
-        self.storage, self.offset, self.size, self.stride = storage, offset, size, stride
+
+def _member_spans(archive, members, path):
+    """{name: (start, end)} of every member's bytes in the file, each local header checked against the zip
+    directory, and no two members overlapping (else a forged directory could alias one storage as another)."""
+    spans = {}
+    with open(path, "rb") as f:
+        for name, info in members.items():
+            try:
+                span = _member_span(f, info, archive.start_dir)
+            except (OSError, ValueError):                   # a seek before the file, a name that is not UTF-8
+                span = None
+            if span is None:
+                raise CheckpointError(f"{path}: zip member {shown(name)}: its local header, CRC or size disagrees "
+                                      "with the zip directory (corrupt)")
+            spans[name] = span
+    ordered = sorted(members.values(), key=lambda info: info.header_offset)
+    for before, after in zip(ordered, ordered[1:]):
+        if after.header_offset < spans[before.filename][1]:
+            raise CheckpointError(f"{path}: zip members {shown(before.filename)} and {shown(after.filename)} "
+                                  "overlap (corrupt)")
+    return spans
 
 
-def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None,
-                       metadata=None):
-    if not isinstance(storage, _Storage):
-        raise CheckpointError("_rebuild_tensor_v2 without a storage")
-    return _TensorRecord(storage, int(storage_offset), tuple(int(n) for n in size), tuple(int(n) for n in stride))
+def _member_span(f, info, directory_start):
+    """(start, end) of a member's bytes, or None if its local header or data descriptor contradicts `info`.
+
+    Torch pads the local extra field (storages start 64-aligned), so the start is read from the local header;
+    the CRC and sizes are then found after the data (torch sets flag bit 3 and writes a data descriptor), which
+    checks that start without reading the storage in between."""
+    f.seek(info.header_offset)
+    raw = f.read(LOCAL_HEADER.size)
+    if len(raw) != LOCAL_HEADER.size:
+        return None
+    signature, flags, method, crc, compressed, size, name_length, extra_length = LOCAL_HEADER.unpack(raw)
+    name = f.read(name_length).decode("utf-8" if flags & 0x800 else "cp437")
+    if signature != b"PK\x03\x04" or method != info.compress_type or name != info.orig_filename:
+        return None
+    start = info.header_offset + LOCAL_HEADER.size + name_length + extra_length
+    end = start + info.compress_size
+    if end > directory_start:
+        return None
+    if flags & 0x08:
+        f.seek(end)
+        record = f.read(24)
+        record = record[4:] if record[:4] == b"PK\x07\x08" else record       # the signature is optional
+        sizes = (info.compress_size, info.file_size)
+        matches = record[:4] == struct.pack("<I", info.CRC) and (
+            record[4:20] == struct.pack("<QQ", *sizes)                         # zip64
+            or max(sizes) < 2**32 and record[4:12] == struct.pack("<II", *sizes))
+    else:
+        matches = crc == info.CRC and compressed in (info.compress_size, 0xFFFFFFFF) and size in (
+            info.file_size, 0xFFFFFFFF)
+    return (start, end) if matches else None
 
 
-def _rebuild_parameter(data, requires_grad=False, backward_hooks=None):
+def _read_record(archive, info, limit, path):
+    """A small member's bytes, never more than `limit` whatever its header says, its CRC checked by zipfile."""
+    where = f"{path}: zip member {shown(info.filename)}"
+    if info.file_size > limit:
+        raise CheckpointError(f"{where} is {info.file_size} bytes; torch.save writes at most {limit} there")
+    try:
+        with archive.open(info) as f:
+            data = f.read(info.file_size + 1)          # inflating no more than it claims, even if it lies
+    except ZIP_ERRORS as e:
+        raise CheckpointError(f"{where} cannot be read ({_reason(e)})") from None
+    if len(data) != info.file_size:
+        raise CheckpointError(f"{where} holds {len(data)} bytes, not the {info.file_size} its header says")
     return data
 
 
-def _rebuild_from_type_v2(func, new_type, args, state):
-    if func not in (_rebuild_tensor_v2, _rebuild_parameter) or not isinstance(new_type, _TensorType) or state:
-        raise CheckpointError("torch._tensor._rebuild_from_type_v2 with anything but a plain tensor")
-    return func(*args)
-
-
-_ALLOWED_GLOBALS = {
-    ("collections", "OrderedDict"): collections.OrderedDict,
-    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
-    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
-    ("torch._tensor", "_rebuild_from_type_v2"): _rebuild_from_type_v2,
-    ("torch", "Tensor"): _TensorType("torch.Tensor"),
-    ("torch.nn.parameter", "Parameter"): _TensorType("torch.nn.parameter.Parameter"),
-    **{("torch", name): _StorageType(name) for name in TORCH_STORAGES},
-}
-
-
-class _StateDictUnpickler(pickle.Unpickler):
-    """Unpickles a torch state dict and nothing else: every global outside the allow-list is refused."""
-
-    def __init__(self, file, path):
-        super().__init__(file)
-        self.path = path
-
-    def find_class(self, module, name):
-        if (module, name) in _ALLOWED_GLOBALS:
-            return _ALLOWED_GLOBALS[(module, name)]
-        if (module, name) == ("torch.storage", "_load_from_bytes"):
-            raise CheckpointError(f"{self.path}: holds a nested torch archive (torch.storage._load_from_bytes), "
-                                  "which bcnp does not read; re-save it with torch.save or as safetensors")
-        raise CheckpointError(f"{self.path}: data.pkl refers to the global {module}.{name}, which a state dict "
-                              "never needs; refusing to load it (only torch tensor rebuild functions are allowed)")
-
-    def persistent_load(self, pid):
-        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"
-                and isinstance(pid[1], _StorageType)):
-            raise CheckpointError(f"{self.path}: data.pkl has an unknown persistent id {pid!r:.80}")
-        _, storage_type, key, _location, numel = pid
-        return _Storage(storage_type, str(key), int(numel))
-
-
-def _member_data_offset(f, info, path):
-    """Where a stored ZIP member's bytes start: after its *local* header, whose extra field torch pads."""
-    f.seek(info.header_offset)
-    header = f.read(30)
-    if len(header) != 30 or header[:4] != b"PK\x03\x04":
-        raise CheckpointError(f"{path}: corrupt zip (bad local header for {info.filename})")
-    name_len, extra_len = struct.unpack("<HH", header[26:30])
-    return info.header_offset + 30 + name_len + extra_len
-
-
 def read_torch_bin(path):
-    """The tensors of a torch `.bin` (what torch.save writes), memory-mapped in place."""
+    """The tensors of a torch `.bin` (what torch.save writes), memory-mapped in place.
+
+    Verified at open: the zip directory against every local header and data descriptor, the CRC of every
+    member except the storages (data.pkl, byteorder, version, ...), and the state dict. Storages are mapped,
+    not CRC-checked (that would read 26.5 GB to open the 13B): changed bytes inside one load as other values."""
     path = os.fspath(path)
-    try:
-        archive = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError, EOFError) as e:
-        if isinstance(e, FileNotFoundError):
-            raise CheckpointError(f"{path}: no such file") from None
-        raise CheckpointError(f"{path}: not a torch zip checkpoint, truncated or corrupt ({e})") from None
-    with archive:
-        members = {info.filename: info for info in archive.infolist()}
-        pkl = [n for n in members if n == "data.pkl" or n.endswith("/data.pkl")]
-        if len(pkl) != 1:
-            raise CheckpointError(f"{path}: no data.pkl in the zip (not a torch.save checkpoint)")
-        prefix = pkl[0][: -len("data.pkl")]
-        if prefix + "byteorder" in members:
-            order = archive.read(prefix + "byteorder").decode("ascii", "replace").strip()
-            if order != "little":
-                raise CheckpointError(f"{path}: byteorder {order!r}; bcnp reads little-endian checkpoints only")
-        try:
-            data_pkl = archive.read(pkl[0])
-        except (zipfile.BadZipFile, OSError, EOFError) as e:
-            raise CheckpointError(f"{path}: cannot read {pkl[0]} ({e})") from None
-        state = _unpickle_state_dict(data_pkl, path)
-        file_size = os.path.getsize(path)
-        file_map = map_file(path)
-        storages = {}  # key -> uint8 map of its bytes
-        tensors = {}
-        with open(path, "rb") as f:
-            for name, record in state.items():
-                storage, offset, size, stride = record.storage, record.offset, record.size, record.stride
-                where = f"{path}: tensor {name}"
-                dtype = storage.type.dtype
-                if dtype not in NUMPY_DTYPES:
-                    raise CheckpointError(f"{where} has unsupported dtype {dtype} (torch.{storage.type.name}); "
-                                          f"bcnp reads {', '.join(NUMPY_DTYPES)}")
-                if storage.key not in storages:
-                    info = members.get(f"{prefix}data/{storage.key}")
-                    if info is None:
-                        raise CheckpointError(f"{where}: storage data/{storage.key} is missing from the zip")
-                    if info.compress_type != zipfile.ZIP_STORED:
-                        raise CheckpointError(f"{where}: storage data/{storage.key} is compressed; torch.save "
-                                              "stores storages uncompressed")
-                    start = _member_data_offset(f, info, path)
-                    if start + info.file_size > file_size:
-                        raise CheckpointError(f"{where}: storage data/{storage.key} ends at byte "
-                                              f"{start + info.file_size}, beyond the file's {file_size} bytes "
-                                              "(truncated)")
-                    storages[storage.key] = file_map[start: start + info.file_size]
-                buffer = storages[storage.key]
-                itemsize = NUMPY_DTYPES[dtype].itemsize
-                if storage.numel * itemsize > len(buffer):
-                    raise CheckpointError(f"{where}: storage data/{storage.key} should hold {storage.numel} "
-                                          f"{dtype} values but has {len(buffer)} bytes (truncated)")
-                _check_view(where, size, stride, offset, storage.numel)
-                strides = None if _is_contiguous(size, stride) else stride
-                tensors[name] = Tensor(name, path, dtype, size, buffer, offset, strides)
+    with _open_zip(path) as archive:
+        members, prefix = _torch_members(archive, path)
+        spans = _member_spans(archive, members, path)
+        records = {name: _read_record(archive, info, MAX_PICKLE_BYTES if name == prefix + "data.pkl"
+                                      else MAX_RECORD_BYTES, path)
+                   for name, info in members.items() if not name.startswith(prefix + "data/")}
+    order = records.get(prefix + "byteorder", b"little").strip()
+    if order != b"little":
+        raise CheckpointError(f"{path}: byteorder {shown(order.decode('latin-1'))}; bcnp reads little-endian "
+                              "checkpoints only")
+    state = _unpickle_state_dict(records[prefix + "data.pkl"], path)
+    file_map = map_file(path)
+    storages = {}  # key -> uint8 map of its bytes
+    tensors = {}
+    for name, (storage, offset, size, stride) in state.items():
+        where = f"{path}: tensor {shown(name)}"
+        dtype = storage.type.dtype
+        if dtype not in NUMPY_DTYPES:
+            raise CheckpointError(f"{where} has unsupported dtype {dtype} (torch.{storage.type.name}); "
+                                  f"bcnp reads {', '.join(NUMPY_DTYPES)}")
+        member = f"{prefix}data/{storage.key}"
+        if member not in members:
+            raise CheckpointError(f"{where}: storage data/{shown(storage.key)} is missing from the zip")
+        info = members[member]
+        if info.compress_type != zipfile.ZIP_STORED or info.compress_size != info.file_size:
+            raise CheckpointError(f"{where}: storage data/{shown(storage.key)} is compressed; torch.save stores "
+                                  "storages uncompressed")
+        if member not in storages:
+            start, end = spans[member]
+            storages[member] = file_map[start:end]
+        buffer = storages[member]
+        if storage.numel * NUMPY_DTYPES[dtype].itemsize > len(buffer):
+            raise CheckpointError(f"{where}: storage data/{shown(storage.key)} should hold {storage.numel} "
+                                  f"{dtype} values but has {len(buffer)} bytes (truncated)")
+        _check_view(where, size, stride, offset, storage.numel)
+        strides = None if _is_contiguous(size, stride) else stride
+        tensors[name] = Tensor(name, path, dtype, size, buffer, offset, strides)
     return tensors
-
-
-def _unpickle_state_dict(data, path):
-    try:
-        state = _StateDictUnpickler(io.BytesIO(data), path).load()
-    except CheckpointError:
-        raise
-    except Exception as e:  # a malformed pickle can fail in many ways; all mean the same to the user
-        raise CheckpointError(f"{path}: corrupt data.pkl ({type(e).__name__}: {e})") from None
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{path}: data.pkl holds a {type(state).__name__}, not a state dict")
-    for name, value in state.items():
-        if not (isinstance(name, str) and isinstance(value, _TensorRecord)):
-            raise CheckpointError(f"{path}: entry {name!r:.80} of the state dict is not a tensor")
-    return state
 
 
 def _is_contiguous(size, stride):
@@ -329,8 +334,6 @@ def _is_contiguous(size, stride):
 
 
 def _check_view(where, size, stride, offset, numel):
-    if len(size) != len(stride) or any(n < 0 for n in size) or any(s < 0 for s in stride) or offset < 0:
-        raise CheckpointError(f"{where}: invalid size {size} / stride {stride} / offset {offset}")
     if 0 in size:
         return
     last = offset + sum((n - 1) * s for n, s in zip(size, stride))
@@ -339,53 +342,399 @@ def _check_view(where, size, stride, offset, numel):
                               f"of a storage of {numel}")
 
 
+# --- torch .bin: data.pkl, a state dict read without pickle ------------------------------------------------------
+
+MAX_PICKLE_OPS = 2**19   # ~15,000 tensors at ~35 opcodes each (Baichuan-13B: ~100 per shard); ~40 MB at most
+MAX_MARKS = 100          # torch nests 3 deep (state dict, rebuild arguments, storage id)
+MAX_COUNT = 2**62        # sizes, strides, offsets and element counts are below this (int64 must hold products)
+MAX_NDIM = 32            # numpy's limit
+MAX_ELEMENTS = 2**58     # numpy refuses a shape whose nonzero sizes times the item size reach 2**63, zeros or not
+
+# Storage classes by name; only the first five can be read (Baichuan uses BFloat16 and Half).
+TORCH_STORAGES = {"FloatStorage": "float32", "HalfStorage": "float16", "BFloat16Storage": "bfloat16",
+                  "CharStorage": "int8", "ByteStorage": "uint8",
+                  "DoubleStorage": "float64", "LongStorage": "int64", "IntStorage": "int32",
+                  "ShortStorage": "int16", "BoolStorage": "bool", "ComplexFloatStorage": "complex64",
+                  "ComplexDoubleStorage": "complex128", "QInt8Storage": "qint8", "QUInt8Storage": "quint8",
+                  "QInt32Storage": "qint32", "UntypedStorage": "untyped"}
+
+
+class _Global:
+    """Stands in for a torch class a state dict names (a storage class, torch.Tensor, Parameter): only ever
+    compared, never called."""
+
+    def __init__(self, name, dtype=None):
+        self.name, self.dtype = name, dtype
+
+
+# Immutable records: nothing in the pickle can change one after it was built.
+_Storage = collections.namedtuple("_Storage", "type key numel")
+_TensorRecord = collections.namedtuple("_TensorRecord", "storage offset size stride")
+
+
+def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None,
+                       metadata=None):
+    return _TensorRecord(storage, storage_offset, size, stride)     # checked once the pickle is read
+
+
+def _rebuild_parameter(data, requires_grad=False, backward_hooks=None):
+    return data
+
+
+def _rebuild_from_type_v2(func, new_type, args, state):
+    if func is not _rebuild_tensor_v2 or not isinstance(new_type, _Global) or type(args) is not tuple or state:
+        raise _Malformed("calls torch._tensor._rebuild_from_type_v2 with anything but a plain tensor")
+    return func(*args)
+
+
+_ORDERED_DICT = _Global("collections.OrderedDict")
+_ALLOWED_GLOBALS = {
+    ("collections", "OrderedDict"): _ORDERED_DICT,
+    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
+    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+    ("torch._tensor", "_rebuild_from_type_v2"): _rebuild_from_type_v2,
+    ("torch", "Tensor"): _Global("torch.Tensor"),
+    ("torch.nn.parameter", "Parameter"): _Global("torch.nn.parameter.Parameter"),
+    **{("torch", name): _Global(f"torch.{name}", dtype) for name, dtype in TORCH_STORAGES.items()},
+}
+_FUNCTIONS = (_rebuild_tensor_v2, _rebuild_parameter, _rebuild_from_type_v2)
+_DICTS = (dict, collections.OrderedDict)
+_OPCODE_NAMES = {op.code.encode("latin-1"): op.name for op in pickletools.opcodes}
+
+
+class _Malformed(Exception):
+    """data.pkl is not a state dict; the caller adds the file name and the byte position."""
+
+
+def _what(value):
+    """A value from the pickle named for a message: never its repr (a tuple nested 100,000 deep has none)."""
+    if isinstance(value, _Global):
+        return value.name
+    if any(value is f for f in _FUNCTIONS):
+        return value.__name__
+    return type(value).__name__
+
+
+def _is_count(n):
+    return type(n) is int and 0 <= n < MAX_COUNT
+
+
+def _is_shape(shape, kind=tuple):
+    return type(shape) is kind and len(shape) <= MAX_NDIM and all(_is_count(n) for n in shape) and \
+        math.prod(n for n in shape if n) < MAX_ELEMENTS
+
+
+class _StateDictPickle:
+    """Runs the pickle opcodes a torch state dict is made of (protocol 2 as torch writes it; 4 and 5 framing too),
+    building our own records; every other opcode and every other global is refused by name.
+
+    Not pickle.Unpickler: CPython's allocates its memo up front (a LONG_BINPUT index of 2**26 in a 10-byte pickle
+    took 1 GB), lets BUILD set attributes on any object, our records included, and raises errors that lose the
+    file name. Here the memo is a dict, BUILD is accepted on a dict only (state_dict()'s `_metadata`, dropped),
+    dict keys must be strings (so nothing hostile is hashed), and every failure is a `_Malformed`.
+    """
+
+    def __init__(self, data):
+        self.data, self.pos = bytes(data), 0
+        self.stack, self.marks, self.memo = [], [], {}
+
+    def load(self):
+        for _ in range(MAX_PICKLE_OPS):
+            code = self.take(1)
+            if code == pickle.STOP:
+                if len(self.stack) != 1 or self.marks:
+                    raise _Malformed(f"stops with {len(self.stack)} objects on its stack, not one")
+                return self.stack[0]
+            if code not in self.OPS:
+                raise _Malformed(f"uses the pickle opcode {_OPCODE_NAMES.get(code, code.hex())}, which a state "
+                                 "dict never needs")
+            self.OPS[code](self)
+        raise _Malformed(f"has over {MAX_PICKLE_OPS} opcodes, far more than a state dict")
+
+    def take(self, n):
+        if n > len(self.data) - self.pos:
+            raise _Malformed("ends in the middle of an opcode (truncated)")
+        self.pos += n
+        return self.data[self.pos - n: self.pos]
+
+    def uint(self, n):
+        return int.from_bytes(self.take(n), "little")
+
+    def long1(self):
+        n = self.uint(1)
+        if n > 8:
+            raise _Malformed(f"holds a {n}-byte integer; the counts of a state dict fit in 8")
+        self.push(int.from_bytes(self.take(n), "little", signed=True))
+
+    def text(self, n):
+        try:
+            return str(self.take(n), "utf-8", "surrogatepass")
+        except UnicodeDecodeError:
+            raise _Malformed("holds a string that is not UTF-8") from None
+
+    def line(self):
+        end = self.data.find(b"\n", self.pos, self.pos + 256)
+        if end < 0:
+            raise _Malformed("has a GLOBAL name without its newline")
+        text = self.text(end - self.pos)
+        self.pos += 1
+        return text
+
+    def push(self, value):
+        self.stack.append(value)
+
+    def pop(self):
+        if len(self.stack) <= (self.marks[-1] if self.marks else 0):
+            raise _Malformed("takes more objects than its stack holds")
+        return self.stack.pop()
+
+    def pop_n(self, n):
+        return list(reversed([self.pop() for _ in range(n)]))
+
+    def pop_mark(self):
+        if not self.marks:
+            raise _Malformed("ends a group it never began (no MARK)")
+        start = self.marks.pop()
+        items = self.stack[start:]
+        del self.stack[start:]
+        return items
+
+    def top(self):
+        value = self.pop()
+        self.push(value)
+        return value
+
+    def proto(self):
+        if not 2 <= self.uint(1) <= 5:
+            raise _Malformed("is not pickle protocol 2 to 5")
+
+    def mark(self):
+        if len(self.marks) >= MAX_MARKS:
+            raise _Malformed(f"nests over {MAX_MARKS} deep")
+        self.marks.append(len(self.stack))
+
+    def find_class(self, module, name):
+        if (module, name) in _ALLOWED_GLOBALS:
+            return _ALLOWED_GLOBALS[(module, name)]
+        if (module, name) == ("torch.storage", "_load_from_bytes"):
+            raise _Malformed("holds a nested torch archive (torch.storage._load_from_bytes), which bcnp does not "
+                             "read; re-save it with torch.save or as safetensors")
+        raise _Malformed(f"refers to the global {shown(module)}.{shown(name)}, which a state dict never needs; "
+                         "refusing to load it (only torch tensor rebuild functions are allowed)")
+
+    def stack_global(self):
+        name, module = self.pop(), self.pop()
+        if type(module) is not str or type(name) is not str:
+            raise _Malformed("names a global by something other than strings")
+        self.push(self.find_class(module, name))
+
+    def memo_get(self, index):
+        if index not in self.memo:
+            raise _Malformed(f"reads memo slot {index}, which it never wrote")
+        self.push(self.memo[index])
+
+    def persistent_load(self):
+        pid = self.pop()
+        if not (type(pid) is tuple and len(pid) == 5 and type(pid[0]) is str and pid[0] == "storage"
+                and isinstance(pid[1], _Global) and pid[1].dtype is not None
+                and type(pid[2]) is str and _is_count(pid[4])):
+            raise _Malformed("has a persistent id that is not a torch storage")
+        self.push(_Storage(pid[1], pid[2], pid[4]))
+
+    def reduce(self):
+        args, func = self.pop(), self.pop()
+        if type(args) is not tuple:
+            raise _Malformed(f"calls {_what(func)} with a {_what(args)} for arguments")
+        if func is _ORDERED_DICT and not args:
+            return self.push(collections.OrderedDict())
+        if not any(func is f for f in _FUNCTIONS):
+            raise _Malformed(f"calls {_what(func)}, which a state dict never calls")
+        try:
+            self.push(func(*args))
+        except TypeError:
+            raise _Malformed(f"calls {func.__name__} with {len(args)} arguments") from None
+
+    def build(self):
+        state, target = self.pop(), self.top()
+        if type(target) not in _DICTS or type(state) is not dict:
+            raise _Malformed(f"sets attributes of a {_what(target)}; a state dict sets only its own _metadata")
+
+    def set_items(self, items):
+        target = self.top()
+        if type(target) not in _DICTS or len(items) % 2:
+            raise _Malformed(f"sets items of a {_what(target)}, or an odd number of them")
+        for key, value in zip(items[::2], items[1::2]):
+            if type(key) is not str:
+                raise _Malformed(f"uses a {_what(key)} as a key; the keys of a state dict are tensor names")
+            if key in target:
+                raise _Malformed(f"holds the key {shown(key)} twice")
+            target[key] = value
+
+    OPS = {
+        pickle.PROTO: proto,
+        pickle.FRAME: lambda self: self.take(8),            # protocol 4 framing: a length we need not know
+        pickle.MARK: mark,
+        pickle.EMPTY_DICT: lambda self: self.push({}),
+        pickle.EMPTY_TUPLE: lambda self: self.push(()),
+        pickle.TUPLE: lambda self: self.push(tuple(self.pop_mark())),
+        pickle.TUPLE1: lambda self: self.push(tuple(self.pop_n(1))),
+        pickle.TUPLE2: lambda self: self.push(tuple(self.pop_n(2))),
+        pickle.TUPLE3: lambda self: self.push(tuple(self.pop_n(3))),
+        pickle.NONE: lambda self: self.push(None),
+        pickle.NEWTRUE: lambda self: self.push(True),
+        pickle.NEWFALSE: lambda self: self.push(False),
+        pickle.BININT: lambda self: self.push(int.from_bytes(self.take(4), "little", signed=True)),
+        pickle.BININT1: lambda self: self.push(self.uint(1)),
+        pickle.BININT2: lambda self: self.push(self.uint(2)),
+        pickle.LONG1: long1,
+        pickle.BINUNICODE: lambda self: self.push(self.text(self.uint(4))),
+        pickle.SHORT_BINUNICODE: lambda self: self.push(self.text(self.uint(1))),
+        pickle.BINUNICODE8: lambda self: self.push(self.text(self.uint(8))),
+        pickle.GLOBAL: lambda self: self.push(self.find_class(self.line(), self.line())),
+        pickle.STACK_GLOBAL: stack_global,
+        pickle.BINPUT: lambda self: self.memo.__setitem__(self.uint(1), self.top()),
+        pickle.LONG_BINPUT: lambda self: self.memo.__setitem__(self.uint(4), self.top()),
+        pickle.MEMOIZE: lambda self: self.memo.__setitem__(len(self.memo), self.top()),
+        pickle.BINGET: lambda self: self.memo_get(self.uint(1)),
+        pickle.LONG_BINGET: lambda self: self.memo_get(self.uint(4)),
+        pickle.BINPERSID: persistent_load,
+        pickle.REDUCE: reduce,
+        pickle.BUILD: build,
+        pickle.SETITEM: lambda self: self.set_items(self.pop_n(2)),
+        pickle.SETITEMS: lambda self: self.set_items(self.pop_mark()),
+    }
+
+
+def _unpickle_state_dict(data, path):
+    """{name: _TensorRecord} from data.pkl, every record checked after the whole pickle has run."""
+    reader = _StateDictPickle(data)
+    try:
+        state = reader.load()
+    except _Malformed as e:
+        raise CheckpointError(f"{path}: data.pkl {e} (at byte {reader.pos})") from None
+    if type(state) not in _DICTS:
+        raise CheckpointError(f"{path}: data.pkl holds a {_what(state)}, not a state dict")
+    for name, record in state.items():
+        problem = _record_problem(record)
+        if problem:
+            raise CheckpointError(f"{path}: tensor {shown(name)} in data.pkl {problem}")
+    return state
+
+
+def _record_problem(record):
+    """Why a state dict value is not a tensor we can map, or None."""
+    if type(record) is not _TensorRecord:
+        return f"is a {_what(record)}, not a tensor"
+    storage, offset, size, stride = record
+    if type(storage) is not _Storage:
+        return f"has a {_what(storage)} for its storage"
+    if not (_is_count(offset) and _is_shape(size) and _is_shape(stride) and len(size) == len(stride)):
+        return (f"has an invalid size, stride or offset (at most {MAX_NDIM} counts below 2**62, under 2**58 "
+                "elements)")
+    return None
+
+
 # --- safetensors --------------------------------------------------------------------------------------------
 
 SAFETENSORS_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "I8": "int8", "U8": "uint8"}
+MAX_SAFETENSORS_HEADER = 100_000_000    # the reference `safetensors` library refuses longer headers
 
 
-def read_safetensors(path):
-    """The tensors of a `.safetensors` file, memory-mapped: 8-byte header length, JSON header, raw bytes."""
-    path = os.fspath(path)
+class _DuplicateKey(Exception):
+    pass
+
+
+def _unique_keys(pairs):
+    """json's object_pairs_hook: a JSON object as a dict, refusing a key given twice (json keeps the last)."""
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        seen = set()
+        raise _DuplicateKey(next(k for k, _ in pairs if k in seen or seen.add(k)))
+    return result
+
+
+def _safetensors_header(path):
+    """(the JSON header as a dict, the offset where the data starts, the file's size)."""
     try:
         file_size = os.path.getsize(path)
         with open(path, "rb") as f:
             head = f.read(8)
-            (n,) = struct.unpack("<Q", head) if len(head) == 8 else (None,)
+            n = struct.unpack("<Q", head)[0] if len(head) == 8 else None
             if n is None or n > file_size - 8:
                 raise CheckpointError(f"{path}: not a safetensors file, truncated (header length "
                                       f"{n} for a file of {file_size} bytes)")
-            header = json.loads(f.read(n))
+            if n > MAX_SAFETENSORS_HEADER:
+                raise CheckpointError(f"{path}: safetensors header of {n} bytes; safetensors allows at most "
+                                      f"{MAX_SAFETENSORS_HEADER}")
+            raw = f.read(n)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no such file") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
-    header.pop("__metadata__", None)
-    data_start = 8 + n
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys)
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{path}: safetensors header is not UTF-8 (byte {8 + e.start})") from None
+    except RecursionError:
+        raise CheckpointError(f"{path}: safetensors header is nested too deeply") from None
+    except _DuplicateKey as e:
+        raise CheckpointError(f"{path}: safetensors header names {shown(str(e.args[0]))} twice") from None
+    except ValueError as e:
+        raise CheckpointError(f"{path}: safetensors header is not JSON ({shown(str(e), 200)})") from None
+    if type(header) is not dict:
+        raise CheckpointError(f"{path}: safetensors header is not a JSON object")
+    return header, 8 + n, file_size
+
+
+def _safetensors_entry(where, entry):
+    """(dtype, shape, begin, end) of one header entry, every field checked for type and range."""
+    if type(entry) is not dict:
+        raise CheckpointError(f"{where}: header entry is a {type(entry).__name__}, not an object")
+    code, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if type(code) is not str or code not in SAFETENSORS_DTYPES:
+        code = shown(code) if type(code) is str else f"a {type(code).__name__}"
+        raise CheckpointError(f"{where} has unsupported dtype {code}; bcnp reads {', '.join(SAFETENSORS_DTYPES)}")
+    if not _is_shape(shape, list):
+        raise CheckpointError(f"{where}: shape must be a list of at most {MAX_NDIM} counts, holding under 2**58 "
+                              "elements")
+    dtype = SAFETENSORS_DTYPES[code]
+    nbytes = math.prod(shape) * NUMPY_DTYPES[dtype].itemsize
+    if not (type(offsets) is list and len(offsets) == 2 and all(_is_count(n) for n in offsets)):
+        raise CheckpointError(f"{where}: data_offsets must be two counts below 2**62")
+    if offsets[1] - offsets[0] != nbytes:
+        raise CheckpointError(f"{where}: data_offsets {offsets} do not hold {nbytes} bytes of {dtype} {shape}")
+    return dtype, tuple(shape), offsets[0], offsets[1]
+
+
+def read_safetensors(path):
+    """The tensors of a `.safetensors` file, memory-mapped: 8-byte header length, JSON header, raw bytes.
+
+    As strict as the reference library: every data byte belongs to exactly one tensor, and nothing follows."""
+    path = os.fspath(path)
+    header, data_start, file_size = _safetensors_header(path)
+    metadata = header.pop("__metadata__", {})
+    if type(metadata) is not dict or not all(type(v) is str for v in metadata.values()):
+        raise CheckpointError(f"{path}: safetensors __metadata__ must map strings to strings")
     file_map = map_file(path)
-    tensors = {}
+    tensors, spans = {}, []
     for name, entry in header.items():
-        where = f"{path}: tensor {name}"
-        try:
-            dtype_code, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
-        except (TypeError, KeyError, ValueError):
-            raise CheckpointError(f"{where}: corrupt header entry {entry!r:.80}") from None
-        if dtype_code not in SAFETENSORS_DTYPES:
-            raise CheckpointError(f"{where} has unsupported dtype {dtype_code}; bcnp reads "
-                                  f"{', '.join(SAFETENSORS_DTYPES)}")
-        dtype = SAFETENSORS_DTYPES[dtype_code]
-        if not all(isinstance(s, int) and s >= 0 for s in shape):
-            raise CheckpointError(f"{where}: invalid shape {list(shape)}")
-        nbytes = int(np.prod(shape, dtype=np.int64)) * NUMPY_DTYPES[dtype].itemsize
-        if not (isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end and end - begin == nbytes):
-            raise CheckpointError(f"{where}: data_offsets [{begin}, {end}] do not hold {nbytes} bytes of "
-                                  f"{dtype} {list(shape)}")
+        where = f"{path}: tensor {shown(name)}"
+        dtype, shape, begin, end = _safetensors_entry(where, entry)
         if data_start + end > file_size:
             raise CheckpointError(f"{where}: data ends at byte {data_start + end}, beyond the file's "
                                   f"{file_size} bytes (truncated)")
         tensors[name] = Tensor(name, path, dtype, shape, file_map[data_start + begin: data_start + end])
+        spans.append((begin, end, name))
+    covered, previous = 0, None
+    for begin, end, name in sorted(spans):
+        if begin != covered:
+            problem = f"overlaps tensor {shown(previous)}" if begin < covered else \
+                f"leaves bytes {covered}..{begin - 1} in no tensor"
+            raise CheckpointError(f"{path}: tensor {shown(name)}: data_offsets [{begin}, {end}] {problem}")
+        covered, previous = end, name
+    if data_start + covered != file_size:
+        raise CheckpointError(f"{path}: {file_size - data_start - covered} bytes after the last tensor's data "
+                              "(trailing garbage)")
     return tensors
 
 
@@ -409,8 +758,8 @@ def checkpoint_files(directory):
             for file in files:
                 if not os.path.isfile(os.path.join(directory, file)):
                     name = next(n for n, f in weight_map.items() if f == file)
-                    raise CheckpointError(f"{os.path.join(directory, file)}: missing shard (named by {index_name} "
-                                          f"for tensor {name})")
+                    raise CheckpointError(f"{os.path.join(directory, shown(file))}: missing shard (named by "
+                                          f"{index_name} for tensor {shown(name)})")
             return [os.path.join(directory, f) for f in files], reader, weight_map
         if os.path.isfile(os.path.join(directory, single_name)):
             return [os.path.join(directory, single_name)], reader, None
@@ -422,14 +771,32 @@ def checkpoint_files(directory):
                           "pytorch_model.bin or pytorch_model-*.bin)")
 
 
+MAX_INDEX_BYTES = 16 * 2**20    # ~100 bytes per tensor: room for 150,000 tensors
+
+
 def _read_index(index_path):
+    """The weight_map of an index file: tensor name -> a shard's plain file name in the same directory."""
     try:
-        with open(index_path, encoding="utf-8") as f:
-            weight_map = json.load(f)["weight_map"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{index_path}: not a checkpoint index ({type(e).__name__}: {e})") from None
-    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-        raise CheckpointError(f"{index_path}: weight_map must map tensor names to file names")
+        size = os.path.getsize(index_path)
+    except OSError as e:
+        raise CheckpointError(f"{index_path}: cannot read the checkpoint index ({e.strerror or e})") from None
+    if size > MAX_INDEX_BYTES:
+        raise CheckpointError(f"{index_path}: checkpoint index of {size} bytes; a 13B's is ~30 kB (at most "
+                              f"{MAX_INDEX_BYTES // 2**20} MiB read)")
+    # read_json allocates max_bytes + 1 up front: a cap of the file's own size keeps opening a model small.
+    index = read_json_object(index_path, error=CheckpointError, max_bytes=max(size, 1), what="checkpoint index")
+    weight_map = index.get("weight_map")
+    if type(weight_map) is not dict or not weight_map:
+        raise CheckpointError(f"{index_path}: weight_map must map tensor names to shard file names")
+    for name, file in weight_map.items():
+        if type(file) is not str:
+            raise CheckpointError(f"{index_path}: weight_map gives tensor {shown(name)} a {type(file).__name__}, "
+                                  "not a file name")
+        # A shard is a file of this directory (it may be a symlink, as in the Hugging Face cache): `../x` or
+        # `/etc/passwd` would make an index read any file on the machine.
+        if file in ("", ".", "..") or any(c in file for c in "/\\\0"):
+            raise CheckpointError(f"{index_path}: weight_map puts tensor {shown(name)} in {shown(file)}, which is "
+                                  "not a file name in the checkpoint directory")
     return weight_map
 
 
@@ -465,7 +832,7 @@ def read_checkpoint(directory, expected_shapes=None):
             if name.endswith("rotary_emb.inv_freq"):  # a buffer RoPE recomputes; not a weight
                 continue
             if name in tensors:
-                raise CheckpointError(f"{path}: tensor {name} is also in {tensors[name].path}")
+                raise CheckpointError(f"{tensor.where()} is also in {tensors[name].path}")
             tensors[name] = tensor
     if weight_map is not None:
         for name, file in weight_map.items():
@@ -473,7 +840,8 @@ def read_checkpoint(directory, expected_shapes=None):
                 continue
             path = os.path.join(os.fspath(directory), file)
             if name not in tensors or os.path.normpath(tensors[name].path) != os.path.normpath(path):
-                raise CheckpointError(f"{path}: tensor {name} is missing (the index says it is in this file)")
+                raise CheckpointError(f"{shown(path, 400)}: tensor {shown(name)} is missing (the index says it is in "
+                                      "this file)")
     if expected_shapes is not None:
         check_shapes(tensors, expected_shapes, directory)
     return tensors
