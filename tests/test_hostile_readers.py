@@ -306,13 +306,14 @@ def test_what_the_reference_accepts_we_read_alike(tmp_path):
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="peak memory is read from Linux's /proc")
-def test_a_header_over_100_mb_is_refused_unread(tmp_path, baseline_rss):
+def test_a_header_over_16_mib_is_refused_unread(tmp_path, baseline_rss):
     path = tmp_path / "huge.safetensors"
+    n = 16 * 2**20 + 1
     with open(path, "wb") as f:
-        f.write(struct.pack("<Q", 100_000_001) + b"{")
-        f.truncate(8 + 100_000_001 + 8)                  # sparse: no disk and no reading needed
+        f.write(struct.pack("<Q", n) + b"{")
+        f.truncate(8 + n + 8)                            # sparse: no disk and no reading needed
     rss, seconds, outcome = peak_rss_mib(path)
-    assert "at most 100000000" in outcome and "huge.safetensors" in outcome and rss < baseline_rss + 10 and seconds < 1
+    assert f"at most {16 * 2**20}" in outcome and "huge.safetensors" in outcome and rss < baseline_rss + 10 and seconds < 1
 
 
 def test_tensor_names_are_escaped_and_bounded_in_messages(tmp_path):
