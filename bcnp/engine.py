@@ -85,6 +85,8 @@ class Sequence:
     pending: int = None                            # the last sampled token, not yet fed to the model
     finish_reason: str = None                      # "stop" (a stop token), "length" (budget or context), "cancelled"
     reused: int = 0                                # prompt tokens taken from a cached prefix instead of computed
+    top_logprobs: int = None                       # None: no log-probabilities; n >= 0: the token's and n others
+    logprobs: list = field(default_factory=list)   # per generated token: (logprob, [(token, logprob), ...])
 
     @property
     def done(self):
@@ -98,6 +100,14 @@ class Sequence:
         """Stop this sequence; its slot is freed at the next step (e.g. a client that went away)."""
         if not self.done:
             self.finish_reason = "cancelled"
+
+
+def token_logprobs(logits, token, n):
+    """(log p(token), [(id, log p(id)) for the n most likely ids]) under softmax(logits), in float64."""
+    x = np.asarray(logits, dtype=np.float64)
+    log_z = x.max() + np.log(np.exp(x - x.max()).sum())
+    top = np.argsort(-x, kind="stable")[:n]
+    return float(x[token] - log_z), [(int(t), float(x[t] - log_z)) for t in top]
 
 
 def common_prefix(a, b):
@@ -126,9 +136,10 @@ class Engine:
     # --- sequences in ---
 
     def submit(self, prompt, max_new_tokens=None, temperature=None, top_k=None, top_p=None,
-               repetition_penalty=None, do_sample=None, seed=None, stop_ids=None):
+               repetition_penalty=None, do_sample=None, seed=None, stop_ids=None, top_logprobs=None):
         """Queue a prompt (token ids); unset settings come from the model's generation_config.json. Returns its
-        `Sequence`, whose `generated` fills as `step` runs."""
+        `Sequence`, whose `generated` fills as `step` runs. `top_logprobs` (an int >= 0) records each new token's
+        log-probability under the model (before any sampling setting) and the `top_logprobs` most likely tokens'."""
         model, g = self.model, self.model.generation_config
         prompt = [int(t) for t in model._check_ids(prompt)]
         if len(prompt) >= model.config.max_position:
@@ -144,7 +155,10 @@ class Engine:
                         do_sample=g.do_sample if do_sample is None else do_sample)
         check_sampling_args(**settings)
         stop_ids = frozenset([model.config.eos_token_id] if stop_ids is None else [int(t) for t in stop_ids])
-        seq = Sequence(prompt, int(max_new_tokens), settings, np.random.default_rng(seed), stop_ids, next(self._ids))
+        if top_logprobs is not None and not (isinstance(top_logprobs, (int, np.integer)) and 0 <= top_logprobs <= 20):
+            raise ValueError(f"top_logprobs must be an integer in [0, 20], got {top_logprobs!r}")
+        seq = Sequence(prompt, int(max_new_tokens), settings, np.random.default_rng(seed), stop_ids, next(self._ids),
+                       top_logprobs=top_logprobs)
         if seq.max_new_tokens == 0:
             seq.finish_reason = "length"
         else:
@@ -247,6 +261,8 @@ class Engine:
             seq.finish_reason = "stop"
             return []
         seq.generated.append(token)
+        if seq.top_logprobs is not None:
+            seq.logprobs.append(token_logprobs(logits, token, seq.top_logprobs))
         if len(seq.generated) >= seq.max_new_tokens or seq.cache.length >= seq.cache.max_len:
             seq.finish_reason = "length"
         else:

@@ -157,3 +157,16 @@ def test_non_finite_logits_stop_generation_with_an_error(fixture):
     engine.submit(golden["prompt_1"], max_new_tokens=3, **GREEDY)
     with pytest.raises(FloatingPointError, match="non-finite logits"):
         run_all(engine)
+
+
+def test_log_probabilities_are_the_models_own(fixture):
+    model, golden = fixture
+    engine = Engine(model)
+    seq = engine.submit(golden["prompt_1"], max_new_tokens=4, top_logprobs=3, **GREEDY)
+    run_all(engine)
+    logits = model.logits(list(golden["prompt_1"]) + seq.generated[:-1])[len(golden["prompt_1"]) - 1:]
+    for (logprob, top), token, row in zip(seq.logprobs, seq.generated, logits):
+        log_softmax = row.astype(np.float64) - np.log(np.exp(row.astype(np.float64)).sum())
+        assert abs(logprob - log_softmax[token]) < 1e-4
+        assert [t for t, _ in top] == list(np.argsort(-log_softmax, kind="stable")[:3])
+        assert top[0][0] == token                                    # greedy: the chosen token is the most likely
