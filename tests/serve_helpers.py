@@ -57,6 +57,25 @@ def open_stream(server, path, body, headers=None):
     return connection, connection.getresponse()
 
 
+def hang_up(connection, response):
+    """Close the client's end for real (the response holds its own reference to the socket)."""
+    response.close()
+    connection.close()
+
+
+def send_headers_only(server, method, path, headers):
+    """(status, parsed body) of a request whose body is announced but never sent."""
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    connection.putrequest(method, path)
+    for name, value in headers.items():
+        connection.putheader(name, value)
+    connection.endheaders()
+    response = connection.getresponse()
+    body = json.loads(response.read())
+    hang_up(connection, response)
+    return response.status, body
+
+
 def read_event(response):
     """The next SSE event of a response: its lines up to the blank line, joined."""
     lines = []

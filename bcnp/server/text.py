@@ -13,8 +13,8 @@ TokenText = namedtuple("TokenText", "text data")       # a token as log-probabil
 
 class StopMatcher:
     """`put(text) -> str` what is safe to send now; `stopped` once a stop string appeared (nothing is sent from it
-    on); `end() -> str` the held-back rest. Everything sent, concatenated, is the whole text cut before the earliest
-    occurrence of any stop string."""
+    on); `end() -> str` the held-back rest. Everything sent, concatenated, is the whole text cut before the stop
+    string that is complete first (of two ending at the same character, the longer)."""
 
     def __init__(self, stops=()):
         self.stops = tuple(stops)
@@ -25,10 +25,12 @@ class StopMatcher:
         if self.stopped:
             return ""
         text = self.held + text
-        found = [i for i in (text.find(s) for s in self.stops) if i >= 0]
+        found = [(i + len(s), i) for i, s in ((text.find(s), s) for s in self.stops) if i >= 0]
         if found:
+            # the first stop string to be complete (generation stops there), the longest of those ending there:
+            # the same cut however the text was split into pieces
             self.stopped, self.held = True, ""
-            return text[:min(found)]
+            return text[:min(found)[1]]
         keep = self._longest_stop_prefix_ending(text)
         self.held = text[len(text) - keep:] if keep else ""
         return text[:len(text) - keep]
