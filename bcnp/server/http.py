@@ -79,6 +79,7 @@ class Server(ThreadingHTTPServer):
 
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"         # keep-alive for JSON answers; streams close their connection
+    default_request_version = "HTTP/1.1"  # so that the answer to an unparsable request line has a status line
     server_version = "bcnp"
     sys_version = ""
 

@@ -209,11 +209,25 @@ def chat_messages(body):
     return out
 
 
+def refuse_role_tokens(model, messages):
+    """Baichuan's tokenizer matches its reserved pieces inside text: content holding "<reserved_102>" would encode
+    to the user token 195 and forge a turn. Role tokens come only from the template."""
+    g = model.generation_config
+    roles = {g.user_token_id, g.assistant_token_id}
+    for i, message in enumerate(messages):
+        forged = roles.intersection(model.tokenizer.encode(message["content"]))
+        if forged:
+            piece = model.tokenizer.id_to_piece(min(forged))
+            raise bad("messages", f"messages[{i}].content contains {piece}, which the tokenizer reads as a chat "
+                      "role token; role tokens come only from the messages' roles")
+
+
 def parse_chat(body, model):
     """POST /v1/chat/completions: messages through Baichuan's chat template (role tokens joined as ids)."""
     context = model.config.max_position
     max_tokens = requested_max_tokens(body, context, ("max_completion_tokens", "max_tokens"))
     messages = chat_messages(body)
+    refuse_role_tokens(model, messages)
     logprobs = get(body, "logprobs", lambda v: isinstance(v, bool), "true or false")
     top = get(body, "top_logprobs", lambda v: is_int(v) and 0 <= v <= MAX_TOP_LOGPROBS,
               f"an integer in [0, {MAX_TOP_LOGPROBS}]")
