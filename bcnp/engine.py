@@ -1,0 +1,279 @@
+"""The engine: many sequences decoded together, one pass over the weights per step, and KV caches that are reused.
+
+Decoding is bound by reading the weights (one token of the int4 13B reads 7.5 GB), so the engine advances every
+active sequence by one token in the same forward pass: the linear layers multiply all B tokens at once (each
+weight read once; the int8/int4 kernels round each token's activations exactly as they would alone), and only
+attention, which is each sequence's own, runs per sequence (`BatchCache`).
+
+A step of the engine is:
+1. admit queued sequences while there are free slots;
+2. one chunk (at most `prefill_chunk` tokens) of one newcomer's prompt, so a long prompt never freezes the others
+   for longer than one chunk; a newcomer starts from the longest prefix of its prompt that a cache already holds
+   (a previous chat turn, a shared system prompt or few-shot examples): only the rest is computed;
+3. one batched decode pass over every sequence that is generating.
+
+Each sequence keeps its own sampling settings, seed, stop tokens and budget; with the same seed it produces the
+tokens it would produce alone (greedy: the same tokens; float logits equal to float32 rounding).
+
+    engine = Engine(model, max_batch=8)
+    a = engine.submit(ids_a, max_new_tokens=64, seed=1)
+    b = engine.submit(ids_b, max_new_tokens=64, do_sample=False)
+    for seq, token in engine.run():          # tokens of all sequences, as they are produced
+        ...
+"""
+import itertools
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .model import KVCache, new_cache, to_numpy, transformer
+from .sampling import check_sampling_args, next_token
+
+
+# --- a batch of one-token steps, seen by the forward pass as one cache ---------------------------------------------
+
+@dataclass
+class BatchCache:
+    """B sequences' caches, one new token each: `transformer` runs over B tokens as if they were one sequence,
+    while each token is stored in, and attends over, its own sequence's cache at its own position."""
+    caches: list
+
+    @property
+    def length(self):
+        return 0
+
+    @length.setter
+    def length(self, value):             # transformer's `cache.length += B`: every sequence grew by one token
+        for cache in self.caches:
+            cache.length += 1
+
+    def positions(self, xp, T):
+        assert T == len(self.caches), "a batch step is one token per sequence"
+        for c in self.caches:
+            c.positions(xp, 1)                                               # room for one more, or a clear error
+        return xp.asarray([c.length for c in self.caches])
+
+    def span(self, T):
+        # the bias is built for the longest sequence; row b is position-exact and sliced to its own span below
+        return max(c.length for c in self.caches) + 1
+
+    def store(self, i, k, v):
+        for b, cache in enumerate(self.caches):
+            cache.store(i, k[b:b + 1], v[b:b + 1])
+
+    def attend(self, xp, i, q, bias):
+        """q (nh, B, hd), bias (nh or 1, B, S_max) -> (nh, B, hd), each token over its own cache."""
+        outs = [cache.attend(xp, i, q[:, b:b + 1], bias[:, b:b + 1, :cache.length + 1])
+                for b, cache in enumerate(self.caches)]
+        return xp.concatenate(outs, axis=1)
+
+
+# --- one sequence ----------------------------------------------------------------------------------------------------
+
+@dataclass(eq=False)
+class Sequence:
+    """A prompt being answered: its settings, its cache, what it has produced and why it stopped."""
+    prompt: list
+    max_new_tokens: int
+    settings: dict
+    rng: object
+    stop_ids: frozenset
+    id: int = 0
+    cache: KVCache = None
+    cached: list = field(default_factory=list)     # the tokens whose keys and values are in the cache, in order
+    generated: list = field(default_factory=list)
+    pending: int = None                            # the last sampled token, not yet fed to the model
+    finish_reason: str = None                      # "stop" (a stop token), "length" (budget or context), "cancelled"
+    reused: int = 0                                # prompt tokens taken from a cached prefix instead of computed
+    top_logprobs: int = None                       # None: no log-probabilities; n >= 0: the token's and n others
+    logprobs: list = field(default_factory=list)   # per generated token: (logprob, [(token, logprob), ...])
+
+    @property
+    def done(self):
+        return self.finish_reason is not None
+
+    @property
+    def seen(self):
+        return self.prompt + self.generated
+
+    def cancel(self):
+        """Stop this sequence; its slot is freed at the next step (e.g. a client that went away)."""
+        if not self.done:
+            self.finish_reason = "cancelled"
+
+
+def token_logprobs(logits, token, n):
+    """(log p(token), [(id, log p(id)) for the n most likely ids]) under softmax(logits), in float64."""
+    x = np.asarray(logits, dtype=np.float64)
+    log_z = x.max() + np.log(np.exp(x - x.max()).sum())
+    top = np.argsort(-x, kind="stable")[:n]
+    return float(x[token] - log_z), [(int(t), float(x[t] - log_z)) for t in top]
+
+
+def common_prefix(a, b):
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+# --- the engine --------------------------------------------------------------------------------------------------------
+
+class Engine:
+    """Runs many `Sequence`s over one model: `submit`, then `step` (or `run`) until they are done."""
+
+    def __init__(self, model, max_batch=8, prefill_chunk=256, keep_cached=4):
+        if not (isinstance(max_batch, int) and max_batch >= 1):
+            raise ValueError(f"max_batch must be an integer >= 1, got {max_batch!r}")
+        if not (isinstance(prefill_chunk, int) and prefill_chunk >= 1):
+            raise ValueError(f"prefill_chunk must be an integer >= 1, got {prefill_chunk!r}")
+        self.model, self.max_batch, self.prefill_chunk, self.keep_cached = model, max_batch, prefill_chunk, keep_cached
+        self.queue, self.active = [], []
+        self.idle = []                # (tokens, cache) of finished sequences, newest last: prefixes to reuse
+        self._ids = itertools.count()
+
+    # --- sequences in ---
+
+    def submit(self, prompt, max_new_tokens=None, temperature=None, top_k=None, top_p=None,
+               repetition_penalty=None, do_sample=None, seed=None, stop_ids=None, top_logprobs=None):
+        """Queue a prompt (token ids); unset settings come from the model's generation_config.json. Returns its
+        `Sequence`, whose `generated` fills as `step` runs. `top_logprobs` (an int >= 0) records each new token's
+        log-probability under the model (before any sampling setting) and the `top_logprobs` most likely tokens'."""
+        model, g = self.model, self.model.generation_config
+        prompt = [int(t) for t in model._check_ids(prompt)]
+        if len(prompt) >= model.config.max_position:
+            raise ValueError(f"prompt has {len(prompt)} tokens; the context holds {model.config.max_position} "
+                             "(prompt plus at least one new token)")
+        max_new_tokens = g.max_new_tokens if max_new_tokens is None else max_new_tokens
+        if not (isinstance(max_new_tokens, (int, np.integer)) and max_new_tokens >= 0):
+            raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+        settings = dict(temperature=g.temperature if temperature is None else temperature,
+                        top_k=g.top_k if top_k is None else top_k,
+                        top_p=g.top_p if top_p is None else top_p,
+                        repetition_penalty=g.repetition_penalty if repetition_penalty is None else repetition_penalty,
+                        do_sample=g.do_sample if do_sample is None else do_sample)
+        check_sampling_args(**settings)
+        stop_ids = frozenset([model.config.eos_token_id] if stop_ids is None else [int(t) for t in stop_ids])
+        if top_logprobs is not None and not (isinstance(top_logprobs, (int, np.integer)) and 0 <= top_logprobs <= 20):
+            raise ValueError(f"top_logprobs must be an integer in [0, 20], got {top_logprobs!r}")
+        seq = Sequence(prompt, int(max_new_tokens), settings, np.random.default_rng(seed), stop_ids, next(self._ids),
+                       top_logprobs=top_logprobs)
+        if seq.max_new_tokens == 0:
+            seq.finish_reason = "length"
+        else:
+            self.queue.append(seq)
+        return seq
+
+    # --- the step ---
+
+    def step(self):
+        """One step: admit, one prefill chunk, one batched decode pass. Returns [(sequence, new token)]."""
+        self._retire()
+        self._admit()
+        produced = []
+        prefilling = next((s for s in self.active if s.cache is None or len(s.cached) < len(s.prompt)), None)
+        if prefilling is not None:
+            produced += self._prefill_chunk(prefilling)
+        decoding = [s for s in self.active if s.pending is not None and s is not prefilling and not s.done]
+        if decoding:
+            produced += self._decode(decoding)
+        self._retire()
+        return produced
+
+    def run(self, sequences=None):
+        """Step until every sequence (or every one of `sequences`) is done, yielding (sequence, token)."""
+        while True:
+            waiting = [s for s in (self.queue + self.active) if sequences is None or s in sequences]
+            if not waiting:
+                return
+            yield from self.step()
+
+    @property
+    def busy(self):
+        return bool(self.queue or self.active)
+
+    # --- inside a step ---
+
+    def _admit(self):
+        while self.queue and len(self.active) < self.max_batch:
+            seq = self.queue.pop(0)
+            if not seq.done:                                                 # not cancelled while queued
+                self.active.append(seq)
+
+    def _attach_cache(self, seq):
+        """Give `seq` a cache holding the longest prefix of its prompt that any cache already holds."""
+        size = min(self.model.config.max_position, len(seq.prompt) + seq.max_new_tokens)
+        owners = ([(tokens, cache, True) for tokens, cache in self.idle]
+                  + [(s.cached, s.cache, False) for s in self.active if s.cache is not None])
+        best, best_n = None, 0
+        for owner in owners:
+            n = min(common_prefix(owner[0], seq.prompt), len(seq.prompt) - 1)   # the last prompt token is fed
+            if n > best_n:
+                best, best_n = owner, n
+        if best is not None and best[2] and best[1].max_len >= size:
+            # a finished sequence's cache (the previous chat turn): take it over, no copy
+            self.idle = [entry for entry in self.idle if entry[1] is not best[1]]
+            seq.cache = best[1]
+        else:
+            seq.cache = self.model.new_cache(size)
+            if best is not None:                                             # another's: copy the shared prefix
+                seq.cache.k[:, :, :best_n] = best[1].k[:, :, :best_n]
+                seq.cache.v[:, :, :best_n] = best[1].v[:, :, :best_n]
+        seq.cache.length = best_n
+        seq.cached = list(seq.prompt[:best_n])
+        seq.reused = best_n
+
+    def _prefill_chunk(self, seq):
+        if seq.cache is None:
+            # attached only now, when the sequences before it have computed their prompts: a prefix it shares
+            # with them (a system prompt, few-shot examples, the same question) is then there to be reused
+            self._attach_cache(seq)
+        start = len(seq.cached)
+        chunk = seq.prompt[start:start + self.prefill_chunk]
+        logits = to_numpy(transformer(self.model.xp, self.model.w, self.model.config, np.asarray(chunk),
+                                      seq.cache, last_only=True))[0]
+        seq.cached += chunk
+        if len(seq.cached) < len(seq.prompt):
+            return []
+        return self._sample(seq, logits)
+
+    def _decode(self, seqs):
+        tokens = np.asarray([s.pending for s in seqs])
+        logits = to_numpy(transformer(self.model.xp, self.model.w, self.model.config, tokens,
+                                      BatchCache([s.cache for s in seqs])))              # (B, V)
+        produced = []
+        for b, seq in enumerate(seqs):
+            seq.cached.append(seq.pending)
+            seq.pending = None
+            produced += self._sample(seq, logits[b])
+        return produced
+
+    def _sample(self, seq, logits):
+        if seq.done:                                                         # cancelled during the step
+            return []
+        if not np.isfinite(logits).all():
+            seq.finish_reason = "error"
+            raise FloatingPointError(f"sequence {seq.id}: the model produced non-finite logits at position "
+                                     f"{len(seq.cached)} (a broken checkpoint or an overflow)")
+        token = next_token(logits, seq.seen, rng=seq.rng, **seq.settings)
+        if token in seq.stop_ids:
+            seq.finish_reason = "stop"
+            return []
+        seq.generated.append(token)
+        if seq.top_logprobs is not None:
+            seq.logprobs.append(token_logprobs(logits, token, seq.top_logprobs))
+        if len(seq.generated) >= seq.max_new_tokens or seq.cache.length >= seq.cache.max_len:
+            seq.finish_reason = "length"
+        else:
+            seq.pending = token
+        return [(seq, token)]
+
+    def _retire(self):
+        """Finished sequences leave their slot; their caches are kept (newest last) for prefixes to come."""
+        for seq in [s for s in self.active if s.done]:
+            self.active.remove(seq)
+            if seq.cache is not None and seq.cached and seq.finish_reason != "error":
+                self.idle.append((seq.cached, seq.cache))
+            seq.cache = None
+        del self.idle[: max(0, len(self.idle) - self.keep_cached)]
