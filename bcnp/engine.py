@@ -20,6 +20,7 @@ tokens it would produce alone (greedy: the same tokens; float logits equal to fl
     b = engine.submit(ids_b, max_new_tokens=64, do_sample=False)
     for seq, token in engine.run():          # tokens of all sequences, as they are produced
         ...
+    for token in engine.stream(a): ...       # or one sequence's tokens
 """
 import itertools
 from dataclasses import dataclass, field
@@ -181,13 +182,25 @@ class Engine:
         self._retire()
         return produced
 
-    def run(self, sequences=None):
-        """Step until every sequence (or every one of `sequences`) is done, yielding (sequence, token)."""
-        while True:
-            waiting = [s for s in (self.queue + self.active) if sequences is None or s in sequences]
-            if not waiting:
-                return
+    def run(self):
+        """Step until every sequence is done, yielding (sequence, token) as they are produced."""
+        while self.busy:
             yield from self.step()
+
+    def stream(self, seq):
+        """`seq`'s tokens as they are produced, stepping the engine (and so every other sequence) as needed.
+        Several streams over one engine may be interleaved; closing one early cancels its sequence."""
+        sent = 0
+        try:
+            while True:
+                while sent < len(seq.generated):
+                    yield seq.generated[sent]
+                    sent += 1
+                if seq.done:
+                    return
+                self.step()
+        finally:
+            seq.cancel()
 
     @property
     def busy(self):
@@ -231,8 +244,7 @@ class Engine:
             self._attach_cache(seq)
         start = len(seq.cached)
         chunk = seq.prompt[start:start + self.prefill_chunk]
-        logits = to_numpy(transformer(self.model.xp, self.model.w, self.model.config, np.asarray(chunk),
-                                      seq.cache, last_only=True))[0]
+        logits = self.model.next_logits(np.asarray(chunk), seq.cache)
         seq.cached += chunk
         if len(seq.cached) < len(seq.prompt):
             return []
@@ -240,8 +252,11 @@ class Engine:
 
     def _decode(self, seqs):
         tokens = np.asarray([s.pending for s in seqs])
-        logits = to_numpy(transformer(self.model.xp, self.model.w, self.model.config, tokens,
-                                      BatchCache([s.cache for s in seqs])))              # (B, V)
+        if len(seqs) == 1:                   # the model's own one-token step (on a GPU: replayed CUDA graphs)
+            logits = self.model.next_logits(tokens, seqs[0].cache)[None]
+        else:
+            logits = to_numpy(transformer(self.model.xp, self.model.w, self.model.config, tokens,
+                                          BatchCache([s.cache for s in seqs])))          # (B, V)
         produced = []
         for b, seq in enumerate(seqs):
             seq.cached.append(seq.pending)

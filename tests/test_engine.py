@@ -170,3 +170,19 @@ def test_log_probabilities_are_the_models_own(fixture):
         assert abs(logprob - log_softmax[token]) < 1e-4
         assert [t for t, _ in top] == list(np.argsort(-log_softmax, kind="stable")[:3])
         assert top[0][0] == token                                    # greedy: the chosen token is the most likely
+
+
+def test_interleaved_streams_each_get_their_own_tokens(fixture):
+    model, golden = fixture
+    engine = Engine(model, max_batch=4)
+    a = engine.stream(engine.submit(golden["prompt_1"], max_new_tokens=6, **GREEDY))
+    b = engine.stream(engine.submit(golden["prompt_2"], max_new_tokens=6, **GREEDY))
+    got_a, got_b = [next(a)], [next(b)]
+    got_a += list(a)
+    got_b += list(b)
+    assert got_a == list(golden["greedy_tokens_1"][:6]) and got_b == list(golden["greedy_tokens_2"][:6])
+    c = engine.submit(golden["prompt_1"], max_new_tokens=6, **GREEDY)
+    stream = engine.stream(c)
+    next(stream)
+    stream.close()                                         # a consumer that goes away cancels its sequence
+    assert c.finish_reason == "cancelled"
