@@ -12,6 +12,10 @@ last `model_max_length - max_new_tokens` tokens so the reply has room.
 ROLES = ("system", "user", "assistant")
 
 
+class PromptTooLong(ValueError):
+    pass
+
+
 def check_messages(messages):
     """A non-empty list of {'role': 'system' | 'user' | 'assistant', 'content': str}; system only first."""
     if not isinstance(messages, (list, tuple)) or len(messages) == 0:
@@ -40,11 +44,23 @@ def split_rounds(messages):
     return system, rounds
 
 
+def content_tokens(tokenizer, text, role_ids):
+    """encode(text), refusing text that encodes to a role token: Baichuan's tokenizer matches its reserved pieces
+    inside text ("<reserved_102>" is the user token 195), so content could forge a turn. Roles come only from
+    the messages' roles."""
+    ids = tokenizer.encode(text)
+    forged = set(role_ids).intersection(ids)
+    if forged:
+        raise ValueError(f"message content contains {tokenizer.id_to_piece(min(forged))}, which the tokenizer reads "
+                         "as a chat role token; role tokens come only from the messages' roles")
+    return ids
+
+
 def round_tokens(tokenizer, round, user_token_id, assistant_token_id):
     tokens = []
     for message in round:
         tokens.append(user_token_id if message["role"] == "user" else assistant_token_id)
-        tokens.extend(tokenizer.encode(message["content"]))
+        tokens.extend(content_tokens(tokenizer, message["content"], (user_token_id, assistant_token_id)))
     return tokens
 
 
@@ -65,7 +81,7 @@ def build_chat_input(tokenizer, messages, *, model_max_length, max_new_tokens, u
                          f"{model_max_length} tokens")
 
     system, rounds = split_rounds(messages)
-    system_tokens = tokenizer.encode(system)
+    system_tokens = content_tokens(tokenizer, system, (user_token_id, assistant_token_id))
     max_history_tokens = max_input_tokens - len(system_tokens)
 
     # Newest round first: the newest always goes in; an older one only while it fits, and not once full.
@@ -82,3 +98,26 @@ def build_chat_input(tokenizer, messages, *, model_max_length, max_new_tokens, u
     if messages[-1]["role"] != "assistant":
         input_tokens.append(assistant_token_id)
     return input_tokens[-max_input_tokens:]
+
+
+def chat_prompt(tokenizer, messages, *, context, max_new_tokens=None, generation_max_new_tokens=2048,
+                user_token_id=195, assistant_token_id=196):
+    """(token ids, reply budget) for `messages`: the one policy of `model(messages)`, the chat command line and
+    the server.
+
+    The reply's room is `max_new_tokens` when given, else generation_config's default but at most half the
+    context (the released default of 2048 assumes the real 4096-token context). Older rounds are dropped to make
+    that room; the newest message is never cut: when it does not fit with room for one new token, PromptTooLong.
+    The budget is then that room, or what is left after the prompt when that is less."""
+    check_messages(messages)
+    room = min(generation_max_new_tokens, context // 2) if max_new_tokens is None else max_new_tokens
+    role_ids = (user_token_id, assistant_token_id)
+    system = messages[0]["content"] if messages[0]["role"] == "system" else ""
+    newest = (len(content_tokens(tokenizer, system, role_ids)) + 1
+              + len(content_tokens(tokenizer, messages[-1]["content"], role_ids)) + 1)
+    if newest >= context:
+        raise PromptTooLong(f"the prompt is {newest} tokens with the chat template; the model's context holds "
+                            f"{context} tokens, prompt and reply together")
+    ids = build_chat_input(tokenizer, messages, model_max_length=context, max_new_tokens=min(room, context - newest),
+                           user_token_id=user_token_id, assistant_token_id=assistant_token_id)
+    return ids, min(room, context - len(ids))

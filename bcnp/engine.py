@@ -132,6 +132,7 @@ class Engine:
         self.model, self.max_batch, self.prefill_chunk, self.keep_cached = model, max_batch, prefill_chunk, keep_cached
         self.queue, self.active = [], []
         self.idle = []                # (tokens, cache) of finished sequences, newest last: prefixes to reuse
+        self.prompt_tokens = self.reused_tokens = 0     # all prompts' tokens, and those taken from a cache
         self._ids = itertools.count()
 
     # --- sequences in ---
@@ -216,7 +217,10 @@ class Engine:
 
     def _attach_cache(self, seq):
         """Give `seq` a cache holding the longest prefix of its prompt that any cache already holds."""
-        size = min(self.model.config.max_position, len(seq.prompt) + seq.max_new_tokens)
+        # On the CPU a cache's pages are mapped only when written (np.zeros), so a whole-context cache costs what
+        # it holds, and the next chat turn can take it over without a copy; a GPU allocates what it is asked for.
+        context = self.model.config.max_position
+        size = context if self.model.xp is np else min(context, len(seq.prompt) + seq.max_new_tokens)
         owners = ([(tokens, cache, True) for tokens, cache in self.idle]
                   + [(s.cached, s.cache, False) for s in self.active if s.cache is not None])
         best, best_n = None, 0
@@ -236,6 +240,8 @@ class Engine:
         seq.cache.length = best_n
         seq.cached = list(seq.prompt[:best_n])
         seq.reused = best_n
+        self.prompt_tokens += len(seq.prompt)
+        self.reused_tokens += best_n
 
     def _prefill_chunk(self, seq):
         if seq.cache is None:
@@ -244,7 +250,8 @@ class Engine:
             self._attach_cache(seq)
         start = len(seq.cached)
         chunk = seq.prompt[start:start + self.prefill_chunk]
-        logits = self.model.next_logits(np.asarray(chunk), seq.cache)
+        with np.errstate(over="ignore", invalid="ignore"):      # an overflow is reported once, by _sample
+            logits = self.model.next_logits(np.asarray(chunk), seq.cache)
         seq.cached += chunk
         if len(seq.cached) < len(seq.prompt):
             return []
@@ -252,16 +259,23 @@ class Engine:
 
     def _decode(self, seqs):
         tokens = np.asarray([s.pending for s in seqs])
-        if len(seqs) == 1:                   # the model's own one-token step (on a GPU: replayed CUDA graphs)
-            logits = self.model.next_logits(tokens, seqs[0].cache)[None]
-        else:
-            logits = to_numpy(transformer(self.model.xp, self.model.w, self.model.config, tokens,
-                                          BatchCache([s.cache for s in seqs])))          # (B, V)
-        produced = []
-        for b, seq in enumerate(seqs):
+        with np.errstate(over="ignore", invalid="ignore"):      # an overflow is reported once, by _sample
+            if len(seqs) == 1:               # the model's own one-token step (on a GPU: replayed CUDA graphs)
+                logits = self.model.next_logits(tokens, seqs[0].cache)[None]
+            else:
+                logits = to_numpy(transformer(self.model.xp, self.model.w, self.model.config, tokens,
+                                              BatchCache([s.cache for s in seqs])))      # (B, V)
+        for seq in seqs:                     # every cache grew by its token: say so before anything can fail
             seq.cached.append(seq.pending)
             seq.pending = None
-            produced += self._sample(seq, logits[b])
+        produced, failure = [], None
+        for b, seq in enumerate(seqs):
+            try:
+                produced += self._sample(seq, logits[b])
+            except ValueError as e:          # that sequence has stopped; the others' tokens still count
+                failure = failure or e
+        if failure is not None:
+            raise failure
         return produced
 
     def _sample(self, seq, logits):
@@ -269,8 +283,9 @@ class Engine:
             return []
         if not np.isfinite(logits).all():
             seq.finish_reason = "error"
-            raise FloatingPointError(f"sequence {seq.id}: the model produced non-finite logits at position "
-                                     f"{len(seq.cached)} (a broken checkpoint or an overflow)")
+            raise ValueError(f"{self.model.path or 'the model'}: the logits at position {len(seq.cached) - 1} are "
+                             "not finite (NaN or infinity): a weight or an activation overflowed; stopping instead "
+                             "of printing tokens chosen from them")
         token = next_token(logits, seq.seen, rng=seq.rng, **seq.settings)
         if token in seq.stop_ids:
             seq.finish_reason = "stop"

@@ -18,6 +18,7 @@ import os
 import sys
 import time
 
+from .chat import PromptTooLong
 from .cli import (EXIT_ERROR, EXIT_INTERRUPTED, EXIT_USAGE, ArgumentParser, Output, OutputError, UsageError,
                   error_line, run)
 
@@ -26,8 +27,6 @@ SETTING_FLAGS = {"max_new_tokens": "--max-new-tokens", "temperature": "--tempera
                  "top_p": "--top-p", "repetition_penalty": "--repetition-penalty"}
 
 
-class PromptTooLong(ValueError):
-    pass
 
 
 def parse_args(argv):
@@ -92,25 +91,10 @@ def sampling_settings(args):
                 repetition_penalty=args.repetition_penalty, do_sample=False if args.greedy else None)
 
 
-def chat_prompt(model, messages, max_new_tokens):
-    """The chat template's token ids for `messages`, never cutting into the newest message."""
-    from .chat import build_chat_input
-    tokenizer, g, context = model.tokenizer, model.generation_config, model.config.max_position
-    system = messages[0]["content"] if messages[0]["role"] == "system" else ""
-    newest = len(tokenizer.encode(system)) + 1 + len(tokenizer.encode(messages[-1]["content"])) + 1
-    if newest >= context:
-        raise PromptTooLong(f"the prompt is {newest} tokens with the chat template; the model's context holds "
-                            f"{context} tokens, prompt and reply together")
-    room_for_reply = min(max_new_tokens, context - newest)
-    return build_chat_input(tokenizer, messages, model_max_length=context, max_new_tokens=room_for_reply,
-                            user_token_id=g.user_token_id, assistant_token_id=g.assistant_token_id)
-
-
 def reply(model, messages, settings, max_new_tokens, seed, out, err):
     """Stream the assistant's reply to `out`, the stats to `err`; return (reply text, interrupted)."""
     from .tokenizer import StreamDecoder
-    ids = chat_prompt(model, messages, max_new_tokens)
-    budget = min(max_new_tokens, model.config.max_position - len(ids))
+    ids, budget = model.chat_prompt(messages, max_new_tokens)
     decoder = StreamDecoder(model.tokenizer)
     pieces, n_tokens, interrupted = [], 0, False
     start = time.perf_counter()
@@ -210,7 +194,7 @@ def system_messages(args):
 
 
 def max_new_tokens(model, args):
-    return args.max_new_tokens or model.generation_config.max_new_tokens
+    return args.max_new_tokens                  # None: the chat's default policy (bcnp.chat.chat_prompt)
 
 
 def main(argv=None, out=None, err=None):

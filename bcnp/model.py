@@ -378,7 +378,9 @@ class Model:
                  repetition_penalty=None, do_sample=None, seed=None):
         """An iterator of new token ids; it stops at eos (not yielded), max_new_tokens or a full context.
         Unset arguments come from the checkpoint's generation_config.json. Everything is checked here, before
-        the first token; a step whose logits are not finite (NaN or infinity) stops it with a ValueError."""
+        the first token; a step whose logits are not finite (NaN or infinity) stops it with a ValueError.
+        It runs on the model's engine: the longest prefix of `ids` already in a cache (the previous chat turn)
+        is not computed again."""
         from .sampling import check_sampling_args, check_setting
         g = self.generation_config
         max_new_tokens = g.max_new_tokens if max_new_tokens is None else max_new_tokens
@@ -391,32 +393,16 @@ class Model:
         check_sampling_args(**settings)
         if seed is not None and not (isinstance(seed, numbers.Integral) and seed >= 0):
             raise ValueError(f"seed must be an integer >= 0, got {seed!r:.60}")
-        ids = self._check_ids(ids)
-        if len(ids) >= self.config.max_position:
-            raise ValueError(f"prompt has {len(ids)} tokens; the context holds {self.config.max_position} "
-                             "(prompt plus at least one new token)")
-        cache = self.new_cache(min(self.config.max_position, len(ids) + max_new_tokens))
-        return self._generate(ids, cache, max_new_tokens, settings, np.random.default_rng(seed))
+        engine = self.engine()
+        return engine.stream(engine.submit(ids, max_new_tokens=max_new_tokens, seed=seed, **settings))
 
-    def _generate(self, ids, cache, max_new_tokens, settings, rng):
-        from .sampling import next_token
-        seen = [int(t) for t in ids]
-        step = ids
-        for _ in range(max_new_tokens):
-            with np.errstate(over="ignore", invalid="ignore"):     # overflow is caught below, as one error
-                logits = self.next_logits(step, cache)
-            if not np.isfinite(logits).all():
-                raise ValueError(f"{self.path or 'the model'}: the logits at position {cache.length - 1} are not "
-                                 "finite (NaN or infinity): a weight or an activation overflowed; stopping instead "
-                                 "of printing tokens chosen from them")
-            token = next_token(logits, seen, rng=rng, **settings)
-            if token == self.config.eos_token_id:
-                return
-            yield token
-            seen.append(token)
-            if cache.length >= cache.max_len:
-                return
-            step = np.array([token])
+    def engine(self):
+        """This model's engine (bcnp.engine), made on first use: one sequence per `generate` call, and the caches
+        of finished ones kept, so a chat turn that extends the previous one computes only its new tokens."""
+        if getattr(self, "_engine", None) is None:
+            from .engine import Engine
+            self._engine = Engine(self)
+        return self._engine
 
     # --- chat ---
 
@@ -426,6 +412,14 @@ class Model:
         return build_chat_input(self._require_tokenizer(), messages, model_max_length=self.config.max_position,
                                 max_new_tokens=max_new_tokens, generation_max_new_tokens=g.max_new_tokens,
                                 user_token_id=g.user_token_id, assistant_token_id=g.assistant_token_id)
+
+    def chat_prompt(self, messages, max_new_tokens=None):
+        """(token ids, reply budget) of `messages` by the chat's one policy (bcnp.chat.chat_prompt)."""
+        from .chat import chat_prompt
+        g = self.generation_config
+        return chat_prompt(self._require_tokenizer(), messages, context=self.config.max_position,
+                           max_new_tokens=max_new_tokens, generation_max_new_tokens=g.max_new_tokens,
+                           user_token_id=g.user_token_id, assistant_token_id=g.assistant_token_id)
 
     def __call__(self, messages, stream=False, **generate_kwargs):
         """The seed's chat API: {'response': text, 'history': messages + [reply]}, or with stream=True an
@@ -438,13 +432,9 @@ class Model:
 
     def _chat_stream(self, messages, generate_kwargs):
         from .tokenizer import StreamDecoder
-        # The checkpoint's default (2048) assumes the real 4096-token context; keep half for the prompt otherwise.
-        max_new_tokens = (generate_kwargs.get("max_new_tokens")
-                          or min(self.generation_config.max_new_tokens, self.config.max_position // 2))
-        generate_kwargs = {**generate_kwargs, "max_new_tokens": max_new_tokens}
-        ids = self.build_chat_input(messages, max_new_tokens)
+        ids, budget = self.chat_prompt(messages, generate_kwargs.get("max_new_tokens"))
         decoder = StreamDecoder(self._require_tokenizer())
-        for token in self.generate(ids, **generate_kwargs):
+        for token in self.generate(ids, **{**generate_kwargs, "max_new_tokens": budget}):
             text = decoder.put(token)
             if text:
                 yield text

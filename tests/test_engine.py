@@ -155,7 +155,7 @@ def test_non_finite_logits_stop_generation_with_an_error(fixture):
     broken = Model(model.config, w, tokenizer=model.tokenizer)
     engine = Engine(broken)
     engine.submit(golden["prompt_1"], max_new_tokens=3, **GREEDY)
-    with pytest.raises(FloatingPointError, match="non-finite logits"):
+    with pytest.raises(ValueError, match="are not finite"):
         run_all(engine)
 
 
@@ -186,3 +186,24 @@ def test_interleaved_streams_each_get_their_own_tokens(fixture):
     next(stream)
     stream.close()                                         # a consumer that goes away cancels its sequence
     assert c.finish_reason == "cancelled"
+
+
+@pytest.fixture(scope="module")
+def demo_dir():
+    from bcnp.demo import build_demo_model
+    return build_demo_model()
+
+
+def test_a_chat_turn_computes_only_its_new_tokens_and_answers_as_a_recompute(demo_dir):
+    model = Model.from_pretrained(demo_dir)
+    first = model([{"role": "user", "content": "tell me about the sea"}], do_sample=False, max_new_tokens=12)
+    history = first["history"] + [{"role": "user", "content": "and the mountains?"}]
+    before = model.engine().reused_tokens
+    second = model(history, do_sample=False, max_new_tokens=12)
+    ids, _ = model.chat_prompt(history, 12)
+    first_ids, _ = model.chat_prompt(history[:1], 12)
+    # the first turn's prompt at least (its reply is re-encoded from text, so the seam may differ by a token)
+    assert model.engine().reused_tokens - before >= len(first_ids)
+    fresh = Model.from_pretrained(demo_dir)
+    assert second == fresh(history, do_sample=False, max_new_tokens=12)
+    assert fresh.engine().reused_tokens == 0 and len(ids) > len(first_ids)

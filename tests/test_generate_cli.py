@@ -17,7 +17,8 @@ import pytest
 
 from bcnp import Model
 from bcnp.demo import build_demo_model, demo_cache_dir
-from bcnp.generate import chat_prompt, interactive
+from bcnp.chat import chat_prompt
+from bcnp.generate import interactive
 from bcnp.sampling import GenerationConfig
 from bcnp.tokenizer import Tokenizer
 
@@ -50,9 +51,8 @@ def run_cli(*args, stdin="", env=None):
 
 def greedy_reply(model, messages, max_new_tokens):
     """What the chat must answer: the greedy continuation of the chat template, decoded."""
-    ids = chat_prompt(model, messages, max_new_tokens)
-    tokens = list(model.generate(ids, max_new_tokens=min(max_new_tokens, model.config.max_position - len(ids)),
-                                 do_sample=False))
+    ids, budget = model.chat_prompt(messages, max_new_tokens)
+    tokens = list(model.generate(ids, max_new_tokens=budget, do_sample=False))
     return model.tokenizer.decode(tokens), len(ids)
 
 
@@ -165,6 +165,10 @@ class InterruptedModel:
         self.config = type("Config", (), {"max_position": 256})()
         self.prompts = []
         self.interrupt = True
+
+    def chat_prompt(self, messages, max_new_tokens=None):
+        return chat_prompt(self.tokenizer, messages, context=256, max_new_tokens=max_new_tokens,
+                           generation_max_new_tokens=8)
 
     def generate(self, ids, **kwargs):
         self.prompts.append(list(ids))

@@ -14,7 +14,6 @@ import pytest
 
 from bcnp import Model
 from bcnp.demo import build_demo_model
-from bcnp.generate import chat_prompt
 from serve_helpers import running
 
 ROOT = pathlib.Path(__file__).parent.parent
@@ -85,7 +84,7 @@ def test_usage_counts_the_prompt_and_the_generated_tokens(client, model):
     messages = [{"role": "system", "content": "Be brief."}] + user("Hello") + \
                [{"role": "assistant", "content": "Hi!"}] + user("How are you?")
     reply = chat(client, messages, max_tokens=10, **GREEDY)
-    ids = chat_prompt(model, messages, 10)
+    ids = model.chat_prompt(messages, 10)[0]
     tokens = expected_tokens(model, ids, 10, do_sample=False)
     assert reply.usage.prompt_tokens == len(ids)
     assert reply.usage.completion_tokens == len(tokens)
@@ -127,7 +126,7 @@ def test_the_same_seed_gives_the_same_text_and_n_choices_take_seed_plus_i(client
     assert first.choices[0].message.content == again.choices[0].message.content
     pair = chat(client, messages, n=2, **settings)
     assert [c.index for c in pair.choices] == [0, 1]
-    ids = chat_prompt(model, messages, 12)
+    ids = model.chat_prompt(messages, 12)[0]
     sampling = dict(temperature=0.9, top_p=0.95, top_k=20, do_sample=True)
     for i, choice in enumerate(pair.choices):
         assert choice.message.content == model.tokenizer.decode(expected_tokens(model, ids, 12, seed=41 + i,
@@ -155,7 +154,7 @@ def test_logprobs_are_the_models_in_openais_format(client, model):
     messages = user("Hi")
     reply = chat(client, messages, max_tokens=5, logprobs=True, top_logprobs=3, **GREEDY)
     content = reply.choices[0].logprobs.content
-    ids = chat_prompt(model, messages, 5)
+    ids = model.chat_prompt(messages, 5)[0]
     tokens = expected_tokens(model, ids, 5, do_sample=False)
     assert len(content) == len(tokens) == reply.usage.completion_tokens
     assert b"".join(bytes(entry.bytes) for entry in content).decode() == reply.choices[0].message.content
@@ -174,7 +173,7 @@ def test_a_client_that_resends_its_history_reuses_the_cached_prefix(client, mode
     second = first + [{"role": "assistant", "content": reply.choices[0].message.content}] + user("Which number?")
     again = chat(client, second, max_tokens=8, **GREEDY)
     assert reply.usage.prompt_tokens_details.cached_tokens <= 1                  # the user token other chats share
-    assert again.usage.prompt_tokens_details.cached_tokens >= len(chat_prompt(model, first, 8))
+    assert again.usage.prompt_tokens_details.cached_tokens >= len(model.chat_prompt(first, 8)[0])
 
 
 def test_models_lists_the_served_model(client):

@@ -10,7 +10,7 @@ import secrets
 from dataclasses import dataclass, field
 
 from ..errors import one_line
-from ..generate import PromptTooLong, chat_prompt
+from ..chat import PromptTooLong, content_tokens
 
 MAX_N = 16                  # choices per request; each one is a sequence in the engine
 MAX_STOPS = 4               # as OpenAI's API
@@ -210,16 +210,13 @@ def chat_messages(body):
 
 
 def refuse_role_tokens(model, messages):
-    """Baichuan's tokenizer matches its reserved pieces inside text: content holding "<reserved_102>" would encode
-    to the user token 195 and forge a turn. Role tokens come only from the template."""
+    """Content that encodes to a role token would forge a turn (bcnp.chat.content_tokens): a 400 naming it."""
     g = model.generation_config
-    roles = {g.user_token_id, g.assistant_token_id}
     for i, message in enumerate(messages):
-        forged = roles.intersection(model.tokenizer.encode(message["content"]))
-        if forged:
-            piece = model.tokenizer.id_to_piece(min(forged))
-            raise bad("messages", f"messages[{i}].content contains {piece}, which the tokenizer reads as a chat "
-                      "role token; role tokens come only from the messages' roles")
+        try:
+            content_tokens(model.tokenizer, message["content"], (g.user_token_id, g.assistant_token_id))
+        except ValueError as e:
+            raise bad("messages", f"messages[{i}].content: {e}") from None
 
 
 def parse_chat(body, model):
@@ -234,7 +231,7 @@ def parse_chat(body, model):
     if top is not None and not logprobs:
         raise bad("top_logprobs", "'top_logprobs' needs 'logprobs': true")
     try:
-        prompt = chat_prompt(model, messages, max_tokens or model.generation_config.max_new_tokens)
+        prompt, _ = model.chat_prompt(messages, max_tokens)
     except PromptTooLong as e:
         raise bad("messages", str(e), code="context_length_exceeded") from None
     return common_fields(body, "chat", prompt, max_tokens, model, (top or 0) if logprobs else None)
