@@ -33,6 +33,18 @@ cdef extern from "quant_kernels.h" nogil:
     float bcnp_dot_q4_0_scalar(const uint8_t *w, const uint16_t *d, const int16_t *xq, const float *dx, int64_t nb)
     uint64_t bcnp_sum_words(const uint64_t *a, int64_t n)
 
+cdef extern from "quant_batch.h" nogil:
+    int BCNP_TOKENS
+    ctypedef struct bcnp_tokens:
+        const int16_t *xq
+        const float *dx
+        const int32_t *bias
+        int64_t xs, ds, bs
+    void bcnp_row_q8_0_tokens(const int8_t *w, const uint16_t *d, bcnp_tokens x, int64_t nb, int64_t T,
+                              float *y, int64_t ys)
+    void bcnp_row_q4_0_tokens(const uint8_t *w, const uint16_t *d, bcnp_tokens x, int64_t nb, int64_t T,
+                              float *y, int64_t ys)
+
 SIMD = bcnp_simd_name().decode()          # which dot-product implementation was compiled in
 
 
@@ -243,6 +255,95 @@ def matvec_q4_0(const uint8_t[:, ::1] q not None, const uint16_t[:, ::1] d not N
                 yv[r] = bcnp_dot_q4_0(&q[r, 0], &d[r, 0], &xq[0], &dx[0], &bias[0], nb)
             else:
                 yv[r] = bcnp_dot_q4_0_scalar(&q[r, 0], &d[r, 0], &xq[0], &dx[0], nb)
+    return np.asarray(y)
+
+
+# ---- batched decode: Y = X W^T for a few tokens, row t bit-identical to the matvec of X[t] ----------------------------
+
+TOKENS_PER_PASS = BCNP_TOKENS             # tokens dotted with a weight block while it is in registers
+
+
+def _batch_output(out, Py_ssize_t T, Py_ssize_t rows, str what):
+    if out is None:
+        return np.empty((T, rows), np.float32)
+    if out.shape[0] != T or out.shape[1] != rows:
+        raise ValueError(f"{what}: out has shape {tuple(out.shape)[:2]}, expected ({T}, {rows})")
+    return out
+
+
+cdef class _Activations:
+    """X (T, n) quantized per token exactly as the matvec does, each token's int16 row 64-byte aligned."""
+    cdef public object xq, dx, bias
+    cdef bcnp_tokens view
+
+    def __init__(self, const float[:, ::1] x, bint q4_layout):
+        cdef Py_ssize_t T = x.shape[0], n = x.shape[1], nb = n // 32, t
+        cdef Py_ssize_t bs = (16 * (nb // 4) + 16) if q4_layout else 0     # a whole number of 64-byte lines
+        self.xq = _aligned_empty(T * n, np.int16)
+        self.dx = _aligned_empty(T * nb + 1, np.float32)
+        self.bias = _aligned_empty(T * bs + 1, np.int32)
+        cdef int16_t[::1] xq = self.xq
+        cdef float[::1] dx = self.dx
+        cdef int32_t[::1] bias = self.bias
+        with nogil:
+            for t in range(T):
+                bcnp_quantize_activation(&x[t, 0], n, q4_layout, &xq[t * n], &dx[t * nb], &bias[t * bs])
+        self.view.xq = &xq[0]
+        self.view.dx = &dx[0]
+        self.view.bias = &bias[0] if q4_layout else NULL
+        self.view.xs, self.view.ds, self.view.bs = n, nb, bs
+
+
+def _check_batch(q, d, x, Py_ssize_t n, str what):
+    _check_width(n, what)
+    _check_scales(d, q.shape[0], n, what)
+    if x.shape[1] != n:
+        raise ValueError(f"{what}: x has {x.shape[1]} columns, the weight's rows {n}")
+
+
+def matmul_q8_0(const int8_t[:, ::1] q not None, const uint16_t[:, ::1] d not None, const float[:, ::1] x not None,
+                float[:, ::1] out=None, int threads=0, bint simd=True):
+    """Y (T, rows) = X W^T for W = Q8_0 blocks (as matvec_q8_0), X float32 (T, n): every block of W is read once for
+    all T tokens, and Y[t] equals matvec_q8_0(q, d, X[t]) bit for bit.  simd=False: the portable kernel per token."""
+    cdef Py_ssize_t rows = q.shape[0], n = q.shape[1], nb = n // 32, T = x.shape[0], r, t
+    _check_batch(q, d, x, n, "matmul_q8_0")
+    y = _batch_output(out, T, rows, "matmul_q8_0")
+    if T == 0 or rows == 0:
+        return np.asarray(y)
+    cdef float[:, ::1] yv = y
+    cdef _Activations a = _Activations(x, False)
+    cdef bcnp_tokens xt = a.view
+    cdef int nt = resolve_threads(threads)
+    with nogil:
+        for r in prange(rows, num_threads=nt, schedule="static"):
+            if simd:
+                bcnp_row_q8_0_tokens(&q[r, 0], &d[r, 0], xt, nb, T, &yv[0, r], rows)
+            else:
+                for t in range(T):
+                    yv[t, r] = bcnp_dot_q8_0_scalar(&q[r, 0], &d[r, 0], xt.xq + t * xt.xs, xt.dx + t * xt.ds, nb)
+    return np.asarray(y)
+
+
+def matmul_q4_0(const uint8_t[:, ::1] q not None, const uint16_t[:, ::1] d not None, const float[:, ::1] x not None,
+                float[:, ::1] out=None, int threads=0, bint simd=True):
+    """Y (T, rows) = X W^T for W = Q4_0 blocks (as matvec_q4_0), X float32 (T, n): every block of W is read once for
+    all T tokens, and Y[t] equals matvec_q4_0(q, d, X[t]) bit for bit.  simd=False: the portable kernel per token."""
+    cdef Py_ssize_t rows = q.shape[0], n = 2 * q.shape[1], nb = n // 32, T = x.shape[0], r, t
+    _check_batch(q, d, x, n, "matmul_q4_0")
+    y = _batch_output(out, T, rows, "matmul_q4_0")
+    if T == 0 or rows == 0:
+        return np.asarray(y)
+    cdef float[:, ::1] yv = y
+    cdef _Activations a = _Activations(x, True)
+    cdef bcnp_tokens xt = a.view
+    cdef int nt = resolve_threads(threads)
+    with nogil:
+        for r in prange(rows, num_threads=nt, schedule="static"):
+            if simd:
+                bcnp_row_q4_0_tokens(&q[r, 0], &d[r, 0], xt, nb, T, &yv[0, r], rows)
+            else:
+                for t in range(T):
+                    yv[t, r] = bcnp_dot_q4_0_scalar(&q[r, 0], &d[r, 0], xt.xq + t * xt.xs, xt.dx + t * xt.ds, nb)
     return np.asarray(y)
 
 
