@@ -145,7 +145,8 @@ def test_quantized_weight_uses_compiled_kernels(bits, monkeypatch):
     assert kernels.__file__.endswith((".so", ".pyd")), kernels.__file__
     assert kernels.SIMD in ("avx512vnni", "avx2", "scalar")
     called = []
-    for name in (f"quantize_q{bits}_0", f"dequantize_q{bits}_0", f"matvec_q{bits}_0", f"matmul_q{bits}_0"):
+    for name in (f"quantize_q{bits}_0", f"dequantize_q{bits}_0", f"matvec_q{bits}_0", f"matmul_q{bits}_0",
+                 f"prefill_q{bits}_0"):
         def spy(*a, _f=getattr(kernels, name), _name=name):
             called.append(_name)
             return _f(*a)
@@ -154,7 +155,9 @@ def test_quantized_weight_uses_compiled_kernels(bits, monkeypatch):
     w.matmul(np.ones((1, 64), np.float32))
     w.matmul(np.ones((3, 64), np.float32))
     w.matmul(np.ones((quant.BATCH_TOKENS + 1, 64), np.float32))
-    assert called == [f"quantize_q{bits}_0", f"matvec_q{bits}_0", f"matmul_q{bits}_0", f"dequantize_q{bits}_0"]
+    prefill = f"prefill_q{bits}_0" if kernels.GEMM else f"dequantize_q{bits}_0"
+    assert called == [f"quantize_q{bits}_0", f"matvec_q{bits}_0", f"matmul_q{bits}_0", prefill]
+    assert kernels.GEMM == (kernels.SIMD == "avx512vnni")
 
 
 def test_missing_extension_fails_loudly(monkeypatch):
@@ -488,14 +491,16 @@ def test_matvec_propagates_non_finite_inputs(bits, bad):
 
 
 @pytest.mark.parametrize("bits", [8, 4])
-def test_prefill_matmul_is_blas_on_dequantized_tiles(bits, monkeypatch):
+def test_blas_fallback_multiplies_dequantized_tiles(bits, monkeypatch):
     rng = np.random.default_rng(bits)
     w = rng.standard_normal((70, 100)).astype(np.float32)
     layer = QuantizedWeight.from_float(w, bits)
     x = rng.standard_normal((quant.BATCH_TOKENS + 6, 100)).astype(np.float32)
     want = x @ layer.dequantize().T
-    assert np.allclose(layer.matmul(x), want, rtol=1e-5, atol=1e-5)
+    assert np.allclose(quant.dequantized_matmul(layer, layer._padded(x)), want, rtol=1e-5, atol=1e-5)
     monkeypatch.setattr(QuantizedWeight, "TILE_BYTES", 4 * 128 * 16)       # tiles of 16 rows, the last one short
+    assert np.allclose(quant.dequantized_matmul(layer, layer._padded(x)), want, rtol=1e-5, atol=1e-5)
+    monkeypatch.setattr(quant._quant, "GEMM", False)                       # a build without the VNNI GEMM
     assert np.allclose(layer.matmul(x), want, rtol=1e-5, atol=1e-5)
     assert layer.matmul(x).shape == (len(x), 70) and layer.matmul(x[:1]).shape == (1, 70)
 
