@@ -291,9 +291,10 @@ def prefill(weight, x, threads=None):
     int16 exactly as `matvec` rounds it, exact integer block sums, one float32 sum over the blocks per output: the
     error bound of `matvec` holds (about 2^-16 of sum |W^| |x| at 13B width; tests/test_quant_batch.py checks it).
     Without the AVX-512 VNNI kernel (another build) it multiplies dequantized tiles with BLAS instead.
-    Measured on 2 Sapphire Rapids cores with OMP_NUM_THREADS=2 (python tools/bench.py batch): the GEMM ran 1.5-10x
-    faster than dequantize + BLAS at 13B-width matrices for 16, 128 and 512 tokens, both bit widths, and at 1.4-2x
-    the GFLOP/s of a float32 BLAS GEMM of the same shape in the same run, so BLAS is kept only as the fallback."""
+    Measured on 2 shared Sapphire Rapids cores (`python tools/bench.py batch --quick --threads 2`, the five linears
+    of a 13B layer): at 16, 128 and 512 tokens the GEMM reached 1.4-6x the GFLOP/s of a float32 BLAS GEMM of the
+    same layer in the same run (dequantize + BLAS is slower than that GEMM), both bit widths, int8 within 1.15x of
+    int4; so BLAS is kept only as the fallback of builds without the kernel."""
     if not _quant.GEMM:
         return dequantized_matmul(weight, x)
     kernel = _quant.prefill_q8_0 if weight.bits == 8 else _quant.prefill_q4_0
