@@ -33,6 +33,30 @@ cdef extern from "quant_kernels.h" nogil:
     float bcnp_dot_q4_0_scalar(const uint8_t *w, const uint16_t *d, const int16_t *xq, const float *dx, int64_t nb)
     uint64_t bcnp_sum_words(const uint64_t *a, int64_t n)
 
+cdef extern from "quant_batch.h" nogil:
+    int BCNP_TOKENS
+    ctypedef struct bcnp_tokens:
+        const int16_t *xq
+        const float *dx
+        const int32_t *bias
+        int64_t xs, ds, bs
+    void bcnp_row_q8_0_tokens(const int8_t *w, const uint16_t *d, bcnp_tokens x, int64_t nb, int64_t T,
+                              float *y, int64_t ys)
+    void bcnp_row_q4_0_tokens(const uint8_t *w, const uint16_t *d, bcnp_tokens x, int64_t nb, int64_t T,
+                              float *y, int64_t ys)
+
+cdef extern from "quant_gemm.h" nogil:
+    int BCNP_GEMM, BCNP_PANEL_ROWS
+    int64_t bcnp_panel_words(int64_t nb)
+    void bcnp_pack_panel_q8_0(const int8_t *w, const uint16_t *d, int64_t n, int64_t nb, int32_t *pk, float *dp)
+    void bcnp_pack_panel_q4_0(const uint8_t *w, const uint16_t *d, int64_t n, int64_t nb, int32_t *pk, float *dp)
+    void bcnp_panel_gemm(const int32_t *pk, const float *dp, int64_t n, int64_t nb, const int16_t *xq,
+                         const float *dx, int64_t T, float *y, int64_t ys)
+    void bcnp_gemm_q8_0_scalar(const int8_t *w, const uint16_t *d, int64_t rows, int64_t nb, const int16_t *xq,
+                               const float *dx, int64_t T, float *y, int64_t ys)
+    void bcnp_gemm_q4_0_scalar(const uint8_t *w, const uint16_t *d, int64_t rows, int64_t nb, const int16_t *xq,
+                               const float *dx, int64_t T, float *y, int64_t ys)
+
 SIMD = bcnp_simd_name().decode()          # which dot-product implementation was compiled in
 
 
@@ -244,6 +268,171 @@ def matvec_q4_0(const uint8_t[:, ::1] q not None, const uint16_t[:, ::1] d not N
             else:
                 yv[r] = bcnp_dot_q4_0_scalar(&q[r, 0], &d[r, 0], &xq[0], &dx[0], nb)
     return np.asarray(y)
+
+
+# ---- batched decode: Y = X W^T for a few tokens, row t bit-identical to the matvec of X[t] ----------------------------
+
+TOKENS_PER_PASS = BCNP_TOKENS             # tokens dotted with a weight block while it is in registers
+
+
+def _batch_output(out, Py_ssize_t T, Py_ssize_t rows, str what):
+    if out is None:
+        return np.empty((T, rows), np.float32)
+    if out.shape[0] != T or out.shape[1] != rows:
+        raise ValueError(f"{what}: out has shape {tuple(out.shape)[:2]}, expected ({T}, {rows})")
+    return out
+
+
+cdef class _Activations:
+    """X (T, n) quantized per token exactly as the matvec does, each token's int16 row 64-byte aligned."""
+    cdef public object xq, dx, bias
+    cdef bcnp_tokens view
+
+    def __init__(self, const float[:, ::1] x, bint q4_layout):
+        cdef Py_ssize_t T = x.shape[0], n = x.shape[1], nb = n // 32, t
+        cdef Py_ssize_t bs = (16 * (nb // 4) + 16) if q4_layout else 0     # a whole number of 64-byte lines
+        self.xq = _aligned_empty(T * n, np.int16)
+        self.dx = _aligned_empty(T * nb + 1, np.float32)
+        self.bias = _aligned_empty(T * bs + 1, np.int32)
+        cdef int16_t[::1] xq = self.xq
+        cdef float[::1] dx = self.dx
+        cdef int32_t[::1] bias = self.bias
+        with nogil:
+            for t in range(T):
+                bcnp_quantize_activation(&x[t, 0], n, q4_layout, &xq[t * n], &dx[t * nb], &bias[t * bs])
+        self.view.xq = &xq[0]
+        self.view.dx = &dx[0]
+        self.view.bias = &bias[0] if q4_layout else NULL
+        self.view.xs, self.view.ds, self.view.bs = n, nb, bs
+
+
+def _check_batch(q, d, x, Py_ssize_t n, str what):
+    _check_width(n, what)
+    _check_scales(d, q.shape[0], n, what)
+    if x.shape[1] != n:
+        raise ValueError(f"{what}: x has {x.shape[1]} columns, the weight's rows {n}")
+
+
+def matmul_q8_0(const int8_t[:, ::1] q not None, const uint16_t[:, ::1] d not None, const float[:, ::1] x not None,
+                float[:, ::1] out=None, int threads=0, bint simd=True):
+    """Y (T, rows) = X W^T for W = Q8_0 blocks (as matvec_q8_0), X float32 (T, n): every block of W is read once for
+    all T tokens, and Y[t] equals matvec_q8_0(q, d, X[t]) bit for bit.  simd=False: the portable kernel per token."""
+    cdef Py_ssize_t rows = q.shape[0], n = q.shape[1], nb = n // 32, T = x.shape[0], r, t
+    _check_batch(q, d, x, n, "matmul_q8_0")
+    y = _batch_output(out, T, rows, "matmul_q8_0")
+    if T == 0 or rows == 0:
+        return np.asarray(y)
+    cdef float[:, ::1] yv = y
+    cdef _Activations a = _Activations(x, False)
+    cdef bcnp_tokens xt = a.view
+    cdef int nt = resolve_threads(threads)
+    with nogil:
+        for r in prange(rows, num_threads=nt, schedule="static"):
+            if simd:
+                bcnp_row_q8_0_tokens(&q[r, 0], &d[r, 0], xt, nb, T, &yv[0, r], rows)
+            else:
+                for t in range(T):
+                    yv[t, r] = bcnp_dot_q8_0_scalar(&q[r, 0], &d[r, 0], xt.xq + t * xt.xs, xt.dx + t * xt.ds, nb)
+    return np.asarray(y)
+
+
+def matmul_q4_0(const uint8_t[:, ::1] q not None, const uint16_t[:, ::1] d not None, const float[:, ::1] x not None,
+                float[:, ::1] out=None, int threads=0, bint simd=True):
+    """Y (T, rows) = X W^T for W = Q4_0 blocks (as matvec_q4_0), X float32 (T, n): every block of W is read once for
+    all T tokens, and Y[t] equals matvec_q4_0(q, d, X[t]) bit for bit.  simd=False: the portable kernel per token."""
+    cdef Py_ssize_t rows = q.shape[0], n = 2 * q.shape[1], nb = n // 32, T = x.shape[0], r, t
+    _check_batch(q, d, x, n, "matmul_q4_0")
+    y = _batch_output(out, T, rows, "matmul_q4_0")
+    if T == 0 or rows == 0:
+        return np.asarray(y)
+    cdef float[:, ::1] yv = y
+    cdef _Activations a = _Activations(x, True)
+    cdef bcnp_tokens xt = a.view
+    cdef int nt = resolve_threads(threads)
+    with nogil:
+        for r in prange(rows, num_threads=nt, schedule="static"):
+            if simd:
+                bcnp_row_q4_0_tokens(&q[r, 0], &d[r, 0], xt, nb, T, &yv[0, r], rows)
+            else:
+                for t in range(T):
+                    yv[t, r] = bcnp_dot_q4_0_scalar(&q[r, 0], &d[r, 0], xt.xq + t * xt.xs, xt.dx + t * xt.ds, nb)
+    return np.asarray(y)
+
+
+# ---- prefill: Y = X W^T for many tokens, integer block sums of int16 activations -----------------------------------
+
+GEMM = bool(BCNP_GEMM)                    # the AVX-512 VNNI prefill kernel was compiled in (else only the portable C)
+
+
+cdef _natural_activations(const float[:, ::1] x, int nt):
+    """X (T, n) -> (xq int16 (T, n), dx float32 (T, n/32)), as the matvec rounds it, natural layout."""
+    cdef Py_ssize_t T = x.shape[0], n = x.shape[1], nb = n // 32, t
+    xq = _aligned_empty(T * n, np.int16)
+    dx = _aligned_empty(T * nb + 1, np.float32)
+    cdef int16_t[::1] xv = xq
+    cdef float[::1] dv = dx
+    with nogil:
+        for t in prange(T, num_threads=nt, schedule="static"):
+            bcnp_quantize_activation(&x[t, 0], n, 0, &xv[t * n], &dv[t * nb], NULL)
+    return xq, dx
+
+
+def _prefill(q, const uint16_t[:, ::1] d, const float[:, ::1] x, out, int threads, bint simd, int bits):
+    cdef Py_ssize_t rows = q.shape[0], n = q.shape[1] * (1 if bits == 8 else 2), nb = n // 32, T = x.shape[0]
+    cdef Py_ssize_t panel, r0, k
+    cdef str what = f"prefill_q{bits}_0"
+    _check_batch(q, d, x, n, what)
+    y = _batch_output(out, T, rows, what)
+    if T == 0 or rows == 0:
+        return np.asarray(y)
+    cdef float[:, ::1] yv = y
+    cdef int nt = resolve_threads(threads)
+    xq, dx = _natural_activations(x, nt)
+    cdef int16_t[::1] xv = xq
+    cdef float[::1] dv = dx
+    cdef const int8_t[:, ::1] q8
+    cdef const uint8_t[:, ::1] q4
+    if bits == 8:
+        q8 = q
+    else:
+        q4 = q
+    cdef Py_ssize_t panels = (rows + BCNP_PANEL_ROWS - 1) // BCNP_PANEL_ROWS, words = bcnp_panel_words(nb)
+    cdef bint gemm = simd and BCNP_GEMM
+    cdef int32_t[::1] packed = _aligned_empty(nt * words if gemm else 1, np.int32)
+    cdef float[::1] scales = _aligned_empty(nt * 32 * nb if gemm else 1, np.float32)
+    cdef int32_t *pk
+    cdef float *dp
+    with nogil:
+        for panel in prange(panels, num_threads=nt, schedule="dynamic"):
+            r0 = panel * BCNP_PANEL_ROWS
+            k = min(BCNP_PANEL_ROWS, rows - r0)
+            if gemm:
+                pk = &packed[openmp.omp_get_thread_num() * words]
+                dp = &scales[openmp.omp_get_thread_num() * 32 * nb]
+                if bits == 8:
+                    bcnp_pack_panel_q8_0(&q8[r0, 0], &d[r0, 0], k, nb, pk, dp)
+                else:
+                    bcnp_pack_panel_q4_0(&q4[r0, 0], &d[r0, 0], k, nb, pk, dp)
+                bcnp_panel_gemm(pk, dp, k, nb, &xv[0], &dv[0], T, &yv[0, r0], rows)
+            elif bits == 8:
+                bcnp_gemm_q8_0_scalar(&q8[r0, 0], &d[r0, 0], k, nb, &xv[0], &dv[0], T, &yv[0, r0], rows)
+            else:
+                bcnp_gemm_q4_0_scalar(&q4[r0, 0], &d[r0, 0], k, nb, &xv[0], &dv[0], T, &yv[0, r0], rows)
+    return np.asarray(y)
+
+
+def prefill_q8_0(const int8_t[:, ::1] q not None, const uint16_t[:, ::1] d not None, const float[:, ::1] x not None,
+                 float[:, ::1] out=None, int threads=0, bint simd=True):
+    """Y (T, rows) = X W^T for W = Q8_0 blocks, X float32 (T, n), many tokens: X rounded per token and block to
+    int16 as matvec_q8_0 does, exact integer block sums, one float32 sum over the blocks per output (within the
+    matvec's error bound; not its float sums).  simd=False: the portable kernel, bit-identical to the SIMD one."""
+    return _prefill(q, d, x, out, threads, simd, 8)
+
+
+def prefill_q4_0(const uint8_t[:, ::1] q not None, const uint16_t[:, ::1] d not None, const float[:, ::1] x not None,
+                 float[:, ::1] out=None, int threads=0, bint simd=True):
+    """prefill_q8_0 for Q4_0 blocks (q uint8 packed (rows, n/2))."""
+    return _prefill(q, d, x, out, threads, simd, 4)
 
 
 # ---- helpers for tests and benchmarks ------------------------------------------------------------------------

@@ -329,6 +329,16 @@ static float bcnp_dot_q8_0(const int8_t *w, const uint16_t *d, const int16_t *xq
 #endif
 }
 
+/* Blocks b..nb-1 added to sum one by one: the SIMD kernels' tail (one function, so that the batched kernels round
+   exactly like the single-vector one). */
+static inline float bcnp_dot_q4_0_tail(const uint8_t *w, const uint16_t *d, const int16_t *xq, const float *dx,
+                                       int64_t b, int64_t nb, float sum)
+{
+    for (; b < nb; b++)
+        sum += bcnp_f16_to_f32(d[b]) * dx[b] * (float)bcnp_block_dot_q4_0(w + 16 * b, xq, b, nb);
+    return sum;
+}
+
 static float bcnp_dot_q4_0(const uint8_t *w, const uint16_t *d, const int16_t *xq, const float *dx,
                            const int32_t *bias, int64_t nb)
 {
@@ -388,9 +398,7 @@ static float bcnp_dot_q4_0(const uint8_t *w, const uint16_t *d, const int16_t *x
     }
     sum = bcnp_hsum256(_mm256_add_ps(acc0, acc1));
 #endif
-    for (; b < nb; b++)
-        sum += bcnp_f16_to_f32(d[b]) * dx[b] * (float)bcnp_block_dot_q4_0(w + 16 * b, xq, b, nb);
-    return sum;
+    return bcnp_dot_q4_0_tail(w, d, xq, dx, b, nb, sum);
 }
 
 /* ---- memory bandwidth probe: a plain streaming read ------------------------------------------------------------ */

@@ -145,7 +145,8 @@ def test_quantized_weight_uses_compiled_kernels(bits, monkeypatch):
     assert kernels.__file__.endswith((".so", ".pyd")), kernels.__file__
     assert kernels.SIMD in ("avx512vnni", "avx2", "scalar")
     called = []
-    for name in (f"quantize_q{bits}_0", f"dequantize_q{bits}_0", f"matvec_q{bits}_0"):
+    for name in (f"quantize_q{bits}_0", f"dequantize_q{bits}_0", f"matvec_q{bits}_0", f"matmul_q{bits}_0",
+                 f"prefill_q{bits}_0"):
         def spy(*a, _f=getattr(kernels, name), _name=name):
             called.append(_name)
             return _f(*a)
@@ -153,7 +154,10 @@ def test_quantized_weight_uses_compiled_kernels(bits, monkeypatch):
     w = QuantizedWeight.from_float(np.ones((2, 64), np.float32), bits)
     w.matmul(np.ones((1, 64), np.float32))
     w.matmul(np.ones((3, 64), np.float32))
-    assert called == [f"quantize_q{bits}_0", f"matvec_q{bits}_0", f"dequantize_q{bits}_0"]
+    w.matmul(np.ones((quant.BATCH_TOKENS + 1, 64), np.float32))
+    prefill = f"prefill_q{bits}_0" if kernels.GEMM else f"dequantize_q{bits}_0"
+    assert called == [f"quantize_q{bits}_0", f"matvec_q{bits}_0", f"matmul_q{bits}_0", prefill]
+    assert kernels.GEMM == (kernels.SIMD == "avx512vnni")
 
 
 def test_missing_extension_warns_and_falls_back_to_numpy(monkeypatch):
@@ -364,7 +368,7 @@ def test_memory_mapped_read_only_inputs(bits, tmp_path):
     x = np.random.default_rng(0).standard_normal((3, 96)).astype(np.float32)
     assert same_bits(layer.matvec(x[0]), QuantizedWeight(q, s, bits).matvec(x[0]))
     assert same_bits(scalar_matvec(layer, x[0]), scalar_matvec(QuantizedWeight(q, s, bits), x[0]))
-    assert np.allclose(layer.matmul(x), x @ dequantize(q, s, bits).T, rtol=1e-5, atol=1e-5)
+    assert same_bits(layer.matmul(x), np.stack([QuantizedWeight(q, s, bits).matvec(xt) for xt in x]))
 
 
 # --- padding: rows not a multiple of 32 -------------------------------------------------------------------------------
@@ -386,8 +390,9 @@ def test_padding_decodes_to_zero_and_kernels_ignore_it(bits, width):
     xp = padded(x)
     assert same_bits(layer.matvec(x[0]), wide.matvec(xp[0]))
     assert same_bits(scalar_matvec(layer, x[0]), scalar_matvec(wide, xp[0]))
-    assert np.allclose(layer.matmul(x), xp @ wide.dequantize().T, rtol=1e-5, atol=1e-6)
-    assert np.allclose(layer.matmul(x), x @ dequantize(q, s, bits, width).T, rtol=1e-5, atol=1e-6)
+    assert same_bits(layer.matmul(x), wide.matmul(xp))
+    want = x.astype(np.float64) @ dequantize(q, s, bits, width).T.astype(np.float64)
+    assert all(np.all(np.abs(y - want[t]) <= matvec_bound(q, s, bits, x[t])[0]) for t, y in enumerate(layer.matmul(x)))
 
 
 # --- the decode matvec and the prefill matmul ----------------------------------------------------------------------------
@@ -488,16 +493,18 @@ def test_matvec_propagates_non_finite_inputs(bits, bad):
 
 
 @pytest.mark.parametrize("bits", [8, 4])
-def test_prefill_matmul_is_blas_on_dequantized_tiles(bits, monkeypatch):
+def test_blas_fallback_multiplies_dequantized_tiles(bits, monkeypatch):
     rng = np.random.default_rng(bits)
     w = rng.standard_normal((70, 100)).astype(np.float32)
     layer = QuantizedWeight.from_float(w, bits)
-    x = rng.standard_normal((6, 100)).astype(np.float32)
+    x = rng.standard_normal((quant.BATCH_TOKENS + 6, 100)).astype(np.float32)
     want = x @ layer.dequantize().T
-    assert np.allclose(layer.matmul(x), want, rtol=1e-5, atol=1e-5)
+    assert np.allclose(quant.dequantized_matmul(layer, layer._padded(x)), want, rtol=1e-5, atol=1e-5)
     monkeypatch.setattr(QuantizedWeight, "TILE_BYTES", 4 * 128 * 16)       # tiles of 16 rows, the last one short
+    assert np.allclose(quant.dequantized_matmul(layer, layer._padded(x)), want, rtol=1e-5, atol=1e-5)
+    monkeypatch.setattr(quant._quant, "GEMM", False)                       # a build without the VNNI GEMM
     assert np.allclose(layer.matmul(x), want, rtol=1e-5, atol=1e-5)
-    assert layer.matmul(x).shape == (6, 70) and layer.matmul(x[:1]).shape == (1, 70)
+    assert layer.matmul(x).shape == (len(x), 70) and layer.matmul(x[:1]).shape == (1, 70)
 
 
 def test_thread_count_comes_from_the_argument_or_omp_num_threads(monkeypatch):

@@ -1,6 +1,7 @@
 """CPU decode / prefill benchmark at Baichuan-13B width (SPEC §7), all numbers from one run.
 
     python tools/bench.py [--threads N] [--layers 2] [--quick]
+    python tools/bench.py batch [--threads N] [--quick]      (JSON: several tokens per step, and prefill)
 
 Measures, in order:
   (a) the machine's memory read bandwidth: bcnp._quant.stream_read, every thread summing its own contiguous slice
@@ -16,10 +17,17 @@ and reports the bytes of weights read per token, the GB/s that makes, its ratio 
 (the median over runs), and full 13B (40 layers + lm_head) tokens/s extrapolated from the per-layer times. Times are
 the best of several runs. Weights are random (a tiled random pool: values do not matter for speed). Memory stays
 under ~7.5 GB with the defaults (the float32 model with 2 layers is ~5 GB).
+
+`batch` prints one JSON object: for the five linears of one 13B layer in float32 (BLAS), int8 and int4,
+  - "decode": B = 1, 2, 4, 8, 16 tokens per call (the batched kernels; float32: x @ W.T), aggregate tokens/s and
+    its ratio to B = 1 in the same run;
+  - "prefill": seconds per layer for 16 / 128 / 512 tokens, GFLOP/s (2 x parameters x tokens / time) and its ratio
+    to the float32 BLAS GEMM of the same layer at the same length, measured in the same run.
 """
 import argparse
 import dataclasses
 import inspect
+import json
 import os
 import sys
 import time
@@ -31,6 +39,7 @@ def parse_args():
     p.add_argument("--layers", type=int, default=2, help="13B-width layers in the full-model runs (default 2)")
     p.add_argument("--quick", action="store_true", help="fewer repetitions, 128-token prefill")
     p.add_argument("--prompt", type=int, default=None, help="prefill length (default 512, --quick 128)")
+    p.add_argument("command", nargs="?", choices=["batch"], help="batch: several tokens at once, as JSON")
     return p.parse_args()
 
 
@@ -200,6 +209,40 @@ def model_weight_bytes_per_token(model):
     return total
 
 
+# --- batch: several tokens per call ---------------------------------------------------------------------------------
+
+BATCHES, PROMPTS = (1, 2, 4, 8, 16), (16, 128, 512)
+
+
+def layer_time(weights, tokens, repeats):
+    """Best time of the five linears on `tokens` random tokens each."""
+    rng = np.random.default_rng(tokens)
+    xs = {n: rng.standard_normal((tokens, w.shape[1]), dtype=np.float32) for n, w in weights.items()}
+    return best_time(lambda: [linear(xs[n], w) for n, w in weights.items()], repeats)
+
+
+def batch_report():
+    """Decode tokens/s at several batch widths and prefill seconds per layer, per weight kind, as one dict."""
+    pool = RandomPool()
+    params = sum(o * i for o, i in LINEARS.values())
+    report = {"threads": THREADS, "kernels": _quant.SIMD, "layer": {n: list(s) for n, s in LINEARS.items()},
+              "decode": {}, "prefill": {}}
+    for kind in ("f32", "q8", "q4"):
+        weights = layer_weights(pool, kind)
+        times = {b: layer_time(weights, b, REPEATS) for b in BATCHES}
+        report["decode"][kind] = {str(b): {"ms": 1e3 * t, "tokens_per_s": b / t, "vs_b1": b * times[1] / t}
+                                  for b, t in times.items()}
+        report["prefill"][kind] = {}
+        for n in PROMPTS:
+            t = layer_time(weights, n, 2 if args.quick else 3)
+            report["prefill"][kind][str(n)] = {"s": t, "gflops": 2 * params * n / t / 1e9}
+        del weights
+    for kind in ("q8", "q4"):
+        for n, r in report["prefill"][kind].items():
+            r["vs_blas"] = r["gflops"] / report["prefill"]["f32"][n]["gflops"]
+    return report
+
+
 # --- main ---------------------------------------------------------------------------------------------------------
 
 def main():
@@ -267,4 +310,7 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    if args.command == "batch":
+        print(json.dumps(batch_report(), indent=1))
+    else:
+        main()

@@ -1,0 +1,181 @@
+"""Several tokens through a quantized linear at once: the batched decode kernels (row t of the result is the
+single-vector matvec of token t, bit for bit) and the prefill GEMM (within the matvec's error bound)."""
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from bcnp import quant
+from bcnp.quant import QuantizedWeight, dequantize
+from test_quant import matvec_bound
+
+SETTINGS = settings(deadline=None, max_examples=60)
+BATCHED = {8: "matmul_q8_0", 4: "matmul_q4_0"}
+
+
+def same_bits(a, b):
+    a, b = np.asarray(a), np.asarray(b)
+    return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
+
+
+def batched(layer, x, threads=0, simd=True):
+    """The compiled batched kernel itself, on x (T, in_features)."""
+    kernel = getattr(quant._quant, BATCHED[layer.bits])
+    return kernel(layer.qweight, layer.scales.view(np.uint16), layer._padded(x), None, threads, simd)
+
+
+def gemm(layer, x, threads=0, simd=True):
+    """The compiled prefill kernel itself (simd=False: its portable C)."""
+    kernel = quant._quant.prefill_q8_0 if layer.bits == 8 else quant._quant.prefill_q4_0
+    return kernel(layer.qweight, layer.scales.view(np.uint16), layer._padded(x), None, threads, simd)
+
+
+def scalar_matvec(layer, x):
+    kernel = quant._quant.matvec_q8_0 if layer.bits == 8 else quant._quant.matvec_q4_0
+    return kernel(layer.qweight, layer.scales.view(np.uint16), layer._padded(x), None, 0, False)
+
+
+@st.composite
+def layer_and_tokens(draw, bits, max_tokens=20):
+    """A layer whose width covers the SIMD chunking (groups of 2 / 4 blocks, chunks of 16, every tail, padding), and
+    T tokens of mixed magnitudes, with zero elements, zero blocks and zero tokens; zero rows and blocks in W too."""
+    rows, nb, tokens = draw(st.integers(1, 9)), draw(st.integers(1, 40)), draw(st.integers(1, max_tokens))
+    width = 32 * nb - draw(st.integers(0, 31))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    w = (rng.standard_normal((rows, width)) * 10.0 ** rng.uniform(-3, 1, (rows, 1))).astype(np.float32)
+    w[rng.random(rows) < 0.2] = 0
+    w[:, 32 * rng.integers(nb):][:, :32] = 0
+    x = (rng.standard_normal((tokens, width)) * 10.0 ** rng.uniform(-2, 2, (tokens, width))).astype(np.float32)
+    x[rng.random(x.shape) < 0.1] = 0
+    x[rng.random(tokens) < 0.2] = 0
+    x[:, 32 * rng.integers(nb):][:, :32] = 0
+    return QuantizedWeight.from_float(w, bits), x
+
+
+# --- the batched decode kernel -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bits", [8, 4])
+@SETTINGS
+@given(data=st.data())
+def test_each_token_of_a_batch_gets_exactly_its_matvec(bits, data):
+    layer, x = data.draw(layer_and_tokens(bits))
+    got = batched(layer, x)
+    assert got.dtype == np.float32 and got.shape == (x.shape[0], layer.out_features)
+    assert same_bits(got, np.stack([layer.matvec(xt) for xt in x]))
+    assert same_bits(batched(layer, x, simd=False), np.stack([scalar_matvec(layer, xt) for xt in x]))
+    assert same_bits(batched(layer, x, threads=1), batched(layer, x, threads=2))
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("tokens", [2, 7, 8, 9, 16])
+def test_batch_at_13b_width_is_exactly_the_matvec(bits, tokens):
+    """Full-width rows (160 and 428 blocks: many chunks of 16), every token count of a pass and past it."""
+    rng = np.random.default_rng(tokens)
+    for width in (5120, 13696):
+        layer = QuantizedWeight.from_float(rng.standard_normal((24, width)).astype(np.float32), bits)
+        x = rng.standard_normal((tokens, width)).astype(np.float32)
+        assert same_bits(batched(layer, x), np.stack([layer.matvec(xt) for xt in x]))
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_a_non_finite_token_leaves_the_others_alone(bits, bad):
+    rng = np.random.default_rng(bits)
+    layer = QuantizedWeight.from_float(rng.standard_normal((5, 200)).astype(np.float32), bits)
+    x = rng.standard_normal((3, 200)).astype(np.float32)
+    x[1, 77] = bad
+    got = batched(layer, x)
+    assert np.isnan(got[1]).all()
+    assert same_bits(got[[0, 2]], np.stack([layer.matvec(x[0]), layer.matvec(x[2])]))
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_batched_kernel_checks_its_arguments(bits):
+    layer = QuantizedWeight.from_float(np.ones((4, 64), np.float32), bits)
+    q, d = layer.qweight, layer.scales.view(np.uint16)
+    kernel = getattr(quant._quant, BATCHED[bits])
+    with pytest.raises(ValueError, match="columns"):
+        kernel(q, d, np.ones((2, 96), np.float32))
+    with pytest.raises(ValueError, match="scales"):
+        kernel(q, d[:3], np.ones((2, 64), np.float32))
+    with pytest.raises(ValueError, match="out has shape"):
+        kernel(q, d, np.ones((2, 64), np.float32), np.empty((2, 5), np.float32))
+    out = np.full((2, 4), np.nan, np.float32)
+    assert np.shares_memory(kernel(q, d, np.ones((2, 64), np.float32), out), out)
+    assert same_bits(out, np.stack([layer.matvec(np.ones(64, np.float32))] * 2))
+    assert kernel(q, d, np.ones((0, 64), np.float32)).shape == (0, 4)
+
+
+# --- the prefill GEMM ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bits", [8, 4])
+@SETTINGS
+@given(data=st.data())
+def test_prefill_is_within_the_matvec_bound_of_the_float_product(bits, data):
+    """The same int16 rounding of x and exact integer block sums as the matvec, one float32 sum over the blocks:
+    the matvec's bound holds for every token; rows not a multiple of the panel (32) and tokens not of the tile (6)."""
+    layer, x = data.draw(layer_and_tokens(bits, max_tokens=40))
+    rows = data.draw(st.integers(1, 70))
+    layer = QuantizedWeight(np.repeat(layer.qweight, -(-rows // layer.out_features), 0)[:rows],
+                            np.repeat(layer.scales, -(-rows // layer.out_features), 0)[:rows], bits, layer.in_features)
+    got = gemm(layer, x)
+    assert got.dtype == np.float32 and got.shape == (x.shape[0], rows)
+    want = x.astype(np.float64) @ dequantize(layer.qweight, layer.scales, bits, layer.in_features).T.astype(np.float64)
+    for t in range(x.shape[0]):
+        assert np.all(np.abs(got[t] - want[t]) <= matvec_bound(layer.qweight, layer.scales, bits, x[t])[0])
+    assert same_bits(gemm(layer, x, simd=False), got)             # the portable C adds the same terms in order
+    assert same_bits(gemm(layer, x, threads=1), gemm(layer, x, threads=2))
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("rows, tokens", [(1, 1), (31, 7), (33, 6), (64, 13), (70, 40)])
+def test_prefill_is_exact_where_every_float_step_is(bits, rows, tokens):
+    """Power-of-two scales (d = 2^k per row: one code at the format's extreme), x on its own int16 grid (dx = 2^j
+    per token) and integer sums under 2^24: every float32 step is exact, so each output is W^ x to the bit -- which
+    pins down the packing of rows and pairs, the tiling of tokens and the scales."""
+    rng = np.random.default_rng(rows * tokens + bits)
+    nb = 16
+    codes = rng.integers(-15, 16, (rows, nb, 32))
+    codes[:, :, 0] = 127 if bits == 8 else -8
+    if bits == 4:
+        codes = np.clip(codes, -8, 7)
+    w = (codes * 2.0 ** rng.integers(-8, 2, (rows, 1, 1))).reshape(rows, -1).astype(np.float32)
+    ints = rng.integers(-400, 401, (tokens, nb, 32))
+    ints[:, :, 5] = 32767
+    x = (ints * 2.0 ** rng.integers(-12, 0, (tokens, 1, 1))).reshape(tokens, -1).astype(np.float32)
+    layer = QuantizedWeight.from_float(w, bits)
+    w_hat = layer.dequantize().astype(np.float64)
+    assert np.array_equal(w_hat, w)
+    assert same_bits(gemm(layer, x), (x.astype(np.float64) @ w_hat.T).astype(np.float32))
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_prefill_error_is_float32_sized_at_13b_width(bits):
+    rng = np.random.default_rng(bits)
+    for width in (5120, 13696):
+        layer = QuantizedWeight.from_float(rng.standard_normal((40, width)).astype(np.float32), bits)
+        x = rng.standard_normal((20, width)).astype(np.float32)
+        w_hat = layer.dequantize().astype(np.float64)
+        assert np.all(np.abs(gemm(layer, x) - x @ w_hat.T) <= 2.0**-16 * (np.abs(x) @ np.abs(w_hat).T))
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_prefill_propagates_a_non_finite_token_to_its_row_only(bits):
+    rng = np.random.default_rng(bits)
+    layer = QuantizedWeight.from_float(rng.standard_normal((40, 96)).astype(np.float32), bits)
+    x = rng.standard_normal((20, 96)).astype(np.float32)
+    x[3, 50] = np.inf
+    got = gemm(layer, x)
+    assert np.isnan(got[3]).all() and np.isfinite(np.delete(got, 3, 0)).all()
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_matmul_picks_the_kernel_by_token_count(bits):
+    """1 token: the matvec; up to BATCH_TOKENS: the batched kernel (each row its matvec, bit for bit); beyond:
+    the prefill GEMM (or BLAS where it is not compiled in)."""
+    rng = np.random.default_rng(bits)
+    layer = QuantizedWeight.from_float(rng.standard_normal((50, 300)).astype(np.float32), bits)
+    x = rng.standard_normal((quant.BATCH_TOKENS + 1, 300)).astype(np.float32)
+    assert same_bits(layer.matmul(x[:1]), layer.matvec(x[0])[None])
+    assert same_bits(layer.matmul(x[:-1]), np.stack([layer.matvec(xt) for xt in x[:-1]]))
+    assert same_bits(layer.matmul(x), gemm(layer, x) if quant._quant.GEMM else
+                     quant.dequantized_matmul(layer, layer._padded(x)))
