@@ -401,7 +401,7 @@ class Model:
         of finished ones kept, so a chat turn that extends the previous one computes only its new tokens."""
         if getattr(self, "_engine", None) is None:
             from .engine import Engine
-            self._engine = Engine(self)
+            self._engine = Engine(self, keep_cached=1)          # one conversation: its last turn's cache
         return self._engine
 
     # --- chat ---

@@ -190,6 +190,16 @@ class NumpyKernels:
     def matvec_q4_0(q, d, x, out=None, threads=0):
         return _into(out, NumpyKernels.dequantize_q4_0(q, d) @ np.asarray(x, np.float32))
 
+    @staticmethod
+    def matmul_q8_0(q, d, x, out=None, threads=0):
+        return _into(out, np.asarray(x, np.float32) @ NumpyKernels.dequantize_q8_0(q, d).T)
+
+    @staticmethod
+    def matmul_q4_0(q, d, x, out=None, threads=0):
+        return _into(out, np.asarray(x, np.float32) @ NumpyKernels.dequantize_q4_0(q, d).T)
+
+    GEMM = False                                    # prefill: dequantized tiles and BLAS
+
     pack_nibbles = staticmethod(pack_nibbles)
     unpack_nibbles = staticmethod(unpack_nibbles)
 
@@ -347,7 +357,7 @@ def prefill(weight, x, threads=None):
     int16 exactly as `matvec` rounds it, exact integer block sums, one float32 sum over the blocks per output: the
     error bound of `matvec` holds (about 2^-16 of sum |W^| |x| at 13B width; tests/test_quant_batch.py checks it).
     Without the AVX-512 VNNI kernel (another build) it multiplies dequantized tiles with BLAS instead.
-    Measured on 2 shared Sapphire Rapids cores (`python tools/bench.py batch --quick --threads 2`, the five linears
+    Measured on 2 shared Sapphire Rapids cores (`python tools/bench.py kernels --quick --threads 2`, the five linears
     of a 13B layer): at 16, 128 and 512 tokens the GEMM reached 1.4-6x the GFLOP/s of a float32 BLAS GEMM of the
     same layer in the same run (dequantize + BLAS is slower than that GEMM), both bit widths, int8 within 1.15x of
     int4; so BLAS is kept only as the fallback of builds without the kernel."""

@@ -95,10 +95,11 @@ def test_quantized_forward_on_the_strict_module_matches_the_cpu_quantized_model(
     model, golden = fixture_model
     prompt = golden["prompt_2"]
     cpu = model.quantize(bits)
-    want = cpu.logits(prompt)                          # dequantized float32 weights, BLAS: the exact reference
+    dequantized = {k: v.dequantize() if isinstance(v, QuantizedWeight) else v for k, v in cpu.w.items()}
+    want = Model(cpu.config, dequantized).logits(prompt)   # dequantized float32 weights, BLAS: the exact reference
     device = to_device(cpu, xp=strict_xp, dtype="float32")
     assert scaled_error(device.logits(prompt), want) <= 1e-5
-    # one token at a time runs the matvec twins (the CPU's own decode rounds x to int8: not the reference here)
+    # one token at a time runs the matvec twins (the CPU's own kernels round x to int16: not the reference here)
     assert scaled_error(prefill_then_decode(device, prompt), want) <= 1e-5
     half = to_device(cpu, xp=strict_xp)
     assert scaled_error(half.logits(prompt), want) <= 1e-2
@@ -793,9 +794,10 @@ def test_a_dropped_cache_frees_its_decode_graphs_without_the_cycle_collector(fix
         decoder, k = weakref.ref(cache.decoder), weakref.ref(cache)
         del cache
         assert decoder() is None and k() is None
-        for _ in range(2):                                         # what repeated chats do
+        for _ in range(3):                                         # what repeated chats do
             assert len(list(device.generate(golden["prompt_1"], max_new_tokens=3, do_sample=False))) <= 3
-        assert decoders_alive() == before
+        # the model's engine keeps the last finished cache (the next chat turn's prefix), and only that one
+        assert decoders_alive() <= before + 1
     finally:
         gc.enable()
 

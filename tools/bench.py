@@ -1,7 +1,8 @@
 """CPU decode / prefill benchmark at Baichuan-13B width (SPEC §7), all numbers from one run.
 
     python tools/bench.py [--threads N] [--layers 2] [--quick]
-    python tools/bench.py batch [--threads N] [--quick]      (JSON: several tokens per step, and prefill)
+    python tools/bench.py batch [--threads N] [--quick] [--json]   (the engine: B sequences decoding together)
+    python tools/bench.py kernels [--threads N] [--quick]          (JSON: the linears at several tokens per call)
 
 Measures, in order:
   (a) the machine's memory read bandwidth: bcnp._quant.stream_read, every thread summing its own contiguous slice
@@ -18,7 +19,13 @@ and reports the bytes of weights read per token, the GB/s that makes, its ratio 
 the best of several runs. Weights are random (a tiled random pool: values do not matter for speed). Memory stays
 under ~7.5 GB with the defaults (the float32 model with 2 layers is ~5 GB).
 
-`batch` prints one JSON object: for the five linears of one 13B layer in float32 (BLAS), int8 and int4,
+`batch` runs bcnp.engine on a `--layers`-layer model of 13B width (embedding and lm_head whole): B = 1, 2, 4, 8, 16
+sequences decode together after a 16-token prompt each, and it reports the aggregate decode tokens/s per weight
+kind ({"int4": {"1": tok/s, ...}, "int8": ..., "float32": ...} with --json, plus "vs_b1" ratios and the chat
+turn below); then a chat turn after a 512-token history (--quick: 256): the time to its first token, reusing the
+history's cache, against the same turn's new tokens alone on a fresh engine.
+
+`kernels` prints one JSON object: for the five linears of one 13B layer in float32 (BLAS), int8 and int4,
   - "decode": B = 1, 2, 4, 8, 16 tokens per call (the batched kernels; float32: x @ W.T), aggregate tokens/s and
     its ratio to B = 1 in the same run;
   - "prefill": seconds per layer for 16 / 128 / 512 tokens, GFLOP/s (2 x parameters x tokens / time) and its ratio
@@ -39,7 +46,9 @@ def parse_args():
     p.add_argument("--layers", type=int, default=2, help="13B-width layers in the full-model runs (default 2)")
     p.add_argument("--quick", action="store_true", help="fewer repetitions, 128-token prefill")
     p.add_argument("--prompt", type=int, default=None, help="prefill length (default 512, --quick 128)")
-    p.add_argument("command", nargs="?", choices=["batch"], help="batch: several tokens at once, as JSON")
+    p.add_argument("command", nargs="?", choices=["batch", "kernels"],
+                   help="batch: the engine, B sequences at once; kernels: the linears at several tokens per call")
+    p.add_argument("--json", action="store_true", help="batch: one JSON object on stdout, nothing else")
     return p.parse_args()
 
 
@@ -243,6 +252,71 @@ def batch_report():
     return report
 
 
+# --- batch: the engine ----------------------------------------------------------------------------------------------
+
+def engine_decode_rate(model, batch, steps):
+    """Aggregate tokens/s of `batch` sequences decoding together (timed once all have their first token)."""
+    from bcnp.engine import Engine
+    rng = np.random.default_rng(batch)
+    engine = Engine(model, max_batch=batch)
+    seqs = [engine.submit(rng.integers(0, V, 16), max_new_tokens=steps + 2, do_sample=False,
+                          repetition_penalty=1.0, stop_ids=[]) for _ in range(batch)]
+    while any(len(s.generated) == 0 for s in seqs):
+        engine.step()
+    best = float("inf")
+    for _ in range(steps):
+        start = time.perf_counter()
+        engine.step()
+        best = min(best, time.perf_counter() - start)
+    return batch / best
+
+
+def chat_turn_ttft(model, history):
+    """(time to the first token of a turn after `history` tokens, reusing them; the same turn's new tokens alone)."""
+    from bcnp.engine import Engine
+    rng = np.random.default_rng(5)
+    old, new = list(rng.integers(0, V, history)), list(rng.integers(0, V, 24))
+    engine = Engine(model)
+    first = engine.submit(old, max_new_tokens=8, do_sample=False, stop_ids=[])
+    for _ in engine.run():
+        pass
+
+    def first_token(engine, prompt):
+        start = time.perf_counter()
+        seq = engine.submit(prompt, max_new_tokens=1, do_sample=False, stop_ids=[])
+        while not seq.generated:
+            engine.step()
+        return time.perf_counter() - start, seq.reused
+
+    reused_s, reused = first_token(engine, old + first.generated + new)
+    alone_s, _ = first_token(Engine(model), new)
+    return {"history": history, "new_tokens": len(first.generated) + len(new), "reused_tokens": reused,
+            "ttft_s": reused_s, "alone_s": alone_s, "ratio": reused_s / alone_s}
+
+
+def engine_report():
+    config = model_config(args.layers)
+    base = float_model(config, RandomPool())
+    report, steps = {"threads": THREADS, "layers": args.layers}, 2 if args.quick else 4
+    for kind, bits in (("float32", None), ("int8", 8), ("int4", 4)):
+        model = base if bits is None else base.quantize(bits)
+        rates = {b: engine_decode_rate(model, b, steps) for b in BATCHES}
+        report[kind] = {str(b): r for b, r in rates.items()}
+        report[kind + "_vs_b1"] = {str(b): r / rates[1] for b, r in rates.items()}
+        if not args.json:
+            print(f"{kind:8} " + "  ".join(f"B={b}: {r:6.1f} tok/s ({r / rates[1]:4.1f}x)" for b, r in rates.items()),
+                  flush=True)
+        if kind == "int4":
+            report["chat_turn_int4"] = chat_turn_ttft(model, 256 if args.quick else 512)
+            if not args.json:
+                c = report["chat_turn_int4"]
+                print(f"chat turn after {c['history']} tokens (int4): first token {c['ttft_s']:.2f} s reusing "
+                      f"{c['reused_tokens']} cached tokens, against {c['alone_s']:.2f} s for its "
+                      f"{c['new_tokens']} new tokens alone (ratio {c['ratio']:.2f})")
+        del model
+    return report
+
+
 # --- main ---------------------------------------------------------------------------------------------------------
 
 def main():
@@ -310,7 +384,10 @@ def main():
 
 
 if __name__ == "__main__":
-    if args.command == "batch":
+    if args.command == "kernels":
         print(json.dumps(batch_report(), indent=1))
+    elif args.command == "batch":
+        report = engine_report()
+        print(json.dumps(report) if args.json else f"\n{json.dumps(report)}")
     else:
         main()
