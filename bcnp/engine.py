@@ -7,10 +7,10 @@ attention, which is each sequence's own, runs per sequence (`BatchCache`).
 
 A step of the engine is:
 1. admit queued sequences while there are free slots;
-2. one chunk (at most `prefill_chunk` tokens) of one newcomer's prompt, so a long prompt never freezes the others
-   for longer than one chunk; a newcomer starts from the longest prefix of its prompt that a cache already holds
-   (a previous chat turn, a shared system prompt or few-shot examples): only the rest is computed;
-3. one batched decode pass over every sequence that is generating.
+2. one forward pass over the next token of every generating sequence and at most `prefill_chunk` tokens of the
+   prompts still being prefilled (several newcomers share it), so a long prompt never freezes the others for more
+   than one chunk; a newcomer starts from the longest prefix of its prompt that a cache already holds (a previous
+   chat turn, a shared system prompt or few-shot examples): only the rest is computed.
 
 Each sequence keeps its own sampling settings, seed, stop tokens and budget; with the same seed it produces the
 tokens it would produce alone (greedy: the same tokens; float logits equal to float32 rounding).
@@ -31,41 +31,49 @@ from .model import KVCache, new_cache, to_numpy, transformer
 from .sampling import check_sampling_args, next_token
 
 
-# --- a batch of one-token steps, seen by the forward pass as one cache ---------------------------------------------
+# --- a batch of sequences, seen by the forward pass as one cache -----------------------------------------------------
 
 @dataclass
 class BatchCache:
-    """B sequences' caches, one new token each: `transformer` runs over B tokens as if they were one sequence,
-    while each token is stored in, and attends over, its own sequence's cache at its own position."""
+    """Several sequences' caches and how many new tokens each brings (one when decoding, a chunk of its prompt when
+    prefilling): `transformer` runs over all their tokens at once, as if they were one sequence, so every linear
+    layer reads its weights once for the whole batch, while each token is stored in, and attends over, its own
+    sequence's cache at its own position."""
     caches: list
+    counts: list
 
     @property
     def length(self):
         return 0
 
     @length.setter
-    def length(self, value):             # transformer's `cache.length += B`: every sequence grew by one token
-        for cache in self.caches:
-            cache.length += 1
+    def length(self, value):             # transformer's `cache.length += T`: each sequence grew by its own tokens
+        for cache, n in zip(self.caches, self.counts):
+            cache.length += n
+
+    def segments(self):
+        """(cache, first row, rows) of each sequence in the batch's T tokens."""
+        start = 0
+        for cache, n in zip(self.caches, self.counts):
+            yield cache, start, n
+            start += n
 
     def positions(self, xp, T):
-        assert T == len(self.caches), "a batch step is one token per sequence"
-        for c in self.caches:
-            c.positions(xp, 1)                                               # room for one more, or a clear error
-        return xp.asarray([c.length for c in self.caches])
+        assert T == sum(self.counts), "the batch's tokens are its sequences' tokens, in order"
+        return xp.concatenate([cache.positions(xp, n) for cache, _, n in self.segments()])
 
     def span(self, T):
-        # the bias is built for the longest sequence; row b is position-exact and sliced to its own span below
-        return max(c.length for c in self.caches) + 1
+        # the bias is built for the longest span; each row is exact for its own position and sliced to its span
+        return max(cache.length + n for cache, _, n in self.segments())
 
     def store(self, i, k, v):
-        for b, cache in enumerate(self.caches):
-            cache.store(i, k[b:b + 1], v[b:b + 1])
+        for cache, start, n in self.segments():
+            cache.store(i, k[start:start + n], v[start:start + n])
 
     def attend(self, xp, i, q, bias):
-        """q (nh, B, hd), bias (nh or 1, B, S_max) -> (nh, B, hd), each token over its own cache."""
-        outs = [cache.attend(xp, i, q[:, b:b + 1], bias[:, b:b + 1, :cache.length + 1])
-                for b, cache in enumerate(self.caches)]
+        """q (nh, T, hd), bias (nh or 1, T, S_max) -> (nh, T, hd), each sequence's rows over its own cache."""
+        outs = [cache.attend(xp, i, q[:, start:start + n], bias[:, start:start + n, :cache.length + n])
+                for cache, start, n in self.segments()]
         return xp.concatenate(outs, axis=1)
 
 
@@ -170,19 +178,25 @@ class Engine:
     # --- the step ---
 
     def step(self):
-        """One step: admit, one prefill chunk, one batched decode pass. Returns [(sequence, new token)]."""
+        """One step: admit newcomers, then ONE forward pass over the next token of every generating sequence and
+        up to `prefill_chunk` prompt tokens of those still prefilling. Returns [(sequence, new token)]."""
         self._retire()
         self._admit()
-        produced = []
-        prefilling = next((s for s in self.active if s.cache is None or len(s.cached) < len(s.prompt)), None)
-        if prefilling is not None:
-            produced += self._prefill_chunk(prefilling)
-        decoding = [s for s in self.active if s.pending is not None and s is not prefilling and not s.done]
-        if decoding:
-            produced += self._decode(decoding)
+        batch = [(s, [s.pending]) for s in self.active if s.pending is not None and not s.done]
+        budget = self.prefill_chunk
+        for seq in [s for s in self.active if s.cache is None or len(s.cached) < len(s.prompt)]:
+            if budget == 0:
+                break
+            if seq.cache is None:
+                if self._waits_for_shared_prefix(seq, [s for s, _ in batch]):
+                    continue
+                self._attach_cache(seq)
+            chunk = seq.prompt[len(seq.cached):len(seq.cached) + budget]
+            budget -= len(chunk)
+            batch.append((seq, chunk))
+        produced = self._forward(batch) if batch else []
         self._retire()
         return produced
-
     def run(self):
         """Step until every sequence is done, yielding (sequence, token) as they are produced."""
         while self.busy:
@@ -243,35 +257,34 @@ class Engine:
         self.prompt_tokens += len(seq.prompt)
         self.reused_tokens += best_n
 
-    def _prefill_chunk(self, seq):
-        if seq.cache is None:
-            # attached only now, when the sequences before it have computed their prompts: a prefix it shares
-            # with them (a system prompt, few-shot examples, the same question) is then there to be reused
-            self._attach_cache(seq)
-        start = len(seq.cached)
-        chunk = seq.prompt[start:start + self.prefill_chunk]
-        with np.errstate(over="ignore", invalid="ignore"):      # an overflow is reported once, by _sample
-            logits = self.model.next_logits(np.asarray(chunk), seq.cache)
-        seq.cached += chunk
-        if len(seq.cached) < len(seq.prompt):
-            return []
-        return self._sample(seq, logits)
+    def _waits_for_shared_prefix(self, seq, batch):
+        """True when a sequence in this step's batch is computing a longer prefix of `seq`'s prompt than any cache
+        holds yet: starting after it lets `seq` reuse that prefix (the same system prompt, few-shot examples)."""
+        cached = max([common_prefix(tokens, seq.prompt) for tokens, _ in self.idle]
+                     + [common_prefix(s.cached, seq.prompt) for s in self.active if s.cache is not None] + [0])
+        return any(common_prefix(s.prompt, seq.prompt) >= cached + 16 for s in batch if len(s.cached) < len(s.prompt))
 
-    def _decode(self, seqs):
-        tokens = np.asarray([s.pending for s in seqs])
+    def _forward(self, batch):
+        """One forward pass over [(sequence, its new tokens)]; samples where a sequence's prompt is complete."""
+        ids = np.asarray([t for _, tokens in batch for t in tokens])
+        last = list(itertools.accumulate(len(tokens) for _, tokens in batch))
+        wanted = [b for b, (seq, tokens) in enumerate(batch) if len(seq.cached) + len(tokens) >= len(seq.prompt)]
         with np.errstate(over="ignore", invalid="ignore"):      # an overflow is reported once, by _sample
-            if len(seqs) == 1:               # the model's own one-token step (on a GPU: replayed CUDA graphs)
-                logits = self.model.next_logits(tokens, seqs[0].cache)[None]
+            if len(batch) == 1:       # the model's own step (a GPU replays one-token steps from CUDA graphs)
+                seq, tokens = batch[0]
+                logits = self.model.next_logits(ids, seq.cache)[None]
             else:
-                logits = to_numpy(transformer(self.model.xp, self.model.w, self.model.config, tokens,
-                                              BatchCache([s.cache for s in seqs])))      # (B, V)
-        for seq in seqs:                     # every cache grew by its token: say so before anything can fail
-            seq.cached.append(seq.pending)
+                cache = BatchCache([seq.cache for seq, _ in batch], [len(tokens) for _, tokens in batch])
+                logits = to_numpy(transformer(self.model.xp, self.model.w, self.model.config, ids, cache,
+                                              rows=[last[b] - 1 for b in wanted]))
+                logits = dict(zip(wanted, logits))
+        for seq, tokens in batch:            # every cache grew by its tokens: say so before anything can fail
+            seq.cached += tokens
             seq.pending = None
         produced, failure = [], None
-        for b, seq in enumerate(seqs):
+        for b in wanted:
             try:
-                produced += self._sample(seq, logits[b])
+                produced += self._sample(batch[b][0], logits[b])
             except ValueError as e:          # that sequence has stopped; the others' tokens still count
                 failure = failure or e
         if failure is not None:

@@ -185,9 +185,10 @@ def decoder_layer(xp, x, w, i, config, cache, positions, bias, inv_freq):
     return x + swiglu_mlp(xp, h, w, p)
 
 
-def transformer(xp, w, config, ids, cache, hidden=None, last_only=False, layer=decoder_layer):
+def transformer(xp, w, config, ids, cache, hidden=None, last_only=False, layer=decoder_layer, rows=None):
     """Token ids (T,) -> logits (T, V) (or (1, V) with last_only), appending T positions to the cache.
 
+    `rows` (indices) asks for the logits of those positions only (generation needs each sequence's last).
     `hidden`, when a list, receives the embedding output, each layer's input and the final norm's output.
     `layer` computes one block (the GPU's one-token decode passes bcnp.backend.decode_layer, fused kernels)."""
     T = len(ids)
@@ -207,6 +208,8 @@ def transformer(xp, w, config, ids, cache, hidden=None, last_only=False, layer=d
         hidden.append(x)
     if last_only:
         x = x[-1:]
+    elif rows is not None:
+        x = x[xp.asarray(rows)]
     return linear(x, w["lm_head.weight"])                                   # (T, V)
 
 

@@ -43,24 +43,29 @@ def test_concurrent_greedy_sequences_give_the_original_tokens(fixture, bits):
 
 
 @settings(max_examples=15, deadline=None)
-@given(lengths=st.lists(st.integers(1, 20), min_size=1, max_size=5), seed=st.integers(0, 2**16))
-def test_a_batched_decode_step_equals_each_sequence_alone(fixture, lengths, seed):
+@given(segments=st.lists(st.tuples(st.integers(0, 20), st.integers(1, 6)), min_size=1, max_size=5),
+       seed=st.integers(0, 2**16))
+def test_one_pass_over_several_sequences_equals_each_sequence_alone(fixture, segments, seed):
+    """(cached tokens, new tokens) per sequence: decoding (1 new token) and prefilling (several) in one pass."""
     model, _ = fixture
     rng = np.random.default_rng(seed)
     V, xp = model.config.vocab_size, model.xp
-    prompts = [rng.integers(0, V, n) for n in lengths]
+    prompts = [rng.integers(0, V, n) for n, _ in segments]
+    new = [rng.integers(0, V, n) for _, n in segments]
     caches, alone_caches = [], []
-    for p in prompts:
+    for p, q in zip(prompts, new):
         for pool in (caches, alone_caches):
-            c = model.new_cache(len(p) + 2)
-            model.forward(p, c)
+            c = model.new_cache(len(p) + len(q) + 1)
+            if len(p):
+                model.forward(p, c)
             pool.append(c)
-    tokens = rng.integers(0, V, len(prompts))
-    batched = transformer(xp, model.w, model.config, tokens, BatchCache(caches))          # (B, V)
+    counts = [len(q) for q in new]
+    last = np.cumsum(counts) - 1
+    batched = transformer(xp, model.w, model.config, np.concatenate(new), BatchCache(caches, counts), rows=last)
     for b, c in enumerate(alone_caches):
-        alone = model.forward(tokens[b:b + 1], c)[0]
+        alone = model.forward(new[b], c)[-1]
         assert scaled_error(batched[b], alone) <= 1e-5
-        assert caches[b].length == c.length == len(prompts[b]) + 1
+        assert caches[b].length == c.length == len(prompts[b]) + counts[b]
         S = c.length
         assert np.allclose(caches[b].k[:, :, :S], c.k[:, :, :S], atol=1e-5)
 
@@ -207,3 +212,16 @@ def test_a_chat_turn_computes_only_its_new_tokens_and_answers_as_a_recompute(dem
     fresh = Model.from_pretrained(demo_dir)
     assert second == fresh(history, do_sample=False, max_new_tokens=12)
     assert fresh.engine().reused_tokens == 0 and len(ids) > len(first_ids)
+
+
+def test_newcomers_are_prefilled_together_and_within_the_chunk_budget(fixture):
+    model, golden = fixture
+    engine = Engine(model, max_batch=4, prefill_chunk=16)
+    prompts = [golden["prompt_2"][:5], golden["prompt_2"][5:11], golden["prompt_1"], golden["prompt_2"][12:30]]
+    seqs = [engine.submit(p, max_new_tokens=3, do_sample=False, repetition_penalty=1.0) for p in prompts]
+    engine.step()                                  # 5 + 6 + 7 = 18 > 16: the third gets 5 of its 7 tokens
+    assert [len(s.generated) for s in seqs] == [1, 1, 0, 0] and len(seqs[2].cached) == 5
+    run_all(engine)
+    for prompt, seq in zip(prompts, seqs):
+        assert seq.generated == list(model.generate(prompt, max_new_tokens=3, do_sample=False,
+                                                    repetition_penalty=1.0))
