@@ -269,7 +269,7 @@ class Protocol:
     def candidates(self, tokenizer):
         """The token ids whose next-token logits are compared (the baichuan protocol)."""
         if self.task == "cmmlu":                       # hf_causal_model.py: convert_tokens_to_ids("A")
-            return [tokenizer.sp.piece_to_id(letter) for letter in LETTERS]
+            return [tokenizer.piece_to_id(letter) for letter in LETTERS]
         return [tokenizer.encode(letter)[-1] for letter in LETTERS]   # tokenizer.encode("A")[-1]: "▁A"
 
     def fit(self, subject, shots, q, encode, limit):

@@ -35,6 +35,7 @@ import numpy as np
 from bcnp.checkpoint import CheckpointError, checkpoint_files, nonfinite, read_checkpoint
 from bcnp.config import Config, ConfigError, read_config_json
 from bcnp.errors import one_line, read_json_object
+from bcnp.sampling import GenerationConfig
 from bcnp.layout import (BLOCK_SIZE, EMBEDDING, FLOAT_DTYPES, FORMAT_VERSION, converted_float_dtype,  # noqa: F401
                          expected_converted_shapes, model_family, quantized_bits, quantized_shapes)  # (re-exported)
 
@@ -256,6 +257,7 @@ def convert(hf_dir, out_dir, quantize_bits=None, force=False, max_shard_bytes=4 
         raise FileNotFoundError(f"{hf_dir}: no such directory")
     config_dict = read_config_dict(hf_dir)
     config = Config.from_dict(config_dict, source=os.path.join(hf_dir, "config.json"))
+    GenerationConfig.from_json(hf_dir, config.vocab_size)   # refuse now what `generate` would refuse at open
     tensors = read_checkpoint(hf_dir, config.weight_shapes())
     tensors = {name: tensors[name] for name in config.weight_shapes()}   # model order, whatever the source's
     copied = side_files(hf_dir)

@@ -20,11 +20,12 @@ import numpy as np
 
 from .cli import EXIT_ERROR, EXIT_USAGE, ArgumentParser, Output, OutputError, UsageError, error_line, run
 from .config import BAICHUAN_7B, BAICHUAN_13B, Config
+from .layout import BLOCK_SIZE
 
 PRESETS = {"13b": BAICHUAN_13B, "7b": BAICHUAN_7B}
 PRESET_NAMES = {"13b": "Baichuan-13B", "7b": "Baichuan-7B"}
-BLOCK = 32                                    # values per quantization block
-BLOCK_BYTES = {8: 2 + 32, 4: 2 + 16}          # Q8_0: a float16 scale + 32 int8; Q4_0: the scale + 16 bytes of nibbles
+BLOCK = BLOCK_SIZE                            # values per quantization block (bcnp.layout)
+BLOCK_BYTES = {8: 2 + BLOCK, 4: 2 + BLOCK // 2}   # Q8_0: a float16 scale + 32 int8; Q4_0: the scale + 16 nibble bytes
 ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1, "uint8": 1}
 PARAMETER_KINDS = ("embedding", "attention.W_pack", "attention.o_proj", "mlp", "norms", "lm_head")
 
@@ -163,7 +164,8 @@ def read_model_dir(directory):
         q = bcnp_section.get("quantization") or {}
         quantization = {"bits": q.get("bits"), "block_size": q.get("block_size"),
                         "format_version": bcnp_section.get("format_version"),
-                        "source_dtype": bcnp_section.get("source_dtype")}
+                        "source_dtype": bcnp_section.get("source_dtype"),
+                        "float_dtype": bcnp_section.get("float_dtype", "float16")}   # format 1: all float16
     tensors = [{"name": name, "dtype": found[name].dtype, "shape": list(found[name].shape),
                 "nbytes": found[name].nbytes, "file": os.path.basename(found[name].path)} for name in found]
     paths = sorted({t.path for t in found.values()})
@@ -255,11 +257,11 @@ def format_report(r, all_tensors=False):
     if r["format"] != "bcnp":
         out.append("quantization: none (the original checkpoint; `python -m bcnp.convert --quantize 8|4` makes one)")
     elif q["bits"] is None:
-        out.append(f"quantization: none (bcnp float16, converted from {q['source_dtype']})")
+        out.append(f"quantization: none (bcnp {q['float_dtype']}, converted from {q['source_dtype']})")
     else:
         name = "Q8_0" if q["bits"] == 8 else "Q4_0"
         out.append(f"quantization: int{q['bits']} ({name}, blocks of {q['block_size']}, "
-                   f"{BLOCK_BYTES[q['bits']]} bytes per block), lm_head int8, embedding and norms float16; "
+                   f"{BLOCK_BYTES[q['bits']]} bytes per block), lm_head int8, embedding float16, norms {q['float_dtype']}; "
                    f"converted from {q['source_dtype']}")
 
     out.append("")

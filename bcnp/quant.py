@@ -21,8 +21,9 @@ Two implementations of the same functions:
 
 `QuantizedWeight.matmul(x)` multiplies one token (decode) with the fused kernel, which never expands W to float: it
 rounds x per block of 32 to int16 (llama.cpp's int8 is 256 times coarser) and sums exact integer block products (see
-`matvec` for the error bound); several tokens (prefill) go through BLAS on dequantized tiles of W, exact up to float32
-rounding.
+`matvec` for the error bound); up to 16 tokens (a batched decode step) go through the batched kernel, which reads
+each block once for all of them and gives each token exactly its matvec; longer prompts through the prefill GEMM,
+which rounds x the same way and so keeps the same bound (BLAS on dequantized tiles where that kernel is not built).
 
 Threads: an explicit `threads` argument, else $OMP_NUM_THREADS, else all cores.
 """
@@ -261,8 +262,9 @@ class QuantizedWeight:
     """A quantized linear weight W (out_features, in_features): `qweight`, `scales` as in `quantize` (either may be
     a read-only np.memmap of a converted checkpoint), padded to whole blocks along `in`.
 
-    `matmul(x)` is x @ W.T: one token (decode) goes through the fused kernel straight from the blocks; several tokens
-    (prefill) dequantize W a tile of rows at a time and multiply with BLAS."""
+    `matmul(x)` is x @ W.T, always straight from the blocks: one token through the fused matvec, 2 to BATCH_TOKENS
+    tokens (a batched decode step) through the batched kernel, bit-identical per token to the matvec, and longer
+    prompts through `prefill` (the int16 VNNI GEMM; dequantized tiles and BLAS where that kernel is not built)."""
 
     TILE_BYTES = 64 * 2**20                 # float32 scratch per tile of dequantized rows
 

@@ -78,6 +78,10 @@ class Tokenizer:
     def id_to_piece(self, token_id):
         return self.sp.id_to_piece(int(token_id))
 
+    def piece_to_id(self, piece):
+        """The id of a piece (`<unk>`'s id, 0, for a piece the vocabulary does not have)."""
+        return self.sp.piece_to_id(piece)
+
     def is_byte(self, token_id):
         return self.sp.is_byte(int(token_id))
 

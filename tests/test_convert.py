@@ -369,3 +369,12 @@ def test_cli_errors_are_one_line(tmp_path, args, message):
 def test_importing_the_converter_does_not_import_torch():
     code = "import sys, bcnp.convert; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+
+
+def test_a_generation_config_that_generate_would_refuse_is_refused_before_anything_is_written(tmp_path):
+    source = tmp_path / "hf"
+    shutil.copytree(FIXTURES / "b13-alibi-h8-l4-bf16" / "hf", source)
+    (source / "generation_config.json").write_text('{"temperature": "hot"}')
+    with pytest.raises(ValueError, match=r"generation_config.json: temperature must be"):
+        convert(source, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
