@@ -7,6 +7,8 @@ import argparse
 
 import numpy as np
 
+from .engine import common_prefix
+
 
 def log_softmax(logits):
     """log softmax over the last axis, in float64: a 64000-way sum of float32 exponentials loses digits that a
@@ -20,14 +22,6 @@ def token_logprobs(logits, targets):
     """log p(targets[i]) under the distribution of logits[i]: logits (T, V), targets (T,) -> float64 (T,)."""
     targets = np.asarray(targets)
     return log_softmax(logits)[np.arange(len(targets)), targets]
-
-
-def common_prefix_length(a, b):
-    n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n
 
 
 class PrefixCache:
@@ -55,7 +49,7 @@ class PrefixCache:
             raise ValueError(f"start {start} is outside the {len(ids)} token ids")
         if len(ids) > self.cache.max_len:
             raise ValueError(f"{len(ids)} tokens exceed the context of {self.cache.max_len}")
-        keep = min(common_prefix_length(self.ids, ids), start)    # position `start` itself must be computed
+        keep = min(common_prefix(self.ids, ids), start)    # position `start` itself must be computed
         self.cache.length, self.ids = keep, self.ids[:keep]
         logits = self.model.forward(np.asarray(ids[keep:]), self.cache)
         self.ids = ids

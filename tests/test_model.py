@@ -280,3 +280,18 @@ def test_importing_bcnp_never_imports_torch():
             "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers')]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_a_cache_takes_memory_only_where_it_is_written():
+    """NumPy's large arrays ask for 2 MB huge pages: one token per head would make whole rows resident."""
+    import resource
+    from bcnp.model import cache_zeros
+
+    def resident_mb():
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+    before = resident_mb()
+    k = cache_zeros(np, (4, 40, 4096, 128), np.float32)          # 336 MB: four 13B-width layers
+    k[:, :, :22] = 1.0
+    assert resident_mb() - before < 40 and k.sum() == 4 * 40 * 22 * 128

@@ -30,9 +30,6 @@ def parse_args():
     p.add_argument("--clients", default="1,4,8", help="concurrency levels (default 1,4,8)")
     p.add_argument("--requests", type=int, default=2, help="requests per client (default 2)")
     p.add_argument("--max-tokens", type=int, default=16, help="completion tokens per request (default 16)")
-    p.add_argument("--per-token-matvec", action="store_true",
-                   help="a stand-in for a batched quantized kernel: a batch of <= 8 tokens goes through the fused "
-                        "one-token kernel token by token (weights read B times) instead of dequantized tiles + BLAS")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     return p.parse_args()
 
@@ -60,18 +57,6 @@ def bench_model():
     model = Model(config, random_weights(config, seed=0), tokenizer=tokenizer,
                   generation_config=GenerationConfig(max_new_tokens=args.max_tokens))
     return model.quantize(args.bits)
-
-
-def per_token_matvec():
-    from bcnp.quant import QuantizedWeight
-    matmul = QuantizedWeight.matmul
-
-    def small_batches_by_matvec(self, x, threads=None):
-        x = np.asarray(x, dtype=np.float32)
-        if x.ndim == 2 and 1 < x.shape[0] <= 8:
-            return np.stack([self.matvec(row, threads) for row in x])
-        return matmul(self, x, threads)
-    QuantizedWeight.matmul = small_batches_by_matvec
 
 
 def ignore_eos(engine):
@@ -125,13 +110,11 @@ def level(port, clients):
 
 def main():
     levels = [int(c) for c in args.clients.split(",")]
-    if args.per_token_matvec:
-        per_token_matvec()
     t = time.perf_counter()
     model = bench_model()
     print(f"model: {args.layers} layers of Baichuan-13B width, int{args.bits}, vocab {model.config.vocab_size}, "
           f"built in {time.perf_counter() - t:.1f} s; {args.threads} threads; load average {os.getloadavg()[0]:.1f}"
-          f"{'; B <= 8 by per-token matvec' if args.per_token_matvec else ''}", file=sys.stderr)
+          "", file=sys.stderr)
     server = Server(("127.0.0.1", 0), model, model_name="bench", max_batch=max(levels), max_waiting=max(levels),
                     io_timeout=600, log=lambda line: None)
     ignore_eos(server.loop.engine)
@@ -147,7 +130,7 @@ def main():
         row["ttft_p95_vs_1"] = round(row["ttft_p95_s"] / base["ttft_p95_s"], 2)
     if args.json:
         print(json.dumps({"threads": args.threads, "bits": args.bits, "layers": args.layers,
-                          "max_tokens": args.max_tokens, "per_token_matvec": args.per_token_matvec,
+                          "max_tokens": args.max_tokens,
                           "load_average": os.getloadavg()[0], "levels": rows}, indent=2))
         return
     print(f"{'clients':>7} {'requests':>8} {'tokens':>6} {'seconds':>8} {'tok/s':>7} {'x1':>5} "
