@@ -866,15 +866,15 @@ def check_shapes(tensors, expected, directory):
             raise CheckpointError(f"{tensor.where()} has dtype {tensor.dtype}, expected {dtype}")
 
 
-def read_model_dir(directory):
+def read_model_dir(directory, family=None):
     """(config, bcnp section of config.json or None, tensors) of a Hugging Face directory or one written by
-    `bcnp.convert`, every tensor's name and shape checked against the config."""
+    `bcnp.convert`, every tensor's name and shape checked against the config (`family` overrides its family)."""
     from .config import Config, read_config_json
     from .layout import expected_section_shapes
     directory = os.fspath(directory)
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"{directory}: no such model directory")
-    config = Config.from_json(directory)
+    config = Config.from_json(directory, family=family)
     section = read_config_json(directory).get("bcnp")
     if section is None:
         expected = config.weight_shapes()

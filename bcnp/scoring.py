@@ -7,6 +7,8 @@ import argparse
 
 import numpy as np
 
+from .config import add_family_argument
+
 
 def log_softmax(logits):
     """log softmax over the last axis, in float64: a 64000-way sum of float32 exponentials loses digits that a
@@ -78,6 +80,7 @@ def add_model_arguments(parser):
     parser.add_argument("--demo", action="store_true",
                         help="use the tiny random-weight demo model (built once and cached): checks the mechanics")
     parser.add_argument("--quantize", type=int, choices=(8, 4), help="quantize the linear weights to 8 or 4 bits")
+    add_family_argument(parser)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
 
 
