@@ -15,7 +15,12 @@ from bcnp.model import alibi_slopes, attention_bias, new_cache, random_weights, 
 from conftest import FIXTURES
 
 MODELS = ["b13-alibi-h8-l4-bf16", "b7-rope-h4-l3-fp16"]
+BAICHUAN2 = ["b2-13-alibi-h8-l4-bf16", "b2-7-rope-h4-l3-fp16"]   # vocab 512: only family= tells them Baichuan2
 SOURCES = ["hf", "hf-safetensors", "converted"]
+
+
+def sources(name):
+    return [s for s in SOURCES if s == "converted" or (FIXTURES / name / s).is_dir()]
 
 
 def scaled_error(got, want):
@@ -23,15 +28,17 @@ def scaled_error(got, want):
     return float(np.abs(got - want).max() / max(1.0, float(np.abs(want).max())))
 
 
-@pytest.fixture(scope="module", params=[(m, s) for m in MODELS for s in SOURCES], ids=lambda p: "-".join(p))
+@pytest.fixture(scope="module", params=[(m, s) for m in MODELS + BAICHUAN2 for s in sources(m)],
+                ids=lambda p: "-".join(p))
 def loaded(request, tmp_path_factory):
     name, source = request.param
-    if source == "converted":
+    family = "baichuan2" if name in BAICHUAN2 else None
+    if source == "converted":        # the converted directory records the family: it opens without the flag
         from bcnp.convert import convert
-        path = convert(FIXTURES / name / "hf", tmp_path_factory.mktemp(name) / "converted", progress=False)
-    else:
-        path = FIXTURES / name / source
-    return Model.from_pretrained(path), np.load(FIXTURES / name / "golden.npz")
+        path = convert(FIXTURES / name / "hf", tmp_path_factory.mktemp(name) / "converted", progress=False,
+                       family=family)
+        return Model.from_pretrained(path), np.load(FIXTURES / name / "golden.npz")
+    return Model.from_pretrained(FIXTURES / name / source, family=family), np.load(FIXTURES / name / "golden.npz")
 
 
 @pytest.mark.parametrize("i", [0, 1, 2])
