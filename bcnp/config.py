@@ -59,6 +59,7 @@ class Config:
     pad_token_id: int = 0
     torch_dtype: str = "float32"
     family: str = "baichuan"          # "baichuan2": lm_head rows are normalised (NormHead)
+    rope_inv_freq: tuple = None       # the checkpoint's own RoPE table (float32 values), if it stores one
 
     @property
     def head_dim(self):
@@ -96,7 +97,8 @@ class Config:
                    bos_token_id=field.token_id("bos_token_id", vocab, default=cls.bos_token_id),
                    eos_token_id=field.token_id("eos_token_id", vocab, default=cls.eos_token_id),
                    pad_token_id=field.token_id("pad_token_id", vocab, default=cls.pad_token_id),
-                   torch_dtype=field.choice("torch_dtype", DTYPES, default=cls.torch_dtype), family=family)
+                   torch_dtype=field.choice("torch_dtype", DTYPES, default=cls.torch_dtype), family=family,
+                   rope_inv_freq=recorded_rope_table(d, source, sizes, position))
 
     @classmethod
     def from_json(cls, path, family=None):
@@ -159,6 +161,20 @@ def model_family(d, source, override=None):
             raise ConfigError(f"{source}: bcnp.family must be one of {', '.join(FAMILIES)}, got {recorded!r:.60}")
         return recorded
     return "baichuan2" if d.get("vocab_size") == BAICHUAN2_VOCAB else "baichuan"
+
+
+def recorded_rope_table(d, source, sizes, position):
+    """The RoPE table bcnp.convert recorded from the source's `rotary_emb.inv_freq` (bcnp.rope_inv_freq), or None."""
+    section = d.get("bcnp")
+    table = section.get("rope_inv_freq") if isinstance(section, dict) else None
+    if table is None:
+        return None
+    half = sizes["hidden_size"] // sizes["num_attention_heads"] // 2
+    if not (position == "rope" and isinstance(table, list) and len(table) == half
+            and all(isinstance(v, float) and math.isfinite(v) and v > 0 for v in table)):
+        raise ConfigError(f"{source}: bcnp.rope_inv_freq must be a list of head_dim / 2 = {half} positive numbers "
+                          "(a RoPE model's table)")
+    return tuple(table)
 
 
 def position_embedding(d, source, family="baichuan"):

@@ -17,6 +17,7 @@ ones (of dead processes, with our marker) and restores an old model whose replac
 """
 import argparse
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -32,7 +33,7 @@ from collections import Counter
 
 import numpy as np
 
-from bcnp.checkpoint import CheckpointError, checkpoint_files, nonfinite, read_checkpoint
+from bcnp.checkpoint import CheckpointError, checkpoint_files, nonfinite, read_checkpoint, rope_table
 from bcnp.config import Config, ConfigError, add_family_argument, read_config_json
 from bcnp.errors import one_line, read_json_object
 from bcnp.model import prepared_weight
@@ -221,6 +222,8 @@ def bcnp_section(config, tensors, bits, float_dtypes):
     section = {"format_version": FORMAT_VERSION, "family": config.family,
                "quantization": None if bits is None else {"bits": bits, "block_size": BLOCK_SIZE},
                "source_dtype": source_dtype(tensors), "float_dtype": float_dtype}
+    if config.rope_inv_freq is not None:                 # the source's own RoPE table (bcnp.checkpoint.rope_table)
+        section["rope_inv_freq"] = list(config.rope_inv_freq)
     others = {name: d for name, d in kept.items() if d != float_dtype}
     if others:
         section["float_dtypes"] = others                 # a mixed-precision source, kept as it was
@@ -264,8 +267,10 @@ def convert(hf_dir, out_dir, quantize_bits=None, force=False, max_shard_bytes=4 
     config_dict = read_config_dict(hf_dir)
     config = Config.from_dict(config_dict, source=os.path.join(hf_dir, "config.json"), family=family)
     GenerationConfig.from_json(hf_dir, config.vocab_size)   # refuse now what `generate` would refuse at open
-    tensors = read_checkpoint(hf_dir, config.weight_shapes())
+    buffers = {}
+    tensors = read_checkpoint(hf_dir, config.weight_shapes(), buffers)
     tensors = {name: tensors[name] for name in config.weight_shapes()}   # model order, whatever the source's
+    config = dataclasses.replace(config, rope_inv_freq=rope_table(config, buffers))
     copied = side_files(hf_dir)
     inputs = [hf_dir, *input_files(hf_dir), *(os.path.join(hf_dir, name) for name in copied)]
     out = os.path.abspath(out_dir)

@@ -95,6 +95,54 @@ def test_position_tables_match_original():
     np.testing.assert_allclose(rope_inv_freq(np, cfg), g7["rope_inv_freq"], rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("source", ["hf", "hf-safetensors", "converted"])
+def test_the_checkpoints_own_rope_table_is_the_one_used(source, tmp_path):
+    """The original rotates with the stored `rotary_emb.inv_freq`; a converted directory keeps it in config.json."""
+    from bcnp.model import rope_inv_freq
+    path = FIXTURES / MODELS[1] / source
+    if source == "converted":
+        from bcnp.convert import convert
+        path = convert(FIXTURES / MODELS[1] / "hf", tmp_path / "c", progress=False)
+    config = Model.from_pretrained(path).config
+    stored = np.load(FIXTURES / MODELS[1] / "golden.npz")["rope_inv_freq"]
+    assert config.rope_inv_freq is not None
+    np.testing.assert_array_equal(rope_inv_freq(np, config), stored)
+    table = tuple(float(np.nextafter(np.float32(v), np.float32(1))) for v in config.rope_inv_freq)
+    import dataclasses
+    np.testing.assert_array_equal(rope_inv_freq(np, dataclasses.replace(config, rope_inv_freq=table)),
+                                  np.float32(table))
+
+
+def rewritten_inv_freq(tmp_path, change):
+    """A copy of the 7B fixture's safetensors directory with layer 0's RoPE table changed by `change`."""
+    import shutil
+    import safetensors.numpy
+    out = tmp_path / "m"
+    shutil.copytree(FIXTURES / MODELS[1] / "hf-safetensors", out)
+    shard = out / "model-00001-of-00002.safetensors"
+    tensors = safetensors.numpy.load_file(shard)
+    name = "model.layers.0.self_attn.rotary_emb.inv_freq"
+    tensors[name] = change(tensors[name])
+    safetensors.numpy.save_file(tensors, shard)
+    return out
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda t: t * np.float32(1.01), "is not the RoPE table of rope_theta 10000 and head_dim 16"),
+    (lambda t: t[:4], r"has shape \(4,\), expected \(8,\)"),
+    (lambda t: np.nextafter(t, np.float32(2)), "differs from the RoPE table of the other layers")])
+def test_a_stored_rope_table_is_checked_against_the_config(tmp_path, change, message):
+    from bcnp.checkpoint import CheckpointError
+    with pytest.raises(CheckpointError, match=r"model\.layers\.\d\.self_attn\.rotary_emb\.inv_freq.*" + message):
+        Model.from_pretrained(rewritten_inv_freq(tmp_path, change))
+
+
+def test_a_recorded_rope_table_is_checked():
+    d = {**BAICHUAN_7B.to_hf_dict(), "bcnp": {"rope_inv_freq": [1.0, 0.5]}}
+    with pytest.raises(ConfigError, match="bcnp.rope_inv_freq must be a list of head_dim / 2 = 64"):
+        Config.from_dict(d)
+
+
 # --- configuration -------------------------------------------------------------------------------------------------
 
 def test_parameter_counts_equal_the_released_models():
