@@ -78,16 +78,16 @@ def alibi_slopes_on(xp, n_heads):
 
 
 def rope_inv_freq(xp, config):
-    """theta^(-2k/hd) for k < hd/2: the checkpoint's own table when it has one (the original rotates with it;
-    bcnp.checkpoint.rope_table says why it matters), else computed in float32 as the original computes it."""
+    """theta^(-2k/hd) for k < hd/2: the checkpoint's own table when it has one (the original rotates with it),
+    else the table torch's float32 pow makes (bcnp.torch_pow: a correctly rounded one moves the logits)."""
     if config.rope_inv_freq is not None:
         return rope_table_on(xp, config.rope_inv_freq)
     return rope_inv_freq_computed(xp, config)
 
 
 def rope_inv_freq_computed(xp, config):
-    hd = config.head_dim
-    return 1.0 / (config.rope_theta ** (xp.arange(0, hd, 2, dtype=xp.float32) / hd))
+    from .torch_pow import rope_inv_freq_table
+    return rope_table_on(xp, rope_inv_freq_table(config.rope_theta, config.head_dim))
 
 
 @functools.lru_cache(maxsize=None)
