@@ -716,8 +716,7 @@ def host_weight(w, name, float16):
     """One weight on the host: a QuantizedWeight as it is, a float array as float16 or float32. A lazily read
     checkpoint tensor is converted now and not kept in `w`."""
     if isinstance(w, CheckpointWeights) and name not in w:
-        tensor = w.tensor(name)
-        return tensor.float16() if float16 else tensor.float32()
+        return w.read(name, float16)
     value = w[name]
     if isinstance(value, QuantizedWeight):
         return value

@@ -14,6 +14,7 @@ in bounded time and memory, and a name from a file reaches a message only throug
 - A safetensors header is at most 100 MB and must describe the data exactly, as the reference library requires.
 """
 import collections
+import dataclasses
 import glob
 import json
 import math
@@ -822,17 +823,20 @@ def _check_shard_numbering(shards):
                                   f"({len(missing)} of {n} shards absent)")
 
 
-def read_checkpoint(directory, expected_shapes=None):
+def read_checkpoint(directory, expected_shapes=None, buffers=None):
     """Every tensor of a checkpoint directory (HF `.bin` / `.safetensors`, sharded or not, or a converted dir).
 
     `expected_shapes` maps each name to a shape tuple, or to (dtype, shape): then every expected tensor must be
-    present with exactly that shape (and dtype), and no other tensor may be.
+    present with exactly that shape (and dtype), and no other tensor may be. The RoPE tables of Baichuan-7B
+    (`...rotary_emb.inv_freq`) are buffers, not weights: left out, or put in the dict `buffers`.
     """
     files, reader, weight_map = checkpoint_files(directory)
     tensors = {}
     for path in files:
         for name, tensor in reader(path).items():
-            if name.endswith("rotary_emb.inv_freq"):  # a buffer RoPE recomputes; not a weight
+            if name.endswith("rotary_emb.inv_freq"):
+                if buffers is not None:
+                    buffers[name] = tensor
                 continue
             if name in tensors:
                 raise CheckpointError(f"{tensor.where()} is also in {tensors[name].path}")
@@ -866,19 +870,50 @@ def check_shapes(tensors, expected, directory):
             raise CheckpointError(f"{tensor.where()} has dtype {tensor.dtype}, expected {dtype}")
 
 
-def read_model_dir(directory):
+def read_model_dir(directory, family=None):
     """(config, bcnp section of config.json or None, tensors) of a Hugging Face directory or one written by
-    `bcnp.convert`, every tensor's name and shape checked against the config."""
+    `bcnp.convert`, every tensor's name and shape checked against the config (`family` overrides its family).
+    A checkpoint's own RoPE table, when it has one, becomes the config's `rope_inv_freq`."""
     from .config import Config, read_config_json
     from .layout import expected_section_shapes
     directory = os.fspath(directory)
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"{directory}: no such model directory")
-    config = Config.from_json(directory)
+    config = Config.from_json(directory, family=family)
     section = read_config_json(directory).get("bcnp")
     if section is None:
         expected = config.weight_shapes()
     else:
         expected = expected_section_shapes(config, section, os.path.join(directory, "config.json"))
-    tensors = read_checkpoint(directory, expected)
+    buffers = {}
+    tensors = read_checkpoint(directory, expected, buffers)
+    table = rope_table(config, buffers)
+    if table is not None:
+        config = dataclasses.replace(config, rope_inv_freq=table)
     return config, section, {name: tensors[name] for name in expected}      # in the model's order
+
+
+def rope_table(config, buffers):
+    """The RoPE inverse frequencies the checkpoint stores (Baichuan-7B: one per layer, all equal), as a tuple of
+    float32 values, or None. The original rotates with this table, and its float32 `pow` is not correctly
+    rounded: at Baichuan-7B's widths 9 of the 64 values differ by 1-2 ulp from a correctly rounded table, which
+    moves the logits by 7e-5 (scaled) at 2048 positions. Checked against the config: same length, same values
+    to 1e-5 (a table of another theta or head_dim is an error, not a rounding)."""
+    if not buffers or config.position_embedding != "rope":
+        return None
+    from .model import rope_inv_freq_computed
+    want = rope_inv_freq_computed(np, config)
+    table = None
+    for name, tensor in buffers.items():
+        if tensor.shape != want.shape:
+            raise CheckpointError(f"{tensor.where()} has shape {tensor.shape}, expected {want.shape} "
+                                  "(head_dim / 2 RoPE frequencies)")
+        values = tensor.float32()
+        if not np.allclose(values, want, rtol=1e-5, atol=0):
+            raise CheckpointError(f"{tensor.where()} is not the RoPE table of rope_theta {config.rope_theta:g} and "
+                                  f"head_dim {config.head_dim} (differs by up to "
+                                  f"{float(np.abs(values / want - 1).max()):.3g} relative)")
+        if table is not None and not np.array_equal(values, table):
+            raise CheckpointError(f"{tensor.where()} differs from the RoPE table of the other layers")
+        table = values
+    return tuple(float(v) for v in table)

@@ -1,8 +1,12 @@
-"""Model configuration, read from a Hugging Face `config.json` of Baichuan-13B or Baichuan-7B.
+"""Model configuration, read from a Hugging Face `config.json` of Baichuan-13B / 7B or Baichuan2-13B / 7B.
 
-The two models differ in one respect that matters to the forward pass: 13B (`BaichuanForCausalLM`) biases
+The sizes differ in one respect that matters to the forward pass: 13B (`BaichuanForCausalLM`) biases
 attention with ALiBi and names its context `model_max_length`; 7B (`BaiChuanForCausalLM`) rotates q and k with
-RoPE and names it `max_position_embeddings`.
+RoPE and names it `max_position_embeddings`. The family differs in one more: Baichuan2 normalises the rows of
+lm_head (NormHead). Nothing in Baichuan2's config.json says so and both its sizes are `BaichuanForCausalLM`:
+its vocabulary of 125,696 tells the family (as in vLLM), and its 7B is the one with `max_position_embeddings`
+(Baichuan2-7B's config.json has both context fields, 13B's only `model_max_length`). `family=` overrides the
+vocabulary rule (tiny test models), and bcnp.convert records the family in the `bcnp` section.
 
 `Config.from_dict` checks the type and range of every field bcnp uses, so a directory that opens is one that
 runs: inspect, convert and generate all read a config through it, and a hostile config.json cannot make bcnp
@@ -22,6 +26,8 @@ class ConfigError(ValueError):
 
 ARCHITECTURES = {"BaichuanForCausalLM": "alibi", "BaiChuanForCausalLM": "rope"}   # 13B, 7B
 DTYPES = ("float32", "float16", "bfloat16")
+FAMILIES = ("baichuan", "baichuan2")
+BAICHUAN2_VOCAB = 125696
 
 # Sane maxima, so that nothing bcnp builds from a config (the table of weight shapes, the KV cache) can be huge.
 # The largest released models stay far below them: Llama-3.1-405B has 126 layers, 128 heads, hidden 16384 and
@@ -52,17 +58,21 @@ class Config:
     eos_token_id: int = 2
     pad_token_id: int = 0
     torch_dtype: str = "float32"
+    family: str = "baichuan"          # "baichuan2": lm_head rows are normalised (NormHead)
+    rope_inv_freq: tuple = None       # the checkpoint's own RoPE table (float32 values), if it stores one
 
     @property
     def head_dim(self):
         return self.hidden_size // self.num_attention_heads
 
     @classmethod
-    def from_dict(cls, d, source="config.json"):
+    def from_dict(cls, d, source="config.json", family=None):
         """The Config of config.json's dict `d` (unknown keys ignored); ConfigError naming `source` and the
-        field for anything bcnp would later trip over."""
+        field for anything bcnp would later trip over. `family` ("baichuan" or "baichuan2") overrides the one
+        the bcnp section records or the vocabulary implies."""
         field = FieldChecker(d, source)
-        position = position_embedding(d, source)
+        family = model_family(d, source, family)
+        position = position_embedding(d, source, family)
         context_field = "model_max_length" if position == "alibi" else "max_position_embeddings"
         sizes = dict(vocab_size=field.integer("vocab_size", 1, MAX_VOCAB),
                      hidden_size=field.integer("hidden_size", 1, MAX_WIDTH),
@@ -87,16 +97,18 @@ class Config:
                    bos_token_id=field.token_id("bos_token_id", vocab, default=cls.bos_token_id),
                    eos_token_id=field.token_id("eos_token_id", vocab, default=cls.eos_token_id),
                    pad_token_id=field.token_id("pad_token_id", vocab, default=cls.pad_token_id),
-                   torch_dtype=field.choice("torch_dtype", DTYPES, default=cls.torch_dtype))
+                   torch_dtype=field.choice("torch_dtype", DTYPES, default=cls.torch_dtype), family=family,
+                   rope_inv_freq=recorded_rope_table(d, source, sizes, position))
 
     @classmethod
-    def from_json(cls, path):
+    def from_json(cls, path, family=None):
         path = config_path(path)
-        return cls.from_dict(read_config_json(path), source=path)
+        return cls.from_dict(read_config_json(path), source=path, family=family)
 
     def to_hf_dict(self):
-        """The config.json fields the original code reads."""
-        d = {"architectures": ["BaichuanForCausalLM" if self.position_embedding == "alibi" else "BaiChuanForCausalLM"],
+        """The config.json fields the original code reads (a tiny Baichuan2 needs `family=` to be read back)."""
+        alibi_or_v2 = self.position_embedding == "alibi" or self.family == "baichuan2"
+        d = {"architectures": ["BaichuanForCausalLM" if alibi_or_v2 else "BaiChuanForCausalLM"],
              "model_type": "baichuan", "hidden_act": "silu", "tie_word_embeddings": False,
              "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
              "intermediate_size": self.intermediate_size, "num_hidden_layers": self.num_hidden_layers,
@@ -104,6 +116,8 @@ class Config:
              "bos_token_id": self.bos_token_id, "eos_token_id": self.eos_token_id,
              "pad_token_id": self.pad_token_id, "torch_dtype": self.torch_dtype}
         d["model_max_length" if self.position_embedding == "alibi" else "max_position_embeddings"] = self.max_position
+        if self.family == "baichuan2" and self.position_embedding == "rope":
+            d["model_max_length"] = self.max_position          # as Baichuan2-7B's config.json
         if self.position_embedding == "rope" and self.rope_theta != 10000.0:
             d["rope_theta"] = self.rope_theta
         return d
@@ -135,8 +149,37 @@ class Config:
         return n
 
 
-def position_embedding(d, source):
-    """"alibi" (13B) or "rope" (7B), from `architectures` (or, without it, the name of the context field)."""
+def model_family(d, source, override=None):
+    """"baichuan2" or "baichuan": `override` if given, else what bcnp.convert recorded, else the vocabulary's."""
+    if override is not None:
+        if override not in FAMILIES:
+            raise ConfigError(f"family must be one of {', '.join(FAMILIES)}, got {override!r:.60}")
+        return override
+    recorded = d.get("bcnp", {}).get("family") if isinstance(d.get("bcnp"), dict) else None
+    if recorded is not None:
+        if recorded not in FAMILIES:
+            raise ConfigError(f"{source}: bcnp.family must be one of {', '.join(FAMILIES)}, got {recorded!r:.60}")
+        return recorded
+    return "baichuan2" if d.get("vocab_size") == BAICHUAN2_VOCAB else "baichuan"
+
+
+def recorded_rope_table(d, source, sizes, position):
+    """The RoPE table bcnp.convert recorded from the source's `rotary_emb.inv_freq` (bcnp.rope_inv_freq), or None."""
+    section = d.get("bcnp")
+    table = section.get("rope_inv_freq") if isinstance(section, dict) else None
+    if table is None:
+        return None
+    half = sizes["hidden_size"] // sizes["num_attention_heads"] // 2
+    if not (position == "rope" and isinstance(table, list) and len(table) == half
+            and all(isinstance(v, float) and math.isfinite(v) and v > 0 for v in table)):
+        raise ConfigError(f"{source}: bcnp.rope_inv_freq must be a list of head_dim / 2 = {half} positive numbers "
+                          "(a RoPE model's table)")
+    return tuple(table)
+
+
+def position_embedding(d, source, family="baichuan"):
+    """"alibi" (13B) or "rope" (7B), from `architectures` (or, without it, the name of the context field).
+    Both Baichuan2 sizes are `BaichuanForCausalLM`: its 7B is the one with `max_position_embeddings`."""
     model_type = d.get("model_type", "baichuan")
     if model_type != "baichuan":
         raise ConfigError(f"{source}: model_type is {model_type!r:.60}, not \"baichuan\": not a Baichuan model")
@@ -148,6 +191,8 @@ def position_embedding(d, source):
         if len(known) != 1:
             raise ConfigError(f"{source}: not a Baichuan config (architectures={archs!r:.100}, expected "
                               "[\"BaichuanForCausalLM\"] (13B, ALiBi) or [\"BaiChuanForCausalLM\"] (7B, RoPE))")
+        if family == "baichuan2" and known[0] == "alibi" and "max_position_embeddings" in d:
+            return "rope"
         return known[0]
     if "model_type" in d and ("model_max_length" in d) != ("max_position_embeddings" in d):
         return "alibi" if "model_max_length" in d else "rope"
@@ -203,6 +248,13 @@ class FieldChecker:
         return value
 
 
+def add_family_argument(parser):
+    """--family, for every command line that opens a model."""
+    parser.add_argument("--family", choices=FAMILIES, default=None,
+                        help="baichuan or baichuan2 (NormHead); default: baichuan2 for a vocabulary of 125,696, "
+                             "or what bcnp.convert recorded")
+
+
 def config_path(path):
     path = os.fspath(path)
     return os.path.join(path, "config.json") if os.path.isdir(path) else path
@@ -233,6 +285,8 @@ def check_bcnp_section(section, path):
                               and q.get("block_size") == 32 and not isinstance(q.get("block_size"), bool)):
         raise ConfigError(f"{path}: bcnp.quantization must be null or {{\"bits\": 8 or 4, \"block_size\": 32}}, "
                           f"got {q!r:.80}")
+    if section.get("family", "baichuan") not in FAMILIES:
+        raise ConfigError(f"{path}: bcnp.family must be one of {', '.join(FAMILIES)}, got {section.get('family')!r:.60}")
     if section.get("source_dtype") not in DTYPES or not isinstance(section.get("source_dtype"), str):
         raise ConfigError(f"{path}: bcnp.source_dtype must be one of {', '.join(DTYPES)}, "
                           f"got {section.get('source_dtype')!r:.60}")
@@ -245,3 +299,9 @@ BAICHUAN_13B = Config(vocab_size=64000, hidden_size=5120, intermediate_size=1369
 BAICHUAN_7B = Config(vocab_size=64000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                      num_attention_heads=32, max_position=4096, position_embedding="rope",
                      torch_dtype="float16")
+BAICHUAN2_13B = Config(vocab_size=BAICHUAN2_VOCAB, hidden_size=5120, intermediate_size=13696, num_hidden_layers=40,
+                       num_attention_heads=40, max_position=4096, position_embedding="alibi",
+                       torch_dtype="bfloat16", family="baichuan2")
+BAICHUAN2_7B = Config(vocab_size=BAICHUAN2_VOCAB, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                      num_attention_heads=32, max_position=4096, position_embedding="rope",
+                      torch_dtype="bfloat16", family="baichuan2")

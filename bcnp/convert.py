@@ -17,6 +17,7 @@ ones (of dead processes, with our marker) and restores an old model whose replac
 """
 import argparse
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -32,12 +33,13 @@ from collections import Counter
 
 import numpy as np
 
-from bcnp.checkpoint import CheckpointError, checkpoint_files, nonfinite, read_checkpoint
-from bcnp.config import Config, ConfigError, read_config_json
+from bcnp.checkpoint import CheckpointError, checkpoint_files, nonfinite, read_checkpoint, rope_table
+from bcnp.config import Config, ConfigError, add_family_argument, read_config_json
 from bcnp.errors import one_line, read_json_object
+from bcnp.model import prepared_weight
 from bcnp.sampling import GenerationConfig
 from bcnp.layout import (BLOCK_SIZE, EMBEDDING, FLOAT_DTYPES, FORMAT_VERSION, converted_float_dtype,  # noqa: F401
-                         expected_converted_shapes, model_family, quantized_bits, quantized_shapes)  # (re-exported)
+                         expected_converted_shapes, quantized_bits, quantized_shapes)  # (re-exported)
 
 CHUNK_ROWS = 1024                       # rows converted at a time: bounds the temporaries (10 MB of 13B embedding)
 SAFETENSORS_CODES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "int8": "I8", "uint8": "U8"}
@@ -123,8 +125,11 @@ def float_rows(tensor, rows, dtype):
     return out
 
 
-def converted_chunks(tensor, bits, dtype):
-    """The output of one source tensor as (output index, array) pairs, a block of rows at a time, in file order."""
+def converted_chunks(tensor, bits, dtype, config):
+    """The output of one source tensor as (output index, array) pairs, a block of rows at a time, in file order.
+    Float tensors are copied as they are (a Baichuan2 lm_head too: the loader normalises it, as it does the
+    source's); a quantized one is made of the rows the forward pass uses (`prepared_weight`: NormHead works
+    row by row, so a block of rows at a time is exact)."""
     if bits is None:
         for rows in row_blocks(tensor):
             yield 0, float_rows(tensor, rows, dtype)
@@ -135,7 +140,8 @@ def converted_chunks(tensor, bits, dtype):
     scales = []
     for rows in row_blocks(tensor):
         where = f"{tensor.where()} rows {rows.start}:{rows.stop}"
-        q, s = quantize_fast(tensor.float32(rows), bits, name=where)  # float32() refuses non-finite weights
+        x = prepared_weight(config, tensor.name, tensor.float32(rows))   # float32() refuses non-finite weights
+        q, s = quantize_fast(x, bits, name=where)
         yield 0, q
         scales.append(s)
     yield 1, np.concatenate(scales)
@@ -155,7 +161,7 @@ def safetensors_header(entries):
     return struct.pack("<Q", len(text)) + text, offset
 
 
-def write_shard(path, shard, progress):
+def write_shard(path, shard, progress, config):
     """One safetensors file: the header (sizes are known up front), then each tensor's bytes as produced."""
     entries = [e for _, _, outs in shard for e in outs]
     header, data_size = safetensors_header(entries)
@@ -163,7 +169,7 @@ def write_shard(path, shard, progress):
         f.write(header)
         for tensor, bits, outs in shard:
             written = [0] * len(outs)
-            for i, array in converted_chunks(tensor, bits, outs[0][1]):
+            for i, array in converted_chunks(tensor, bits, outs[0][1], config):
                 name, dtype, shape = outs[i]
                 stored = "uint16" if dtype == "bfloat16" else dtype
                 if array.dtype != np.dtype(stored) or array.shape[1:] != tuple(shape[1:]):
@@ -189,7 +195,7 @@ def shard_names(n):
     return [f"model-{k:05d}-of-{n:05d}.safetensors" for k in range(1, n + 1)]
 
 
-def write_weights(directory, plan, max_shard_bytes, progress):
+def write_weights(directory, plan, max_shard_bytes, progress, config):
     from tqdm import tqdm
 
     shards = split_shards(plan, max_shard_bytes)
@@ -198,7 +204,7 @@ def write_weights(directory, plan, max_shard_bytes, progress):
     with tqdm(total=total, unit="B", unit_scale=True, desc="convert", file=sys.stderr,
               disable=None if progress else True) as bar:
         for name, shard in zip(names, shards):
-            write_shard(os.path.join(directory, name), shard, bar)
+            write_shard(os.path.join(directory, name), shard, bar, config)
     if len(shards) > 1:
         weight_map = {out: file for file, shard in zip(names, shards) for _, _, outs in shard for out, _, _ in outs}
         total_size = sum(nbytes(d, s) for shard in shards for _, _, outs in shard for _, d, s in outs)
@@ -213,9 +219,11 @@ def bcnp_section(config, tensors, bits, float_dtypes):
     for name, dtype in kept.items():
         by_size[dtype] += tensors[name].numel
     float_dtype = by_size.most_common(1)[0][0]
-    section = {"format_version": FORMAT_VERSION, "family": model_family(config),
+    section = {"format_version": FORMAT_VERSION, "family": config.family,
                "quantization": None if bits is None else {"bits": bits, "block_size": BLOCK_SIZE},
                "source_dtype": source_dtype(tensors), "float_dtype": float_dtype}
+    if config.rope_inv_freq is not None:                 # the source's own RoPE table (bcnp.checkpoint.rope_table)
+        section["rope_inv_freq"] = list(config.rope_inv_freq)
     others = {name: d for name, d in kept.items() if d != float_dtype}
     if others:
         section["float_dtypes"] = others                 # a mixed-precision source, kept as it was
@@ -245,21 +253,24 @@ def write_json(path, obj):
 # --- the directory ------------------------------------------------------------------------------------------
 
 def convert(hf_dir, out_dir, quantize_bits=None, force=False, max_shard_bytes=4 * 2**30, progress=True,
-            dtype=None, log=None):
+            dtype=None, log=None, family=None):
     """Write the bcnp directory for the checkpoint in `hf_dir` to `out_dir`; returns out_dir.
 
     dtype: None keeps every float tensor's dtype; "float16", "bfloat16" or "float32" converts them. `log` gets
-    one-line notes about leftovers of earlier runs (default: printed on stderr)."""
+    one-line notes about leftovers of earlier runs (default: printed on stderr). family: "baichuan" or
+    "baichuan2", recorded in the bcnp section (default: Baichuan2 for its vocabulary of 125,696)."""
     hf_dir, out_dir = os.fspath(hf_dir), os.fspath(out_dir)
     log = log or (lambda message: print(f"note: {one_line(message)}", file=sys.stderr))
     check_arguments(out_dir, quantize_bits, dtype, max_shard_bytes)
     if not os.path.isdir(hf_dir):
         raise FileNotFoundError(f"{hf_dir}: no such directory")
     config_dict = read_config_dict(hf_dir)
-    config = Config.from_dict(config_dict, source=os.path.join(hf_dir, "config.json"))
+    config = Config.from_dict(config_dict, source=os.path.join(hf_dir, "config.json"), family=family)
     GenerationConfig.from_json(hf_dir, config.vocab_size)   # refuse now what `generate` would refuse at open
-    tensors = read_checkpoint(hf_dir, config.weight_shapes())
+    buffers = {}
+    tensors = read_checkpoint(hf_dir, config.weight_shapes(), buffers)
     tensors = {name: tensors[name] for name in config.weight_shapes()}   # model order, whatever the source's
+    config = dataclasses.replace(config, rope_inv_freq=rope_table(config, buffers))
     copied = side_files(hf_dir)
     inputs = [hf_dir, *input_files(hf_dir), *(os.path.join(hf_dir, name) for name in copied)]
     out = os.path.abspath(out_dir)
@@ -272,7 +283,7 @@ def convert(hf_dir, out_dir, quantize_bits=None, force=False, max_shard_bytes=4 
     os.makedirs(os.path.dirname(out), exist_ok=True)
     tmp = make_work_dir(out)
     try:
-        write_weights(tmp, plan, max_shard_bytes, progress)
+        write_weights(tmp, plan, max_shard_bytes, progress, config)
         config_dict["bcnp"] = bcnp_section(config, tensors, quantize_bits, float_dtypes)
         write_json(os.path.join(tmp, "config.json"), config_dict)
         for name in copied:
@@ -548,6 +559,7 @@ def main(argv=None):
                         help="quantize linear weights to 8 or 4 bits (lm_head always 8)")
     parser.add_argument("--dtype", choices=FLOAT_DTYPES, default=None,
                         help="store float tensors in this dtype (default: each keeps its own, bit for bit)")
+    add_family_argument(parser)
     parser.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
     parser.add_argument("--max-shard-gb", type=max_shard_bytes, default=4 * 2**30, metavar="GB",
                         help="largest output file, GiB (default 4)")
@@ -560,7 +572,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     previous = signal.signal(signal.SIGTERM, raise_terminated)
     try:
-        convert(args.hf_dir, args.out_dir, args.quantize, args.force, args.max_shard_gb, dtype=args.dtype)
+        convert(args.hf_dir, args.out_dir, args.quantize, args.force, args.max_shard_gb, dtype=args.dtype,
+                family=args.family)
     except (ValueError, OSError) as e:  # CheckpointError, ConfigError and quantize's errors are ValueErrors
         print(f"error: {one_line(e)}", file=sys.stderr)
         return 1

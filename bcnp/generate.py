@@ -30,6 +30,7 @@ SETTING_FLAGS = {"max_new_tokens": "--max-new-tokens", "temperature": "--tempera
 
 
 def parse_args(argv):
+    from .config import add_family_argument
     p = ArgumentParser(prog="python -m bcnp.generate", description="Chat with a Baichuan-13B/7B model.")
     p.add_argument("--model", metavar="DIR", help="a Hugging Face checkpoint directory or one from bcnp.convert")
     p.add_argument("--demo", action="store_true",
@@ -37,6 +38,7 @@ def parse_args(argv):
     p.add_argument("--prompt", metavar="TEXT", help="one user message; reply and exit (default: interactive chat)")
     p.add_argument("--system", metavar="TEXT", help="a system prompt")
     p.add_argument("--quantize", type=int, choices=(8, 4), help="quantize the linear weights to 8 or 4 bits")
+    add_family_argument(p)
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--max-new-tokens", type=int, metavar="N", help="default: the checkpoint's generation_config")
     p.add_argument("--temperature", type=float, metavar="T")
@@ -72,7 +74,7 @@ def load_model(args):
     from . import Model
     if not os.path.isdir(args.model):
         raise FileNotFoundError(f"--model {args.model}: no such directory")
-    model = Model.from_pretrained(args.model)
+    model = Model.from_pretrained(args.model, family=getattr(args, "family", None))
     if model.tokenizer is None:
         raise ValueError(f"{args.model}: no tokenizer.model (the chat needs the checkpoint's tokenizer)")
     if model.tokenizer.vocab_size > model.config.vocab_size:

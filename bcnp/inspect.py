@@ -1,7 +1,7 @@
 """What is in a Baichuan model: architecture, tensors, parameter counts, positions, memory, generation defaults.
 
     python -m bcnp.inspect MODEL_DIR [--tensors] [--json]       # a Hugging Face or a bcnp.convert directory
-    python -m bcnp.inspect --preset 13b|7b [--tensors] [--json]  # the released shapes, no files needed
+    python -m bcnp.inspect --preset 13b|7b|b2-13b|b2-7b [--tensors] [--json]  # the released shapes, no files
 
 Without --tensors the tensors are listed once per name pattern (the 40 layers of the 13B share one line each:
 `model.layers.{i}.mlp.up_proj.weight  x40 ...`), which still accounts for every tensor; --tensors lists each one
@@ -19,11 +19,11 @@ import sys
 import numpy as np
 
 from .cli import EXIT_ERROR, EXIT_USAGE, ArgumentParser, Output, OutputError, UsageError, error_line, run
-from .config import BAICHUAN_7B, BAICHUAN_13B, Config
+from .config import BAICHUAN2_7B, BAICHUAN2_13B, BAICHUAN_7B, BAICHUAN_13B, Config, add_family_argument
 from .layout import BLOCK_SIZE
 
-PRESETS = {"13b": BAICHUAN_13B, "7b": BAICHUAN_7B}
-PRESET_NAMES = {"13b": "Baichuan-13B", "7b": "Baichuan-7B"}
+PRESETS = {"13b": BAICHUAN_13B, "7b": BAICHUAN_7B, "b2-13b": BAICHUAN2_13B, "b2-7b": BAICHUAN2_7B}
+PRESET_NAMES = {"13b": "Baichuan-13B", "7b": "Baichuan-7B", "b2-13b": "Baichuan2-13B", "b2-7b": "Baichuan2-7B"}
 BLOCK = BLOCK_SIZE                            # values per quantization block (bcnp.layout)
 BLOCK_BYTES = {8: 2 + BLOCK, 4: 2 + BLOCK // 2}   # Q8_0: a float16 scale + 32 int8; Q4_0: the scale + 16 nibble bytes
 ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1, "uint8": 1}
@@ -101,7 +101,7 @@ def architecture_report(config):
     arch = config.to_hf_dict()["architectures"][0]
     matches = next((PRESET_NAMES[k] for k, p in PRESETS.items()
                     if dataclasses.replace(p, torch_dtype=config.torch_dtype) == config), None)
-    return {"arch": arch, "matches": matches, "positions": config.position_embedding,
+    return {"arch": arch, "family": config.family, "matches": matches, "positions": config.position_embedding,
             "hidden_size": config.hidden_size, "intermediate_size": config.intermediate_size,
             "num_attention_heads": config.num_attention_heads, "head_dim": config.head_dim,
             "num_hidden_layers": config.num_hidden_layers, "vocab_size": config.vocab_size,
@@ -119,11 +119,12 @@ def memory_report(config):
 
 # --- the report ------------------------------------------------------------------------------------------------
 
-def inspect_model(source):
+def inspect_model(source, family=None):
     """The report (a JSON-ready dict) for a model directory (Hugging Face or bcnp.convert) or a `Config`.
 
     A Config stands for the released checkpoint: its tensors are listed as stored in `config.torch_dtype`, and
-    the generation defaults are Baichuan-13B-Chat's."""
+    the generation defaults are Baichuan-13B-Chat's (Baichuan2-Chat's repetition_penalty 1.05 for Baichuan2).
+    `family` overrides a directory's (see bcnp.config.model_family)."""
     from .sampling import GenerationConfig
     if isinstance(source, Config):
         config, quantization, files, form = source, None, [], "preset"
@@ -131,11 +132,13 @@ def inspect_model(source):
                     "nbytes": int(np.prod(shape, dtype=np.int64)) * ITEMSIZE[config.torch_dtype], "file": None}
                    for name, shape in config.weight_shapes().items()]
         name = architecture_report(config)["matches"] or "this Config"
-        where, generation, generation_source = f"{name} (its released shapes and dtype; no files read)", \
-            GenerationConfig(), "defaults"
+        generation = GenerationConfig()
+        if config.family == "baichuan2":
+            generation = dataclasses.replace(generation, repetition_penalty=1.05)   # its generation_config.json
+        where, generation_source = f"{name} (its released shapes and dtype; no files read)", "defaults"
     else:
         where = os.fspath(source)
-        config, quantization, tensors, files = read_model_dir(where)
+        config, quantization, tensors, files = read_model_dir(where, family)
         form = "huggingface" if quantization is None else "bcnp"
         generation = GenerationConfig.from_json(where, config.vocab_size)
         path = os.path.join(where, "generation_config.json")
@@ -155,10 +158,10 @@ def inspect_model(source):
             "generation_source": generation_source}
 
 
-def read_model_dir(directory):
+def read_model_dir(directory, family=None):
     """(config, quantization or None, tensors in model order, files) of a model directory; checks every shape."""
     from . import checkpoint
-    config, bcnp_section, found = checkpoint.read_model_dir(directory)
+    config, bcnp_section, found = checkpoint.read_model_dir(directory, family)
     quantization = None
     if bcnp_section is not None:
         q = bcnp_section.get("quantization") or {}
@@ -208,7 +211,9 @@ def format_report(r, all_tensors=False):
     out.append(f"{r['source']}  [{r['format']}]")
     positions = "ALiBi (attention bias, no position embedding)" if a["positions"] == "alibi" \
         else "RoPE (rotary q/k, rotate_half style)"
+    family = "Baichuan2 (NormHead: lm_head rows normalised)" if a["family"] == "baichuan2" else "Baichuan"
     rows = [("architecture", a["arch"] + (f"  (the shapes of {a['matches']})" if a["matches"] else "")),
+            ("family", family),
             ("positions", positions),
             ("hidden_size", a["hidden_size"]), ("intermediate_size", a["intermediate_size"]),
             ("heads", f"{a['num_attention_heads']} x head_dim {a['head_dim']}"),
@@ -294,19 +299,21 @@ def main(argv=None, out=None, err=None):
     err = sys.stderr if err is None else err
     p = ArgumentParser(prog="python -m bcnp.inspect", description=__doc__.split("\n\n")[0])
     p.add_argument("model", nargs="?", metavar="MODEL_DIR", help="a Hugging Face or bcnp.convert directory")
-    p.add_argument("--preset", choices=sorted(PRESETS), help="the released Baichuan-13B or -7B shapes, no files")
+    p.add_argument("--preset", choices=sorted(PRESETS),
+                   help="the released Baichuan-13B / -7B or Baichuan2-13B / -7B shapes, no files")
+    add_family_argument(p)
     p.add_argument("--tensors", action="store_true", help="list every tensor (default: one line per name pattern)")
     p.add_argument("--json", action="store_true", help="print the report as JSON (always every tensor)")
     try:
         args = p.parse_args(argv)
         if (args.model is None) == (args.preset is None):
-            raise UsageError("give a MODEL_DIR or --preset 13b|7b (one of them)")
+            raise UsageError("give a MODEL_DIR or --preset 13b|7b|b2-13b|b2-7b (one of them)")
     except UsageError as e:
         err.write(error_line(e))
         return EXIT_USAGE
     try:
         out = Output(out)
-        report = inspect_model(PRESETS[args.preset] if args.preset else args.model)
+        report = inspect_model(PRESETS[args.preset] if args.preset else args.model, args.family)
         out.write(json.dumps(report, indent=1) + "\n" if args.json else format_report(report, args.tensors))
     except (OutputError, ValueError, OSError) as e:      # ConfigError and CheckpointError are ValueErrors
         err.write(error_line(e))

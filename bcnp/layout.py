@@ -117,8 +117,3 @@ def expected_section_shapes(config, section, source="config.json"):
     return expected_converted_shapes(config, section_bits(section, source),
                                      section_float_dtypes(section, config, source))
 
-
-def model_family(config):
-    """"baichuan2" for Baichuan2's vocabulary (125,696; nothing else in its config.json marks it), else
-    "baichuan"."""
-    return "baichuan2" if config.vocab_size == 125696 else "baichuan"

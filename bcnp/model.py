@@ -79,8 +79,22 @@ def alibi_slopes_on(xp, n_heads):
 
 
 def rope_inv_freq(xp, config):
-    hd = config.head_dim
-    return 1.0 / (config.rope_theta ** (xp.arange(0, hd, 2, dtype=xp.float32) / hd))
+    """theta^(-2k/hd) for k < hd/2: the checkpoint's own table when it has one (the original rotates with it),
+    else the table torch's float32 pow makes (bcnp.torch_pow: a correctly rounded one moves the logits)."""
+    if config.rope_inv_freq is not None:
+        return rope_table_on(xp, config.rope_inv_freq)
+    return rope_inv_freq_computed(xp, config)
+
+
+def rope_inv_freq_computed(xp, config):
+    from .torch_pow import rope_inv_freq_table
+    return rope_table_on(xp, rope_inv_freq_table(config.rope_theta, config.head_dim))
+
+
+@functools.lru_cache(maxsize=None)
+def rope_table_on(xp, table):
+    # on the device once, as alibi_slopes_on: no host-to-device copy per token
+    return xp.asarray(table, dtype=xp.float32)
 
 
 def rope(xp, x, positions, inv_freq):
@@ -245,28 +259,54 @@ def random_weights(config, seed=0, std=0.02, dtype=np.float32):
     return w
 
 
+def norm_head(weight):
+    """Baichuan2's NormHead: every vocabulary row of lm_head divided by max(its L2 norm, 1e-12) (torch's
+    F.normalize), in float32. The original normalises in place on its first forward; bcnp once, as it reads."""
+    w = np.asarray(weight, dtype=np.float32)
+    norms = np.sqrt(np.einsum("ij,ij->i", w, w))[:, None]
+    return w / np.maximum(norms, np.float32(1e-12))
+
+
+def prepared_weight(config, name, array):
+    """A float32 weight read from a checkpoint as the forward pass uses it: Baichuan2's lm_head normalised.
+    The one place NormHead is applied: loading, moving to the GPU, quantizing and bcnp.convert --quantize all
+    read float weights through it (a quantized lm_head holds normalised rows, and is not normalised again)."""
+    return norm_head(array) if is_norm_head(config, name) else array
+
+
+def is_norm_head(config, name):
+    return name == "lm_head.weight" and config.family == "baichuan2"
+
+
 class CheckpointWeights(dict):
     """Weights straight from a checkpoint: memory-mapped, converted to float32 the first time they are used.
 
     Opening the real 13B (26.5 GB of bfloat16) must not materialise it, so conversion waits for use;
-    `Model.quantize` reads each tensor once through `read_once(name)` without keeping the float copy."""
+    `Model.quantize` reads each tensor once through `read_once(name)` without keeping the float copy.
+    Every read goes through `prepared_weight` (NormHead)."""
 
-    def __init__(self, tensors):
+    def __init__(self, tensors, config):
         super().__init__()
-        self.tensors = tensors
+        self.tensors, self.config = tensors, config
 
     def tensor(self, name):
         return self.tensors[name]
 
+    def read(self, name, float16=False):
+        """A weight's float32 (or float16) values as the forward pass uses them, not kept here."""
+        if is_norm_head(self.config, name):
+            array = prepared_weight(self.config, name, self.tensors[name].float32())   # |values| <= 1: float16-safe
+            return array.astype(np.float16) if float16 else array
+        return self.tensors[name].float16() if float16 else self.tensors[name].float32()
+
     def read_once(self, name):
         """A float32 copy of a weight not kept here, its file pages handed back: for going one tensor at a time."""
-        tensor = self.tensors[name]
-        array = tensor.float32()
-        tensor.release()
+        array = self.read(name)
+        self.tensors[name].release()
         return array
 
     def __missing__(self, name):
-        self[name] = array = self.tensors[name].float32()
+        self[name] = array = self.read(name)
         return array
 
     def names(self):
@@ -288,15 +328,16 @@ class Model:
     # --- loading ---
 
     @classmethod
-    def from_pretrained(cls, path):
-        """A Hugging Face directory (.bin or .safetensors shards) or one written by `python -m bcnp.convert`."""
+    def from_pretrained(cls, path, family=None):
+        """A Hugging Face directory (.bin or .safetensors shards) or one written by `python -m bcnp.convert`.
+        family: "baichuan" or "baichuan2" (NormHead), overriding what the vocabulary or the bcnp section says."""
         from .checkpoint import read_model_dir
         from .sampling import GenerationConfig
 
         path = os.fspath(path)
-        config, _, tensors = read_model_dir(path)
+        config, _, tensors = read_model_dir(path, family=family)
         # float tensors stay in the checkpoint until used; quantized ones are wrapped as they lie on disk
-        w = CheckpointWeights({n: t for n, t in tensors.items() if not n.endswith((".qweight", ".scales"))})
+        w = CheckpointWeights({n: t for n, t in tensors.items() if not n.endswith((".qweight", ".scales"))}, config)
         for name in tensors:
             if name.endswith(".qweight"):
                 base = name[: -len(".qweight")]

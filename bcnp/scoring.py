@@ -7,6 +7,7 @@ import argparse
 
 import numpy as np
 
+from .config import add_family_argument
 from .engine import common_prefix
 
 
@@ -72,6 +73,7 @@ def add_model_arguments(parser):
     parser.add_argument("--demo", action="store_true",
                         help="use the tiny random-weight demo model (built once and cached): checks the mechanics")
     parser.add_argument("--quantize", type=int, choices=(8, 4), help="quantize the linear weights to 8 or 4 bits")
+    add_family_argument(parser)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
 
 

@@ -13,6 +13,7 @@ from bcnp.tokenizer import Tokenizer
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 CHAT = json.loads((FIXTURES / "chat_input.json").read_text(encoding="utf-8"))
+CHAT_B2 = json.loads((FIXTURES / "chat_input_b2.json").read_text(encoding="utf-8"))   # the original Baichuan2-Chat
 USER, ASSISTANT = 195, 196
 
 
@@ -26,7 +27,7 @@ def tokenizer_for(name):
     return Tokenizer(path)
 
 
-@pytest.mark.parametrize("case", CHAT["cases"], ids=[c["case"] for c in CHAT["cases"]])
+@pytest.mark.parametrize("case", CHAT["cases"] + CHAT_B2["cases"], ids=lambda c: c["case"])
 def test_matches_the_original_build_chat_input(case):
     tokenizer = tokenizer_for(case["tokenizer"])
     assert [tokenizer.encode(m["content"]) for m in case["messages"]] == case["content_token_ids"]
@@ -35,6 +36,17 @@ def test_matches_the_original_build_chat_input(case):
                            generation_max_new_tokens=case["generation_config_max_new_tokens"])
     assert ids == case["input_ids"]
     assert len(ids) <= case["max_input_tokens"]
+
+
+def test_the_baichuan2_tokenizer_facts():
+    """Baichuan2's tokenizer: no dummy prefix, split digits, the role tokens renamed but at the same ids."""
+    tokenizer, facts = tokenizer_for("baichuan2"), CHAT_B2["tokenizer_facts"]
+    assert tokenizer.vocab_size == facts["n_pieces"] == 125696
+    assert tokenizer.piece_to_id(facts["user_token_piece"]) == facts["user_token_id"] == USER
+    assert tokenizer.piece_to_id(facts["assistant_token_piece"]) == facts["assistant_token_id"] == ASSISTANT
+    for text, want in facts["encodings"].items():
+        assert tokenizer.encode(text) == want["ids"]
+        assert tokenizer.decode(want["ids"]) == text
 
 
 class CharTokenizer:

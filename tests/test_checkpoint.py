@@ -58,6 +58,9 @@ def test_rotary_inv_freq_buffers_are_skipped():
     index = json.loads((FIXTURES / "b7-rope-h4-l3-fp16" / "hf" / "pytorch_model.bin.index.json").read_text())
     assert any(k.endswith("rotary_emb.inv_freq") for k in index["weight_map"])
     assert not any(k.endswith("inv_freq") for k in read_checkpoint(FIXTURES / "b7-rope-h4-l3-fp16" / "hf"))
+    buffers = {}
+    read_checkpoint(FIXTURES / "b7-rope-h4-l3-fp16" / "hf", buffers=buffers)      # ... or kept aside
+    assert sorted(buffers) == [f"model.layers.{i}.self_attn.rotary_emb.inv_freq" for i in range(3)]
 
 
 @pytest.mark.parametrize("layout", ["hf", "hf-safetensors"])

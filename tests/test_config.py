@@ -6,7 +6,7 @@ import math
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from bcnp.config import (BAICHUAN_13B, BAICHUAN_7B, MAX_CONTEXT, MAX_LAYERS, Config, ConfigError,
+from bcnp.config import (BAICHUAN2_13B, BAICHUAN2_7B, BAICHUAN_13B, BAICHUAN_7B, MAX_CONTEXT, MAX_LAYERS, Config, ConfigError,
                          read_config_json)
 from conftest import FIXTURES
 
@@ -20,6 +20,38 @@ LLAMA = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_s
 def test_the_fixture_configs_open():
     assert Config.from_json(FIXTURES / "b13-alibi-h8-l4-bf16" / "hf").position_embedding == "alibi"
     assert Config.from_json(FIXTURES / "b7-rope-h4-l3-fp16" / "hf").position_embedding == "rope"
+
+
+def test_baichuan2_is_told_by_its_vocabulary_or_an_explicit_family():
+    assert Config.from_dict(GOOD_13B).family == "baichuan"
+    assert Config.from_dict({**GOOD_13B, "vocab_size": 125696}).family == "baichuan2"
+    assert Config.from_dict({**GOOD_13B, "vocab_size": 125696}, family="baichuan").family == "baichuan"
+    tiny = FIXTURES / "b2-7-rope-h4-l3-fp16" / "hf"
+    assert Config.from_json(tiny).family == "baichuan"                   # vocab 512: nothing marks it
+    assert Config.from_json(tiny, family="baichuan2").family == "baichuan2"
+    with pytest.raises(ConfigError, match="family must be one of baichuan, baichuan2, got 'baichuan3'"):
+        Config.from_dict(GOOD_13B, family="baichuan3")
+
+
+def test_both_baichuan2_sizes_are_BaichuanForCausalLM_and_7b_has_max_position_embeddings():
+    # Baichuan2-7B's config.json names its context in both fields; 13B's only in model_max_length
+    assert BAICHUAN2_7B.to_hf_dict()["architectures"] == ["BaichuanForCausalLM"]
+    assert Config.from_dict(BAICHUAN2_7B.to_hf_dict()) == BAICHUAN2_7B
+    assert Config.from_dict(BAICHUAN2_13B.to_hf_dict()) == BAICHUAN2_13B
+    assert Config.from_json(FIXTURES / "b2-7-rope-h4-l3-fp16" / "hf", family="baichuan2").position_embedding == "rope"
+    assert Config.from_json(FIXTURES / "b2-13-alibi-h8-l4-bf16" / "hf", family="baichuan2").position_embedding == "alibi"
+
+
+def test_the_released_baichuan2_parameter_counts():
+    assert BAICHUAN2_13B.num_parameters() == 13_896_668_160
+    assert BAICHUAN2_7B.num_parameters() == 7_505_973_248
+
+
+def test_a_recorded_family_is_read_back_and_checked():
+    section = {"format_version": 2, "quantization": None, "source_dtype": "bfloat16", "float_dtype": "bfloat16"}
+    assert Config.from_dict({**GOOD_13B, "bcnp": {**section, "family": "baichuan2"}}).family == "baichuan2"
+    with pytest.raises(ConfigError, match="bcnp.family must be one of"):
+        Config.from_dict({**GOOD_13B, "bcnp": {**section, "family": "gpt"}})
 
 
 @pytest.mark.parametrize("base, field, value, message", [

@@ -9,7 +9,7 @@ import sys
 
 import numpy as np
 
-from bcnp.config import BAICHUAN_7B, BAICHUAN_13B
+from bcnp.config import BAICHUAN2_7B, BAICHUAN2_13B, BAICHUAN_7B, BAICHUAN_13B
 from bcnp.inspect import BLOCK_BYTES, inspect_model, main as inspect_main
 from conftest import FIXTURES
 
@@ -93,6 +93,8 @@ def test_the_numbers_table_is_the_inspect_report():
 def test_every_grouped_number_in_the_text_is_in_a_report():
     """A number written with thousands separators is a count or a size: it must be one bcnp.inspect reports."""
     known = integers(REPORTS["Baichuan-13B"]) | integers(REPORTS["Baichuan-7B"])
+    known |= integers(inspect_model(BAICHUAN2_13B)) | integers(inspect_model(BAICHUAN2_7B))   # "Baichuan2: ..."
+    known |= {BAICHUAN2_13B.vocab_size - BAICHUAN_13B.vocab_size}              # the rows each vocabulary gains
     quoted = {int(n.replace(",", "")) for n in re.findall(r"(?<![\d.])\d{1,3}(?:,\d{3})+(?![\d,])", TEXT)}
     assert len(quoted) >= 20
     assert sorted(quoted - known) == []

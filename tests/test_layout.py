@@ -9,7 +9,7 @@ import bcnp.quant
 from bcnp.config import BAICHUAN_13B, Config, ConfigError
 from bcnp.convert import bcnp_section, output_float_dtypes
 from bcnp.layout import (BLOCK_SIZE, FLOAT_DTYPES, expected_converted_shapes, expected_section_shapes,
-                         model_family, quantized_bits)
+                         quantized_bits)
 
 configs = st.builds(
     lambda vocab, heads, head_dim, layers, inter, position: Config(
@@ -63,12 +63,6 @@ def test_the_block_format_facts_live_in_one_place():
     assert real["model.layers.39.self_attn.W_pack.qweight"] == ("uint8", (15360, 2560))
     assert real["model.layers.39.self_attn.W_pack.scales"] == ("float16", (15360, 160))
     assert len(real) == 2 + 40 * (2 + 5 * 2) + 2
-
-
-def test_the_model_family_is_read_from_the_vocabulary():
-    import dataclasses
-    assert model_family(BAICHUAN_13B) == "baichuan"
-    assert model_family(dataclasses.replace(BAICHUAN_13B, vocab_size=125696)) == "baichuan2"
 
 
 def test_version_1_sections_mean_float16_throughout():

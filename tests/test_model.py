@@ -15,7 +15,12 @@ from bcnp.model import alibi_slopes, attention_bias, new_cache, random_weights, 
 from conftest import FIXTURES
 
 MODELS = ["b13-alibi-h8-l4-bf16", "b7-rope-h4-l3-fp16"]
+BAICHUAN2 = ["b2-13-alibi-h8-l4-bf16", "b2-7-rope-h4-l3-fp16"]   # vocab 512: only family= tells them Baichuan2
 SOURCES = ["hf", "hf-safetensors", "converted"]
+
+
+def sources(name):
+    return [s for s in SOURCES if s == "converted" or (FIXTURES / name / s).is_dir()]
 
 
 def scaled_error(got, want):
@@ -23,15 +28,17 @@ def scaled_error(got, want):
     return float(np.abs(got - want).max() / max(1.0, float(np.abs(want).max())))
 
 
-@pytest.fixture(scope="module", params=[(m, s) for m in MODELS for s in SOURCES], ids=lambda p: "-".join(p))
+@pytest.fixture(scope="module", params=[(m, s) for m in MODELS + BAICHUAN2 for s in sources(m)],
+                ids=lambda p: "-".join(p))
 def loaded(request, tmp_path_factory):
     name, source = request.param
-    if source == "converted":
+    family = "baichuan2" if name in BAICHUAN2 else None
+    if source == "converted":        # the converted directory records the family: it opens without the flag
         from bcnp.convert import convert
-        path = convert(FIXTURES / name / "hf", tmp_path_factory.mktemp(name) / "converted", progress=False)
-    else:
-        path = FIXTURES / name / source
-    return Model.from_pretrained(path), np.load(FIXTURES / name / "golden.npz")
+        path = convert(FIXTURES / name / "hf", tmp_path_factory.mktemp(name) / "converted", progress=False,
+                       family=family)
+        return Model.from_pretrained(path), np.load(FIXTURES / name / "golden.npz")
+    return Model.from_pretrained(FIXTURES / name / source, family=family), np.load(FIXTURES / name / "golden.npz")
 
 
 @pytest.mark.parametrize("i", [0, 1, 2])
@@ -85,7 +92,83 @@ def test_position_tables_match_original():
     from bcnp.model import rope_inv_freq
     g7 = np.load(FIXTURES / MODELS[1] / "golden.npz")
     cfg = Config.from_json(FIXTURES / MODELS[1] / "hf")
-    np.testing.assert_allclose(rope_inv_freq(np, cfg), g7["rope_inv_freq"], rtol=1e-6, atol=0)
+    np.testing.assert_array_equal(rope_inv_freq(np, cfg), g7["rope_inv_freq"])
+
+
+@pytest.mark.parametrize("source", ["hf", "hf-safetensors", "converted"])
+def test_the_checkpoints_own_rope_table_is_the_one_used(source, tmp_path):
+    """The original rotates with the stored `rotary_emb.inv_freq`; a converted directory keeps it in config.json."""
+    from bcnp.model import rope_inv_freq
+    path = FIXTURES / MODELS[1] / source
+    if source == "converted":
+        from bcnp.convert import convert
+        path = convert(FIXTURES / MODELS[1] / "hf", tmp_path / "c", progress=False)
+    config = Model.from_pretrained(path).config
+    stored = np.load(FIXTURES / MODELS[1] / "golden.npz")["rope_inv_freq"]
+    assert config.rope_inv_freq is not None
+    np.testing.assert_array_equal(rope_inv_freq(np, config), stored)
+    table = tuple(float(np.nextafter(np.float32(v), np.float32(1))) for v in config.rope_inv_freq)
+    import dataclasses
+    np.testing.assert_array_equal(rope_inv_freq(np, dataclasses.replace(config, rope_inv_freq=table)),
+                                  np.float32(table))
+
+
+def test_without_a_stored_table_the_rope_table_is_the_one_torch_computes():
+    """Baichuan2-7B stores no table. torch's float32 pow (SLEEF) is not correctly rounded: at head_dim 128 its
+    table differs from NumPy's correctly rounded one in 9 of 64 values (1-2 ulp) and from float64-then-rounded
+    in 19 -- the counts measured against torch for the issue; bcnp.torch_pow reproduces both."""
+    from bcnp.model import rope_inv_freq
+    from bcnp.config import BAICHUAN2_7B
+    ours = rope_inv_freq(np, BAICHUAN2_7B)
+    exponents = np.arange(0, 128, 2, dtype=np.float32) / np.float32(128)
+    correctly_rounded = np.float32(1) / np.float32(10000.0) ** exponents
+    via_float64 = (1.0 / 10000.0 ** (np.arange(0, 128, 2) / 128)).astype(np.float32)
+    ulps = ours.view(np.int32) - correctly_rounded.view(np.int32)
+    assert np.count_nonzero(ulps) == 9 and np.abs(ulps).max() == 2
+    assert np.count_nonzero(ours != via_float64) == 19
+    for name in (MODELS[1], BAICHUAN2[1]):               # the original's tables at the fixtures' head_dim 16
+        cfg = Config.from_json(FIXTURES / name / "hf", family="baichuan2" if name in BAICHUAN2 else None)
+        np.testing.assert_array_equal(rope_inv_freq(np, cfg), np.load(FIXTURES / name / "golden.npz")["rope_inv_freq"])
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.floats(1.01, 1e6), st.floats(0.0, 1.0))
+def test_torchs_powf_is_within_one_ulp(x, y):
+    from bcnp.torch_pow import powf
+    x, y = np.float32(x), np.float32(y)
+    exact = float(x) ** float(y)
+    got = powf(x, y)
+    assert abs(float(got) - exact) <= float(np.spacing(np.float32(exact)))
+
+
+def rewritten_inv_freq(tmp_path, change):
+    """A copy of the 7B fixture's safetensors directory with layer 0's RoPE table changed by `change`."""
+    import shutil
+    import safetensors.numpy
+    out = tmp_path / "m"
+    shutil.copytree(FIXTURES / MODELS[1] / "hf-safetensors", out)
+    shard = out / "model-00001-of-00002.safetensors"
+    tensors = safetensors.numpy.load_file(shard)
+    name = "model.layers.0.self_attn.rotary_emb.inv_freq"
+    tensors[name] = change(tensors[name])
+    safetensors.numpy.save_file(tensors, shard)
+    return out
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda t: t * np.float32(1.01), "is not the RoPE table of rope_theta 10000 and head_dim 16"),
+    (lambda t: t[:4], r"has shape \(4,\), expected \(8,\)"),
+    (lambda t: np.nextafter(t, np.float32(2)), "differs from the RoPE table of the other layers")])
+def test_a_stored_rope_table_is_checked_against_the_config(tmp_path, change, message):
+    from bcnp.checkpoint import CheckpointError
+    with pytest.raises(CheckpointError, match=r"model\.layers\.\d\.self_attn\.rotary_emb\.inv_freq.*" + message):
+        Model.from_pretrained(rewritten_inv_freq(tmp_path, change))
+
+
+def test_a_recorded_rope_table_is_checked():
+    d = {**BAICHUAN_7B.to_hf_dict(), "bcnp": {"rope_inv_freq": [1.0, 0.5]}}
+    with pytest.raises(ConfigError, match="bcnp.rope_inv_freq must be a list of head_dim / 2 = 64"):
+        Config.from_dict(d)
 
 
 # --- configuration -------------------------------------------------------------------------------------------------
