@@ -196,6 +196,8 @@ def position_embedding(d, source, family="baichuan"):
         return known[0]
     if "model_type" in d and ("model_max_length" in d) != ("max_position_embeddings" in d):
         return "alibi" if "model_max_length" in d else "rope"
+    if "model_type" in d and family == "baichuan2" and "max_position_embeddings" in d:
+        return "rope"                  # Baichuan2-7B's config names both context fields, 13B's only one
     raise ConfigError(f"{source}: not a Baichuan config (no architectures field; expected [\"BaichuanForCausalLM\"] "
                       "(13B, ALiBi) or [\"BaiChuanForCausalLM\"] (7B, RoPE))")
 

@@ -165,3 +165,12 @@ def test_every_command_that_opens_a_model_takes_family(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="no tokenizer.model"):
         bcnp.generate.load_model(bcnp.generate.parse_args(["--model", str(B2_7 / "hf"), "--family", "baichuan2"]))
     assert opened == ["baichuan2"]
+
+
+def test_a_baichuan2_7b_config_without_architectures_is_rope():
+    """The released Baichuan2-7B config names both context fields; 13B's names only model_max_length."""
+    from bcnp.config import Config
+    d = {"model_type": "baichuan", "vocab_size": 125696, "hidden_size": 64, "intermediate_size": 128,
+         "num_hidden_layers": 2, "num_attention_heads": 4, "model_max_length": 4096, "max_position_embeddings": 4096}
+    config = Config.from_dict(d)
+    assert (config.family, config.position_embedding) == ("baichuan2", "rope")
