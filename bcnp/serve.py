@@ -44,8 +44,13 @@ def parse_args(argv):
     for name in ("max_batch", "prefill_chunk", "max_body_bytes"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1")
-    if args.max_waiting < 0 or not 0 <= args.port < 65536 or not args.timeout > 0 or args.shutdown_grace < 0:
-        raise UsageError("--max-waiting, --shutdown-grace must be >= 0, --timeout > 0, --port in [0, 65535]")
+    for flag, value, valid, expected in (
+            ("--max-waiting", args.max_waiting, args.max_waiting >= 0, ">= 0"),
+            ("--port", args.port, 0 <= args.port < 65536, "in [0, 65535]"),
+            ("--timeout", args.timeout, args.timeout > 0, "> 0"),
+            ("--shutdown-grace", args.shutdown_grace, args.shutdown_grace >= 0, ">= 0")):
+        if not valid:
+            raise UsageError(f"{flag} must be {expected}, got {value}")
     args.api_key = args.api_key or os.environ.get("BCNP_API_KEY") or None
     return args
 

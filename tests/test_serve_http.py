@@ -278,7 +278,8 @@ def test_the_command_line_serves_logs_and_exits_0_on_sigterm(demo_dir):
     assert "Traceback" not in log
 
 
-@pytest.mark.parametrize("args, message", [(["--demo", "--port", "70000"], "--port"),
+@pytest.mark.parametrize("args, message", [(["--demo", "--port", "70000"], "--port must be in [0, 65535], got 70000"),
+                                           (["--demo", "--timeout", "nan"], "--timeout must be > 0, got nan"),
                                            (["--model", "/no/such/dir"], "no such directory"),
                                            ([], "give either --model DIR or --demo")])
 def test_command_line_mistakes_are_one_error_line(args, message):
