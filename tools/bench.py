@@ -289,7 +289,7 @@ def chat_turn_ttft(model, history):
         return time.perf_counter() - start, seq.reused
 
     reused_s, reused = first_token(engine, old + first.generated + new)
-    alone_s, _ = first_token(Engine(model), new)
+    alone_s, _ = first_token(Engine(model), first.generated + new)          # the same new tokens, no history
     return {"history": history, "new_tokens": len(first.generated) + len(new), "reused_tokens": reused,
             "ttft_s": reused_s, "alone_s": alone_s, "ratio": reused_s / alone_s}
 
