@@ -10,6 +10,8 @@ Writes
                           bfloat16's rounding (bcnp.quant.quantize / dequantize)
   memory.png              memory for Baichuan-13B's weights at each precision and for a full KV cache
                           (bcnp.inspect.inspect_model)
+  norm_head.png           Baichuan2's NormHead on the tiny Baichuan2-13B fixture: lm_head's row norms as stored,
+                          and the next-token distribution with and without it (bcnp.model.norm_head, Model.logits)
 The data are deterministic (seeded); the PNGs carry no timestamp, so rerunning changes nothing unless the code did.
 """
 import argparse
@@ -22,7 +24,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from bcnp.config import BAICHUAN_13B                              # noqa: E402
 from bcnp.inspect import inspect_model                            # noqa: E402
-from bcnp.model import alibi_slopes, attention_bias               # noqa: E402
+from bcnp.model import alibi_slopes, attention_bias, norm_head    # noqa: E402
 from bcnp.quant import dequantize, quantize                       # noqa: E402
 
 DPI = 100
@@ -146,6 +148,47 @@ def memory_figure(plt, path):
     plt.close(fig)
 
 
+def norm_head_data():
+    """(stored row norms of lm_head, next-token probabilities with NormHead, without) on the Baichuan2 fixture."""
+    from bcnp import Model
+    fixture = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "fixtures",
+                           "b2-13-alibi-h8-l4-bf16")
+    prompt = np.load(os.path.join(fixture, "golden.npz"))["prompt_2"]
+    with_head = Model.from_pretrained(os.path.join(fixture, "hf"), family="baichuan2")
+    without = Model.from_pretrained(os.path.join(fixture, "hf"), family="baichuan")   # the same files, read as v1
+    stored = without.w["lm_head.weight"]
+    assert np.allclose(norm_head(stored), with_head.w["lm_head.weight"])
+
+    def probabilities(model):
+        logits = model.logits(prompt)[-1].astype(np.float64)
+        e = np.exp(logits - logits.max())
+        return e / e.sum()
+    return np.sqrt((stored.astype(np.float64) ** 2).sum(axis=1)), probabilities(with_head), probabilities(without)
+
+
+def norm_head_figure(plt, path):
+    norms, p_with, p_without = norm_head_data()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(8, 2.8))
+    left.plot(np.sort(norms)[::-1], color="tab:blue", label="stored")
+    left.axhline(1.0, color="tab:orange", label="after NormHead: 1")
+    left.set_xlabel("vocabulary rows of lm_head, largest norm first")
+    left.set_ylabel("L2 norm of the row")
+    left.set_yscale("log")
+    left.legend(fontsize=8)
+    left.set_title("Baichuan2 fixture: lm_head rows as stored")
+    top = np.argsort(-p_with)[:10]
+    x = np.arange(len(top))
+    right.bar(x - 0.2, p_with[top], width=0.4, color="tab:orange", label="with NormHead (the original)")
+    right.bar(x + 0.2, p_without[top], width=0.4, color="tab:blue", label="without")
+    right.set_xticks(x, [str(t) for t in top], fontsize=7)
+    right.set_xlabel("the 10 most likely next tokens (ids)")
+    right.set_ylabel("probability")
+    right.legend(fontsize=8)
+    right.set_title("next token after prompt_2")
+    fig.savefig(path, **SAVE)
+    plt.close(fig)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "docs"))
@@ -153,7 +196,7 @@ def main():
     plt = pyplot()
     os.makedirs(args.out, exist_ok=True)
     for name, draw in (("alibi.png", alibi_figure), ("quantization_error.png", quantization_figure),
-                       ("memory.png", memory_figure)):
+                       ("memory.png", memory_figure), ("norm_head.png", norm_head_figure)):
         path = os.path.join(args.out, name)
         draw(plt, path + ".tmp.png")
         os.replace(path + ".tmp.png", path)                     # never a half-written figure
