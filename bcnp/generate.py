@@ -208,7 +208,8 @@ def main(argv=None, out=None, err=None):
         if args.demo:
             from .demo import build_demo_model
             args.model = build_demo_model()
-            err.write(f"demo: a tiny Baichuan-13B-shaped model with RANDOM weights ({args.model}); "
+            shape = "Baichuan2-13B-shaped (NormHead)" if getattr(args, "family", None) == "baichuan2" else "Baichuan-13B-shaped"
+            err.write(f"demo: a tiny {shape} model with RANDOM weights ({args.model}); "
                       "its replies are gibberish.\n")
         model = load_model(args)
         if args.prompt is not None:

@@ -286,3 +286,14 @@ def test_demo_cli_builds_caches_and_chats(tmp_path):
     assert "RANDOM weights" in r.stderr and "gibberish" in r.stderr
     assert len(STATS.findall(r.stderr)) == 1 and r.stdout.strip()
     assert os.listdir(tmp_path) == [os.path.basename(demo_cache_dir())]       # no temporary directory left
+
+
+def test_the_demo_runs_as_baichuan2_with_its_norm_head(demo_dir):
+    """--family baichuan2 reads the same demo files with NormHead: the reply is the Baichuan2 model's."""
+    r = run_cli("--demo", "--family", "baichuan2", "--prompt", "hello", "--greedy", "--max-new-tokens", 6)
+    assert r.returncode == 0, r.stderr
+    assert "Baichuan2-13B-shaped (NormHead)" in r.stderr
+    b2 = Model.from_pretrained(demo_dir, family="baichuan2")
+    expected, _ = greedy_reply(b2, [{"role": "user", "content": "hello"}], 6)
+    assert r.stdout == expected + "\n"
+    assert not np.allclose(b2.w["lm_head.weight"], Model.from_pretrained(demo_dir).w["lm_head.weight"])
