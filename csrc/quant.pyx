@@ -44,6 +44,9 @@ cdef extern from "quant_batch.h" nogil:
                               float *y, int64_t ys)
     void bcnp_row_q4_0_tokens(const uint8_t *w, const uint16_t *d, bcnp_tokens x, int64_t nb, int64_t T,
                               float *y, int64_t ys)
+    int BCNP_ROWS
+    void bcnp_rows_q8_0(const int8_t *w, const uint16_t *d, const int16_t *xq, const float *dx, int64_t nb,
+                        int64_t R, float *y)
 
 cdef extern from "quant_gemm.h" nogil:
     int BCNP_GEMM, BCNP_PANEL_ROWS
@@ -225,7 +228,8 @@ def matvec_q8_0(const int8_t[:, ::1] q not None, const uint16_t[:, ::1] d not No
                 float[::1] out=None, int threads=0, bint simd=True):
     """y (rows,) = W x for W = Q8_0 blocks (q int8 (rows, n), d (rows, n/32)), x float32 (n,).
     simd=False runs the portable C kernel (the specification of the SIMD one; for tests)."""
-    cdef Py_ssize_t rows = q.shape[0], n = q.shape[1], nb = n // 32, r
+    cdef Py_ssize_t rows = q.shape[0], n = q.shape[1], nb = n // 32, r, g
+    cdef Py_ssize_t groups = (rows + BCNP_ROWS - 1) // BCNP_ROWS
     _check_width(n, "matvec_q8_0")
     _check_scales(d, rows, n, "matvec_q8_0")
     if x.shape[0] != n:
@@ -237,10 +241,12 @@ def matvec_q8_0(const int8_t[:, ::1] q not None, const uint16_t[:, ::1] d not No
     cdef int nt = resolve_threads(threads)
     with nogil:
         bcnp_quantize_activation(&x[0], n, 0, &xq[0], &dx[0], NULL)
-        for r in prange(rows, num_threads=nt, schedule="static"):
-            if simd:
-                yv[r] = bcnp_dot_q8_0(&q[r, 0], &d[r, 0], &xq[0], &dx[0], nb)
-            else:
+        if simd:
+            for g in prange(groups, num_threads=nt, schedule="static"):      # BCNP_ROWS rows at a time
+                r = g * BCNP_ROWS
+                bcnp_rows_q8_0(&q[r, 0], &d[r, 0], &xq[0], &dx[0], nb, min(BCNP_ROWS, rows - r), &yv[r])
+        else:
+            for r in prange(rows, num_threads=nt, schedule="static"):
                 yv[r] = bcnp_dot_q8_0_scalar(&q[r, 0], &d[r, 0], &xq[0], &dx[0], nb)
     return np.asarray(y)
 

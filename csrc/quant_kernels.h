@@ -288,7 +288,7 @@ static inline __m256 bcnp_block_scales8(const uint16_t *d, const float *dx)
 }
 #endif
 
-static float bcnp_dot_q8_0(const int8_t *w, const uint16_t *d, const int16_t *xq, const float *dx, int64_t nb)
+static inline float bcnp_dot_q8_0(const int8_t *w, const uint16_t *d, const int16_t *xq, const float *dx, int64_t nb)
 {
 #if defined(BCNP_AVX512)
     /* One block per step: its 32 codes widened to int16, vpdpwssd sums their products with x in pairs into 16 int32
