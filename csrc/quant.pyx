@@ -42,8 +42,9 @@ cdef extern from "quant_batch.h" nogil:
         int64_t xs, ds, bs
     void bcnp_row_q8_0_tokens(const int8_t *w, const uint16_t *d, bcnp_tokens x, int64_t nb, int64_t T,
                               float *y, int64_t ys)
-    void bcnp_row_q4_0_tokens(const uint8_t *w, const uint16_t *d, bcnp_tokens x, int64_t nb, int64_t T,
-                              float *y, int64_t ys)
+    int BCNP_TILE
+    void bcnp_tile_q4_0_tokens(const uint8_t *w, const uint16_t *d, int64_t nb, int64_t R, bcnp_tokens x,
+                               int64_t T, float *y, int64_t ys)
     int BCNP_ROWS
     void bcnp_rows_q8_0(const int8_t *w, const uint16_t *d, const int16_t *xq, const float *dx, int64_t nb,
                         int64_t R, float *y)
@@ -346,7 +347,8 @@ def matmul_q4_0(const uint8_t[:, ::1] q not None, const uint16_t[:, ::1] d not N
                 float[:, ::1] out=None, int threads=0, bint simd=True):
     """Y (T, rows) = X W^T for W = Q4_0 blocks (as matvec_q4_0), X float32 (T, n): every block of W is read once for
     all T tokens, and Y[t] equals matvec_q4_0(q, d, X[t]) bit for bit.  simd=False: the portable kernel per token."""
-    cdef Py_ssize_t rows = q.shape[0], n = 2 * q.shape[1], nb = n // 32, T = x.shape[0], r, t
+    cdef Py_ssize_t rows = q.shape[0], n = 2 * q.shape[1], nb = n // 32, T = x.shape[0], r, t, g
+    cdef Py_ssize_t tiles = (rows + BCNP_TILE - 1) // BCNP_TILE
     _check_batch(q, d, x, n, "matmul_q4_0")
     y = _batch_output(out, T, rows, "matmul_q4_0")
     if T == 0 or rows == 0:
@@ -356,10 +358,12 @@ def matmul_q4_0(const uint8_t[:, ::1] q not None, const uint16_t[:, ::1] d not N
     cdef bcnp_tokens xt = a.view
     cdef int nt = resolve_threads(threads)
     with nogil:
-        for r in prange(rows, num_threads=nt, schedule="static"):
-            if simd:
-                bcnp_row_q4_0_tokens(&q[r, 0], &d[r, 0], xt, nb, T, &yv[0, r], rows)
-            else:
+        if simd:
+            for g in prange(tiles, num_threads=nt, schedule="static"):       # BCNP_TILE rows at a time
+                r = g * BCNP_TILE
+                bcnp_tile_q4_0_tokens(&q[r, 0], &d[r, 0], nb, min(BCNP_TILE, rows - r), xt, T, &yv[0, r], rows)
+        else:
+            for r in prange(rows, num_threads=nt, schedule="static"):
                 for t in range(T):
                     yv[t, r] = bcnp_dot_q4_0_scalar(&q[r, 0], &d[r, 0], xt.xq + t * xt.xs, xt.dx + t * xt.ds, nb)
     return np.asarray(y)

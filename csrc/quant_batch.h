@@ -86,16 +86,20 @@ BCNP_INLINE void bcnp_dot_q8_0_tokens(const int8_t *w, const uint16_t *d, bcnp_t
         }                                                                                                           \
     } while (0)
 
-/* bcnp_dot_q4_0 for nt tokens. */
-BCNP_INLINE void bcnp_dot_q4_0_tokens(const uint8_t *w, const uint16_t *d, bcnp_tokens x, int64_t nb, const int nt,
-                                      float *y, int64_t ys)
+/* Blocks b .. end - 1 of one row for nt tokens (end a multiple of 16, or nb), their accumulators kept in st between
+   calls (st[2t] the even groups', st[2t + 1] the odd ones'): called chunk after chunk along the row, this is
+   bcnp_dot_q4_0's loop for each token, step for step. Returns the first block it did not take (the tail's). */
+BCNP_INLINE int64_t bcnp_chunk_q4_0_tokens(const uint8_t *w, const uint16_t *d, bcnp_tokens x, int64_t b, int64_t end,
+                                           int64_t nb, const int nt, __m512 *st)
 {
     __m512 acc0[BCNP_TOKENS], acc1[BCNP_TOKENS];
     const __m512i nibble = _mm512_set1_epi16(0x0F);
     const __m512i quarter = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
-    int64_t b = 0;
-    for (int t = 0; t < nt; t++) acc0[t] = acc1[t] = _mm512_setzero_ps();
-    while (nb - b >= 4) {
+    for (int t = 0; t < nt; t++) {
+        acc0[t] = st[2 * t];
+        acc1[t] = st[2 * t + 1];
+    }
+    while (b < end && nb - b >= 4) {
         const int64_t count = nb - b < 16 ? nb - b : 16;
         float s[BCNP_TOKENS][16];
         int64_t p = 0;
@@ -113,9 +117,11 @@ BCNP_INLINE void bcnp_dot_q4_0_tokens(const uint8_t *w, const uint16_t *d, bcnp_
         }
         b += p;
     }
-    for (int t = 0; t < nt; t++)
-        y[t * ys] = bcnp_dot_q4_0_tail(w, d, x.xq + t * x.xs, x.dx + t * x.ds, b, nb,
-                                       _mm512_reduce_add_ps(_mm512_add_ps(acc0[t], acc1[t])));
+    for (int t = 0; t < nt; t++) {
+        st[2 * t] = acc0[t];
+        st[2 * t + 1] = acc1[t];
+    }
+    return b;
 }
 
 /* The token count as a compile-time constant, so that the accumulator arrays live in registers. */
@@ -152,21 +158,50 @@ static void bcnp_row_q8_0_tokens(const int8_t *w, const uint16_t *d, bcnp_tokens
     }
 }
 
-static void bcnp_row_q4_0_tokens(const uint8_t *w, const uint16_t *d, bcnp_tokens x, int64_t nb, int64_t T,
-                                 float *y, int64_t ys)
+/* Q4_0 rows r < R (R <= BCNP_TILE, row r at w + 16 r nb) against T tokens: y[t * ys + r] = row r . x_t, each equal to
+ * bcnp_dot_q4_0 of that row and token bit for bit.
+ *
+ * A whole row against 8 tokens reads their 80 kB (at 5120 columns) of int16 activations from L2 for every row;
+ * here the rows of a tile go through the columns in chunks of BCNP_CHUNK blocks, so a chunk of the 8 tokens'
+ * activations (16 kB + 4 kB of block sums) is read once per tile and stays in L1 while the tile's rows meet it,
+ * each row's accumulators waiting in `st` between chunks.  Measured at 27392 x 5120, 8 tokens, one thread (a C
+ * harness, thread CPU time on a busy machine): 0.72-0.78 ns per token and block against 0.81-0.95 row by row,
+ * 10-18% less.  (Q8_0 rows went the other way, 1.03 against 0.78: they stay whole.) */
+#define BCNP_TILE 8
+#define BCNP_CHUNK 32
+
+static void bcnp_tile_q4_0_tokens(const uint8_t *w, const uint16_t *d, int64_t nb, int64_t R, bcnp_tokens x,
+                                  int64_t T, float *y, int64_t ys)
 {
+#if defined(BCNP_AVX512)
+    __m512 st[BCNP_TILE][2 * BCNP_TOKENS];
     for (int64_t t0 = 0; t0 < T; t0 += BCNP_TOKENS) {
         const bcnp_tokens xt = bcnp_tokens_from(x, t0);
         const int nt = T - t0 < BCNP_TOKENS ? (int)(T - t0) : BCNP_TOKENS;
-#if defined(BCNP_AVX512)
-#define BCNP_CALL(n) bcnp_dot_q4_0_tokens(w, d, xt, nb, n, y + t0 * ys, ys)
-        BCNP_FOR_TOKEN_COUNT(nt, BCNP_CALL)
+        int64_t tail = 0;
+        for (int64_t r = 0; r < R; r++)
+            for (int j = 0; j < 2 * BCNP_TOKENS; j++) st[r][j] = _mm512_setzero_ps();
+        for (int64_t c = 0; c < nb; c += BCNP_CHUNK) {
+            const int64_t end = nb - c < BCNP_CHUNK ? nb : c + BCNP_CHUNK;
+            for (int64_t r = 0; r < R; r++) {
+#define BCNP_CALL(n) tail = bcnp_chunk_q4_0_tokens(w + r * 16 * nb, d + r * nb, xt, c, end, nb, n, st[r])
+                BCNP_FOR_TOKEN_COUNT(nt, BCNP_CALL)
 #undef BCNP_CALL
-#else
-        for (int t = 0; t < nt; t++)
-            y[(t0 + t) * ys] = bcnp_dot_q4_0(w, d, xt.xq + t * xt.xs, xt.dx + t * xt.ds, xt.bias + t * xt.bs, nb);
-#endif
+            }
+        }
+        for (int64_t r = 0; r < R; r++)
+            for (int t = 0; t < nt; t++)
+                y[(t0 + t) * ys + r] = bcnp_dot_q4_0_tail(w + r * 16 * nb, d + r * nb, xt.xq + t * xt.xs,
+                                                          xt.dx + t * xt.ds, tail, nb,
+                                                          _mm512_reduce_add_ps(_mm512_add_ps(st[r][2 * t],
+                                                                                             st[r][2 * t + 1])));
     }
+#else
+    for (int64_t r = 0; r < R; r++)
+        for (int64_t t = 0; t < T; t++)
+            y[t * ys + r] = bcnp_dot_q4_0(w + r * 16 * nb, d + r * nb, x.xq + t * x.xs, x.dx + t * x.ds,
+                                          x.bias + t * x.bs, nb);
+#endif
 }
 
 /* ---- the Q8_0 matvec, four rows at a time ---------------------------------------------------------------------
