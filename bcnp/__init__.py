@@ -1,5 +1,5 @@
 """bcnp: Baichuan-13B/7B in readable NumPy (and CuPy), without PyTorch."""
-from .model import Model
+from .api import Model
 
 __all__ = ["Model"]
 __version__ = "0.1.0"

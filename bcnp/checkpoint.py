@@ -29,7 +29,10 @@ import zlib
 
 import numpy as np
 
+from .config import Config, read_config_json
 from .errors import read_json_object
+from .layout import expected_section_shapes
+from .torch_pow import rope_inv_freq_table
 
 
 class CheckpointError(ValueError):
@@ -874,8 +877,6 @@ def read_model_dir(directory, family=None):
     """(config, bcnp section of config.json or None, tensors) of a Hugging Face directory or one written by
     `bcnp.convert`, every tensor's name and shape checked against the config (`family` overrides its family).
     A checkpoint's own RoPE table, when it has one, becomes the config's `rope_inv_freq`."""
-    from .config import Config, read_config_json
-    from .layout import expected_section_shapes
     directory = os.fspath(directory)
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"{directory}: no such model directory")
@@ -901,8 +902,7 @@ def rope_table(config, buffers):
     to 1e-5 (a table of another theta or head_dim is an error, not a rounding)."""
     if not buffers or config.position_embedding != "rope":
         return None
-    from .model import rope_inv_freq_computed
-    want = rope_inv_freq_computed(np, config)
+    want = np.asarray(rope_inv_freq_table(config.rope_theta, config.head_dim), dtype=np.float32)
     table = None
     for name, tensor in buffers.items():
         if tensor.shape != want.shape:

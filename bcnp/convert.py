@@ -36,10 +36,10 @@ import numpy as np
 from bcnp.checkpoint import CheckpointError, checkpoint_files, nonfinite, read_checkpoint, rope_table
 from bcnp.config import Config, ConfigError, add_family_argument, read_config_json
 from bcnp.errors import one_line, read_json_object
-from bcnp.model import prepared_weight
 from bcnp.sampling import GenerationConfig
 from bcnp.layout import (BLOCK_SIZE, EMBEDDING, FLOAT_DTYPES, FORMAT_VERSION, converted_float_dtype,  # noqa: F401
                          expected_converted_shapes, quantized_bits, quantized_shapes)  # (re-exported)
+from bcnp.weights import prepared_weight
 
 CHUNK_ROWS = 1024                       # rows converted at a time: bounds the temporaries (10 MB of 13B embedding)
 SAFETENSORS_CODES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "int8": "I8", "uint8": "U8"}

@@ -77,7 +77,7 @@ def write_demo_model(directory):
     from safetensors.numpy import save_file
 
     from .config import Config
-    from .model import random_weights
+    from .weights import random_weights
 
     tokenizer_model = train_demo_tokenizer()
     with open(os.path.join(directory, "tokenizer.model"), "wb") as f:

@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .model import KVCache, new_cache, to_numpy, transformer
+from .forward import transformer
+from .model import KVCache, new_cache, to_numpy
 from .sampling import check_sampling_args, next_token
 
 

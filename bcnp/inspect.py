@@ -90,11 +90,12 @@ def kv_cache_bytes(config, itemsize, tokens=None):
 
 
 def positions_report(config):
-    from .model import alibi_slopes, rope_inv_freq
+    from .forward import alibi_slopes
+    from .weights import rope_inv_freq
     if config.position_embedding == "alibi":
         return {"kind": "alibi", "alibi_slopes": [float(s) for s in alibi_slopes(config.num_attention_heads)]}
     return {"kind": "rope", "rope_theta": config.rope_theta,
-            "rope_inv_freq": [float(f) for f in rope_inv_freq(np, config)]}
+            "rope_inv_freq": [float(f) for f in rope_inv_freq(config)]}
 
 
 def architecture_report(config):

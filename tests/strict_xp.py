@@ -5,7 +5,7 @@ become NumPy arrays behind your back: `np.asarray(a)` and `a + numpy_array` rais
 with xp = numpy never meets that, so a stray `np.` call would first fail on a GPU. This module makes CI meet it:
 
     import strict_xp
-    model = bcnp.backend.to_device(cpu_model, xp=strict_xp)     # every weight a StrictArray
+    model = bcnp.api.to_device(cpu_model, xp=strict_xp)     # every weight a StrictArray
     model.logits(ids)                                           # the whole forward pass, through strict_xp
 
 A `StrictArray` wraps a NumPy array. Its operators, methods and this module's functions return StrictArrays;

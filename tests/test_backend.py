@@ -1,4 +1,4 @@
-"""The GPU backend (bcnp.backend).
+"""The GPU code (bcnp.gpu) and moving a model there (bcnp.api.to_device / to_host).
 
 Without a GPU (CI): the whole forward pass runs through `to_device(model, xp=strict_xp)`, an array module that
 refuses implicit conversions to NumPy as CuPy does, with the CUDA kernels replaced by their NumPy twins; the twins
@@ -18,8 +18,13 @@ from hypothesis import given, settings, strategies as st
 
 import strict_xp
 from bcnp import Model
-from bcnp import backend
-from bcnp.backend import BackendError, DeviceQuantizedWeight, to_device, to_host
+from bcnp.api import to_device, to_host
+from bcnp.gpu import kernels as gpu_kernels
+from bcnp.gpu.cache import DeviceKVCache, GraphKVCache, clamp_to_float16
+from bcnp.gpu.graphs import DecodeGraphs
+from bcnp.gpu.kernels import BackendError
+from bcnp.gpu.weights import DeviceQuantizedWeight
+from bcnp.checkpoint import Tensor
 from bcnp.quant import QuantizedWeight, dequantize, quantize
 from conftest import FIXTURES, MODELS
 
@@ -59,8 +64,8 @@ def test_strict_module_refuses_every_implicit_conversion_to_numpy():
 
 def test_a_stray_numpy_call_in_the_forward_pass_fails_on_the_strict_module(monkeypatch):
     model = Model.from_pretrained(FIXTURES / MODELS[0] / "hf")
-    import bcnp.model
-    monkeypatch.setattr(bcnp.model, "silu", lambda xp, x: x / (1.0 + np.exp(-x)))     # np. where xp. belongs
+    import bcnp.forward
+    monkeypatch.setattr(bcnp.forward, "silu", lambda xp, x: x / (1.0 + np.exp(-x)))     # np. where xp. belongs
     model.logits([1, 2, 3])                                                             # NumPy does not notice
     with pytest.raises(TypeError, match="strict_xp|does not support ufuncs"):
         to_device(model, xp=strict_xp, dtype="float32").logits([1, 2, 3])
@@ -109,7 +114,7 @@ def test_quantized_forward_on_the_strict_module_matches_the_cpu_quantized_model(
 def with_huge_attention_inputs(model, factor=1e6):
     """The model with layer 0's input_layernorm scaled by `factor`: its q, k, v (and so its float16 prefill
     products and cache entries) go far beyond float16's 65504, though every weight stays within it."""
-    w = {name: model.w[name] for name in model.w.names()}
+    w = dict(model.w)
     w["model.layers.0.input_layernorm.weight"] = w["model.layers.0.input_layernorm.weight"] * np.float32(factor)
     return model._with_weights(w, np)
 
@@ -164,17 +169,18 @@ def test_to_host_brings_back_the_same_weights(fixture_model):
 
 def test_to_device_reads_a_checkpoint_one_tensor_at_a_time_and_keeps_no_host_copy():
     model = Model.from_pretrained(FIXTURES / MODELS[0] / "hf")
-    assert len(model.w) == 0                                       # nothing read yet
+    floats = {name for name, v in model.weights.items() if isinstance(v, Tensor)}
+    assert floats                                                   # mapped, nothing read yet
     device = to_device(model, xp=strict_xp)
-    assert len(model.w) == 0                                       # still nothing kept on the host
-    assert set(device.w) == set(model.w.names())
+    assert {name for name, v in model.weights.items() if isinstance(v, Tensor)} == floats    # none kept read
+    assert set(device.w) == set(model.weights)
 
 
 def test_to_device_errors_name_the_problem():
     model = Model.from_pretrained(FIXTURES / MODELS[1] / "hf")
     with pytest.raises(ValueError, match="dtype must be 'float16' or 'float32'"):
         to_device(model, xp=strict_xp, dtype="bfloat16")
-    big = {name: model.w[name] for name in model.w.names()}
+    big = dict(model.w)
     big["lm_head.weight"] = big["lm_head.weight"] * 1e6
     with pytest.raises(ValueError, match=r"lm_head.weight.*float16.*dtype='float32'"):
         to_device(model._with_weights(big, np), xp=strict_xp)
@@ -213,7 +219,7 @@ def random_weight(seed, rows, in_features, bits):
     rng = np.random.default_rng(seed)
     w = (rng.standard_normal((rows, in_features)) * rng.uniform(0.01, 2.0, (rows, 1))).astype(np.float32)
     if bits == 16:
-        return backend.pad_columns(np, w.astype(np.float16), -(-in_features // 32) * 32), None
+        return gpu_kernels.pad_columns(np, w.astype(np.float16), -(-in_features // 32) * 32), None
     return quantize(w, bits)
 
 
@@ -223,8 +229,8 @@ def reference_weight(qweight, scales, bits):
 
 def twin_matvec(xp, qweight, scales, bits, x):
     if bits == 16:
-        return backend.matvec_f16(xp, qweight, x)
-    return (backend.matvec_q8_0 if bits == 8 else backend.matvec_q4_0)(xp, qweight, scales, x)
+        return gpu_kernels.matvec_f16(xp, qweight, x)
+    return (gpu_kernels.matvec_q8_0 if bits == 8 else gpu_kernels.matvec_q4_0)(xp, qweight, scales, x)
 
 
 def r32(value):
@@ -277,7 +283,7 @@ def kernel_by_hand(qweight, scales, bits, x):
 @pytest.mark.parametrize("in_features", [32, 172, 300])           # one step, a partial step, several steps
 def test_matvec_twins_are_the_kernels_line_by_line(bits, in_features):
     qweight, scales = random_weight(bits + in_features, 5, in_features, bits)
-    x = backend.pad_columns(np, np.random.default_rng(1).standard_normal(in_features).astype(np.float32),
+    x = gpu_kernels.pad_columns(np, np.random.default_rng(1).standard_normal(in_features).astype(np.float32),
                             qweight.shape[1] * (2 if bits == 4 else 1))
     np.testing.assert_array_equal(twin_matvec(np, qweight, scales, bits, x), kernel_by_hand(qweight, scales, bits, x))
 
@@ -306,7 +312,7 @@ def rms_norm_by_hand(row, weight, eps):
     """The kernel rms_norm_f32 for one row, line by line in float32 scalars."""
     f32 = np.float32
     row, weight = flushed(row), flushed(weight)
-    total = block_sum_by_hand([r32(v * v) for v in row], backend.NORM_THREADS)
+    total = block_sum_by_hand([r32(v * v) for v in row], gpu_kernels.NORM_THREADS)
     r = r32(f32(1) / r32(np.sqrt(r32(r32(total / f32(len(row))) + f32(eps)))))
     return [r32(r32(v * r) * w) for v, w in zip(row, weight)]
 
@@ -314,7 +320,7 @@ def rms_norm_by_hand(row, weight, eps):
 def attention_by_hand(q, k, v, bias, sqrt_hd):
     """The kernels attention_decode and attention_combine for one head, line by line in float32 scalars (exp on
     arrays, as the twin does)."""
-    f32, chunk, warps = np.float32, backend.ATTENTION_CHUNK, backend.ATTENTION_WARPS
+    f32, chunk, warps = np.float32, gpu_kernels.ATTENTION_CHUNK, gpu_kernels.ATTENTION_WARPS
     S, hd = k.shape
     q, k, v, bias = (flushed(a.astype(np.float32)) for a in (q, k, v, bias))
     parts = []
@@ -358,7 +364,7 @@ def test_rms_norm_twin_is_the_kernel_line_by_line(n):
     x = (rng.standard_normal((2, n)) * 5).astype(np.float32)
     weight = rng.uniform(0.5, 1.5, n).astype(np.float32)
     want = np.array([rms_norm_by_hand(row, weight, 1e-6) for row in x], np.float32)
-    np.testing.assert_array_equal(backend.rms_norm_f32(np, x, weight, 1e-6), want)
+    np.testing.assert_array_equal(gpu_kernels.rms_norm_f32(np, x, weight, 1e-6), want)
 
 
 @pytest.mark.parametrize("S, hd, masked_from", [(1, 8, 1), (37, 40, 19), (300, 64, 151), (600, 16, 200)])
@@ -372,7 +378,7 @@ def test_attention_twin_is_the_kernel_line_by_line(S, hd, masked_from, dtype):
     bias = rng.standard_normal((nh, S)).astype(np.float32)
     bias[:, masked_from:] = -np.inf
     want = np.array([attention_by_hand(q[h], k[h], v[h], bias[h], hd ** 0.5) for h in range(nh)], np.float32)
-    np.testing.assert_array_equal(backend.attention_decode(np, q, k, v, bias, hd ** 0.5), want)
+    np.testing.assert_array_equal(gpu_kernels.attention_decode(np, q, k, v, bias, hd ** 0.5), want)
 
 
 def subnormal_mixture(rng, shape, tiny_share=0.5):
@@ -396,14 +402,14 @@ def test_twins_flush_subnormals_as_the_kernels_do_under_ftz(bits):
     w = reference_weight(qweight, scales, bits)
     assert np.all(got[np.abs(w @ x) < 2.0**-126] == 0) and np.any(w @ flushed(x) != w @ x)
     x = subnormal_mixture(rng, (2, 300))
-    np.testing.assert_array_equal(backend.rms_norm_f32(np, x, np.ones(300, np.float32), 1e-6),
+    np.testing.assert_array_equal(gpu_kernels.rms_norm_f32(np, x, np.ones(300, np.float32), 1e-6),
                                   np.array([rms_norm_by_hand(row, np.ones(300), 1e-6) for row in x], np.float32))
     q, k, v = subnormal_mixture(rng, (2, 16)), subnormal_mixture(rng, (2, 40, 16)), subnormal_mixture(rng, (2, 40, 16))
     bias = np.zeros((2, 40), np.float32)
     want = np.array([attention_by_hand(q[h], k[h], v[h], bias[h], 4.0) for h in range(2)], np.float32)
-    np.testing.assert_array_equal(backend.attention_decode(np, q, k, v, bias, 4.0), want)
-    assert backend.flush(np.float32([2.0**-127, -2.0**-130, np.nan, -np.inf, 2.0**-126])).tolist()[:2] == [0.0, 0.0]
-    assert np.signbit(backend.flush(np.float32([-2.0**-130])))[0]
+    np.testing.assert_array_equal(gpu_kernels.attention_decode(np, q, k, v, bias, 4.0), want)
+    assert gpu_kernels.flush(np.float32([2.0**-127, -2.0**-130, np.nan, -np.inf, 2.0**-126])).tolist()[:2] == [0.0, 0.0]
+    assert np.signbit(gpu_kernels.flush(np.float32([-2.0**-130])))[0]
 
 
 @settings(max_examples=30, deadline=None)
@@ -426,7 +432,7 @@ def test_matvec_twins_compute_w_times_x(bits, rows, in_features, seed):
        seed=st.integers(0, 2**16))
 def test_dequantize_twins_equal_bcnp_quant(bits, rows, in_features, seed):
     qweight, scales = random_weight(seed, rows, in_features, bits)
-    twin = backend.dequantize_q8_0 if bits == 8 else backend.dequantize_q4_0
+    twin = gpu_kernels.dequantize_q8_0 if bits == 8 else gpu_kernels.dequantize_q4_0
     want = dequantize(qweight, scales, bits)
     np.testing.assert_array_equal(twin(np, qweight, scales, np.float32), want)
     np.testing.assert_array_equal(twin(np, qweight, scales, np.float16), want.astype(np.float16))
@@ -449,19 +455,19 @@ def test_device_weight_matmul_on_the_strict_module(bits):
 # --- the CUDA source -------------------------------------------------------------------------------------------------
 
 def kernel_source():
-    with open(backend.KERNEL_SOURCE, encoding="utf-8") as f:
+    with open(gpu_kernels.KERNEL_SOURCE, encoding="utf-8") as f:
         return f.read()
 
 
 def test_kernel_names_and_launch_shapes_agree_with_the_source():
     source = kernel_source()
-    assert set(re.findall(r'extern "C" __global__ void (\w+)\(', source)) == set(backend.KERNEL_NAMES)
+    assert set(re.findall(r'extern "C" __global__ void (\w+)\(', source)) == set(gpu_kernels.KERNEL_NAMES)
     define = {name: int(value) for name, value in re.findall(r"#define (\w+) (\d+)", source)}
-    assert backend.MATVEC_THREADS == 32 * define["WARPS"]
-    assert backend.MATVEC_ROWS_PER_BLOCK == define["WARPS"] * define["ROWS"]
-    assert (backend.ATTENTION_WARPS, backend.MAX_DIMS_PER_LANE) == (define["ATTENTION_WARPS"],
+    assert gpu_kernels.MATVEC_THREADS == 32 * define["WARPS"]
+    assert gpu_kernels.MATVEC_ROWS_PER_BLOCK == define["WARPS"] * define["ROWS"]
+    assert (gpu_kernels.ATTENTION_WARPS, gpu_kernels.MAX_DIMS_PER_LANE) == (define["ATTENTION_WARPS"],
                                                                     define["MAX_DIMS_PER_LANE"])
-    assert backend.NORM_THREADS == define["NORM_THREADS"]
+    assert gpu_kernels.NORM_THREADS == define["NORM_THREADS"]
 
 
 def kernel_signatures():
@@ -499,26 +505,27 @@ def fake_kernels(launched=None):
                 bound[pname] = arg
             if name == "rms_norm_f32":
                 x, out = bound["x"], bound["out"]
-                assert grid == (x.shape[0],) and block == (backend.NORM_THREADS,) and shared_mem == 0
+                assert grid == (x.shape[0],) and block == (gpu_kernels.NORM_THREADS,) and shared_mem == 0
                 assert out.shape == x.shape and bound["w"].shape == (x.shape[1],) == (int(bound["n"]),)
-                out[...] = backend.rms_norm_f32(strict_xp, x, bound["w"], float(bound["eps"]))
+                out[...] = gpu_kernels.rms_norm_f32(strict_xp, x, bound["w"], float(bound["eps"]))
                 return
             if name == "silu_mul_f32":
                 n = int(bound["n"])
                 assert bound["gate"].size == bound["up"].size == bound["out"].size == n
-                assert block == (backend.ELEMENTWISE_THREADS,) and (grid[0] - 1) * block[0] < n <= grid[0] * block[0]
-                bound["out"][...] = backend.silu_mul_f32(strict_xp, bound["gate"], bound["up"])
+                assert block == (gpu_kernels.ELEMENTWISE_THREADS,)
+                assert (grid[0] - 1) * block[0] < n <= grid[0] * block[0]
+                bound["out"][...] = gpu_kernels.silu_mul_f32(strict_xp, bound["gate"], bound["up"])
                 return
             if name.startswith("kv_store"):
                 nh, hd, max_len = int(bound["nh"]), int(bound["hd"]), int(bound["max_len"])
                 assert bound["k"].shape == bound["v"].shape == (nh * hd,) and bound["position"].shape == (1,)
                 assert bound["cache_k"].shape == bound["cache_v"].shape == (nh, max_len, hd)
-                assert block == (backend.ELEMENTWISE_THREADS,)
+                assert block == (gpu_kernels.ELEMENTWISE_THREADS,)
                 assert (grid[0] - 1) * block[0] < nh * hd <= grid[0] * block[0]
                 position = bound["position"]
                 for new, cache in ((bound["k"], bound["cache_k"]), (bound["v"], bound["cache_v"])):
                     if cache.dtype == np.float16:                          # saturates at +-65504
-                        new = backend.clamp_to_float16(new)
+                        new = clamp_to_float16(new)
                     cache[:, position] = new.reshape(nh, 1, hd).astype(cache.dtype)
                 return
             if name == "attention_combine":
@@ -527,57 +534,59 @@ def fake_kernels(launched=None):
                 nh = out.shape[0]
                 assert chunks > 1 and grid == (nh,) and block[0] % 32 == 0 and hd <= block[0] < hd + 32
                 assert scratch.shape == (nh, chunks, hd + 2) and out.shape == (nh, hd)
-                out[...] = backend.attention_combine(strict_xp, scratch[:, :, 0], scratch[:, :, 1], scratch[:, :, 2:])
+                out[...] = gpu_kernels.attention_combine(strict_xp, scratch[:, :, 0], scratch[:, :, 1],
+                                                         scratch[:, :, 2:])
                 return
             if name.startswith("attention"):
                 q, k, v, bias, out, scratch = (bound[n] for n in ("q", "k", "v", "bias", "out", "scratch"))
                 S, hd = int(bound["S"]), int(bound["hd"])
                 nh, max_len = k.shape[0], k.shape[1]
-                chunks = -(-S // backend.ATTENTION_CHUNK)
-                assert grid == (nh, chunks) and block == (backend.ATTENTION_CHUNK,) and shared_mem == 0
+                chunks = -(-S // gpu_kernels.ATTENTION_CHUNK)
+                assert grid == (nh, chunks) and block == (gpu_kernels.ATTENTION_CHUNK,) and shared_mem == 0
                 assert q.shape == out.shape == (nh, hd) and k.shape == v.shape == (nh, max_len, hd) and S <= max_len
                 assert int(bound["head_stride"]) == max_len * hd and float(bound["sqrt_hd"]) == np.float32(hd ** 0.5)
                 heads = nh if int(bound["bias_head_stride"]) == S else 1
                 assert bias.shape == (heads, S) and int(bound["bias_head_stride"]) in (S, 0)
-                m, l, o = backend.attention_chunks(strict_xp, q, k[:, :S], v[:, :S], bias, hd ** 0.5)
+                m, l, o = gpu_kernels.attention_chunks(strict_xp, q, k[:, :S], v[:, :S], bias, hd ** 0.5)
                 if chunks == 1:
-                    out[...] = backend.flush(o[:, 0] / l[:, 0, None])
+                    out[...] = gpu_kernels.flush(o[:, 0] / l[:, 0, None])
                 else:
                     assert scratch.shape == (nh, chunks, hd + 2)
                     scratch[:, :, 0], scratch[:, :, 1], scratch[:, :, 2:] = m, l, o
                 return
             rows, n_pad = int(bound["rows"]), int(bound["n_pad"])
             if name.startswith("matvec"):
-                assert block == (backend.MATVEC_THREADS,)
-                assert grid[0] * backend.MATVEC_ROWS_PER_BLOCK >= rows > (grid[0] - 1) * backend.MATVEC_ROWS_PER_BLOCK
+                assert block == (gpu_kernels.MATVEC_THREADS,)
+                rows_per_block = gpu_kernels.MATVEC_ROWS_PER_BLOCK
+                assert grid[0] * rows_per_block >= rows > (grid[0] - 1) * rows_per_block
                 assert bound["x"].size == n_pad and bound["y"].size == rows
                 if name.startswith("matvec_f16"):
                     def product(suffix=""):
                         assert bound["wt" + suffix].shape == (rows, n_pad)
-                        return backend.matvec_f16(strict_xp, bound["wt" + suffix], bound["x"])
+                        return gpu_kernels.matvec_f16(strict_xp, bound["wt" + suffix], bound["x"])
                 else:
                     def product(suffix=""):
-                        twin = backend.matvec_q8_0 if name.startswith("matvec_q8_0") else backend.matvec_q4_0
+                        twin = gpu_kernels.matvec_q8_0 if name.startswith("matvec_q8_0") else gpu_kernels.matvec_q4_0
                         q, d = bound["q" + suffix], bound["d" + suffix]
                         assert q.shape[0] == d.shape[0] == rows and d.shape[1] == n_pad // 32
                         return twin(strict_xp, q, d, bound["x"])
                 if name.endswith("_add"):
                     assert bound["r"].shape == (rows,)
-                    bound["y"][...] = backend.add_residual(bound["r"], product())
+                    bound["y"][...] = gpu_kernels.add_residual(bound["r"], product())
                 elif name.endswith("_swiglu"):
-                    bound["y"][...] = backend.silu_mul_f32(strict_xp, product(), product("_up"))
+                    bound["y"][...] = gpu_kernels.silu_mul_f32(strict_xp, product(), product("_up"))
                 else:
                     bound["y"][...] = product()
             else:
                 words = rows * n_pad // (4 if "q8_0" in name else 8)
-                assert block == (backend.DEQUANTIZE_THREADS,) and 0 < grid[0] <= 65536
+                assert block == (gpu_kernels.DEQUANTIZE_THREADS,) and 0 < grid[0] <= 65536
                 assert grid[0] * block[0] >= min(words, 65536 * block[0])
                 assert bound["out"].shape == (rows, n_pad)
-                twin = backend.dequantize_q8_0 if "q8_0" in name else backend.dequantize_q4_0
+                twin = gpu_kernels.dequantize_q8_0 if "q8_0" in name else gpu_kernels.dequantize_q4_0
                 bound["out"][...] = twin(strict_xp, bound["q"], bound["d"], bound["out"].dtype)
         return kernel
 
-    return {name: launch(name) for name in backend.KERNEL_NAMES}
+    return {name: launch(name) for name in gpu_kernels.KERNEL_NAMES}
 
 
 @pytest.mark.parametrize("bits", [8, 4, 16])
@@ -601,13 +610,13 @@ def test_kernel_launches_match_the_cuda_signatures(bits, rows):
 @given(nh=st.integers(1, 5), S=st.integers(1, 600), hd=st.sampled_from([8, 16, 100, 128, 256]),
        bias_per_head=st.booleans(), dtype=st.sampled_from([np.float16, np.float32]), seed=st.integers(0, 2 ** 32 - 1))
 def test_attention_decode_twin_is_one_tokens_attention(nh, S, hd, bias_per_head, dtype, seed):
-    from bcnp.model import attention
+    from bcnp.forward import attention
     rng = np.random.default_rng(seed)
     q = rng.standard_normal((nh, hd)).astype(np.float32)
     k, v = (rng.standard_normal((nh, S, hd)).astype(dtype) for _ in range(2))
     bias = rng.standard_normal((nh if bias_per_head else 1, S)).astype(np.float32)
     bias[:, rng.integers(1, S + 1):] = -np.inf                       # masked slots past the token, never all
-    got = backend.attention_decode(np, q, k, v, bias, hd ** 0.5)
+    got = gpu_kernels.attention_decode(np, q, k, v, bias, hd ** 0.5)
     want = attention(np, q[:, None].astype(np.float64), k.astype(np.float64), v.astype(np.float64),
                      bias[:, None].astype(np.float64))[:, 0]
     assert got.dtype == np.float32 and got.shape == (nh, hd)
@@ -631,7 +640,7 @@ def test_decode_kernel_launches_match_the_cuda_signatures(fixture_model, dtype):
 
 @pytest.mark.parametrize("bits", [16, 8, 4])
 def test_fused_matvec_launches_match_the_cuda_signatures(fixture_model, bits):
-    """With device weights, decode_layer adds the residuals inside o_proj's and down_proj's matvecs and runs
+    """With device weights, DecodeOps adds the residuals inside o_proj's and down_proj's matvecs and runs
     gate_proj, up_proj and silu(gate) * up as one kernel."""
     model, golden = fixture_model
     cpu = model if bits == 16 else model.quantize(bits)
@@ -650,6 +659,25 @@ def test_fused_matvec_launches_match_the_cuda_signatures(fixture_model, bits):
             "kv_store_f16", "rms_norm_f32"} <= set(names) and "silu_mul_f32" not in names
 
 
+def test_the_device_decode_is_the_one_decoder_layer_with_its_own_ops(fixture_model, monkeypatch):
+    """bcnp.gpu has no layer of its own: prefill runs bcnp.forward.decoder_layer with the plain ops, a one-token
+    step runs the same function with DecodeOps (its kernels)."""
+    import bcnp.forward
+    model, golden = fixture_model
+    device = to_device(model.quantize(8), xp=strict_xp)
+    layer, ops = bcnp.forward.decoder_layer, []
+
+    def recording(*args):
+        ops.append(type(args[8]).__name__)
+        return layer(*args)
+    monkeypatch.setattr(bcnp.forward, "decoder_layer", recording)
+    cache = device.new_cache(8)
+    device.forward(golden["prompt_1"][:3], cache)
+    device.forward([5], cache)
+    layers = model.config.num_hidden_layers
+    assert ops == ["Ops"] * layers + ["DecodeOps"] * layers
+
+
 @pytest.mark.parametrize("S", [1, 256, 257, 700])
 @pytest.mark.parametrize("dtype", [np.float16, np.float32])
 def test_long_attention_launches_a_chunk_per_256_keys_and_a_combine(S, dtype):
@@ -659,8 +687,8 @@ def test_long_attention_launches_a_chunk_per_256_keys_and_a_combine(S, dtype):
     q = strict_xp.asarray(rng.standard_normal((nh, 1, hd)).astype(np.float32))
     bias = strict_xp.asarray(rng.standard_normal((nh, 1, S)).astype(np.float32))
     names = []
-    launched = backend.DeviceKVCache(k, v, kernels=fake_kernels(names)).attend(strict_xp, 1, q, bias)
-    twin = backend.DeviceKVCache(k, v).attend(strict_xp, 1, q, bias)
+    launched = DeviceKVCache(k, v, kernels=fake_kernels(names)).attend(strict_xp, 1, q, bias)
+    twin = DeviceKVCache(k, v).attend(strict_xp, 1, q, bias)
     np.testing.assert_array_equal(launched.get(), twin.get())
     suffix = "f16" if dtype == np.float16 else "f32"
     assert names == [f"attention_decode_{suffix}"] + (["attention_combine"] if S > 256 else [])
@@ -669,15 +697,15 @@ def test_long_attention_launches_a_chunk_per_256_keys_and_a_combine(S, dtype):
 @settings(max_examples=30, deadline=None)
 @given(T=st.integers(1, 3), n=st.integers(1, 700), seed=st.integers(0, 2 ** 32 - 1))
 def test_rms_norm_and_silu_twins_compute_what_the_model_does(T, n, seed):
-    from bcnp.model import rms_norm, silu
+    from bcnp.forward import rms_norm, silu
     rng = np.random.default_rng(seed)
     x = (rng.standard_normal((T, n)) * rng.uniform(0.01, 100)).astype(np.float32)
     weight = rng.uniform(0.5, 1.5, n).astype(np.float32)
-    got = backend.rms_norm_f32(np, x, weight, 1e-6)
+    got = gpu_kernels.rms_norm_f32(np, x, weight, 1e-6)
     assert got.dtype == np.float32
     np.testing.assert_allclose(got, rms_norm(np, x.astype(np.float64), weight, 1e-6), rtol=2e-6, atol=1e-7)
     gate, up = (rng.standard_normal((2, T, n)) * 8).astype(np.float32)
-    np.testing.assert_allclose(backend.silu_mul_f32(np, gate, up), silu(np, gate.astype(np.float64)) * up,
+    np.testing.assert_allclose(gpu_kernels.silu_mul_f32(np, gate, up), silu(np, gate.astype(np.float64)) * up,
                                rtol=2e-6, atol=1e-30)
 
 
@@ -693,7 +721,7 @@ def test_a_failed_capture_falls_back_to_op_by_op_with_one_warning(fixture_model)
         def end_capture(self):
             raise RuntimeError("cudaErrorStreamCaptureInvalidated: operation failed due to a previous error\n...")
 
-    decoder = backend.DecodeGraphs(device)
+    decoder = DecodeGraphs(device)
     decoder.stream = RefusingStream()
     with pytest.warns(RuntimeWarning, match=r"^CUDA graph capture failed, decoding without graphs: "
                                             r"cudaErrorStreamCaptureInvalidated: operation failed[^\n]*$"):
@@ -755,7 +783,7 @@ class FakeCuda:
 def test_each_graph_allocates_from_a_pool_of_its_own_that_it_keeps(fixture_model, monkeypatch):
     """The CUDA graphs write to the buffers their capture allocated: those must come from a pool that nothing else
     allocates from and nothing frees (not CuPy's default pool, whose free_all_blocks() would release them)."""
-    monkeypatch.setattr(backend.DecodeGraphs, "WINDOW", 4)
+    monkeypatch.setattr(DecodeGraphs, "WINDOW", 4)
     cuda = FakeCuda()
     monkeypatch.setattr(strict_xp, "cuda", cuda, raising=False)
     model, golden = fixture_model
@@ -763,7 +791,7 @@ def test_each_graph_allocates_from_a_pool_of_its_own_that_it_keeps(fixture_model
     cache = device.new_cache(12)
     device.forward(golden["prompt_1"][:3], cache)                  # prefill: the default allocator
     assert cuda.pools == []
-    decoder = cache.decoder = backend.DecodeGraphs(device)
+    decoder = cache.decoder = DecodeGraphs(device)
     decoder.stream = cuda.Stream()
     for token in golden["prompt_1"][3:7]:                          # positions 3 | 4 5 6: windows 4 and 8
         device.forward([token], cache)
@@ -782,7 +810,7 @@ def test_a_dropped_cache_frees_its_decode_graphs_without_the_cycle_collector(fix
     device = to_device(model.quantize(8), xp=strict_xp)
 
     def decoders_alive():
-        return sum(isinstance(o, backend.DecodeGraphs) for o in gc.get_objects())
+        return sum(isinstance(o, DecodeGraphs) for o in gc.get_objects())
 
     gc.collect()
     gc.disable()
@@ -810,7 +838,7 @@ def decode_one_at_a_time(model, prompt, split, cache):
 def test_graph_steps_on_the_strict_module_decode_as_the_cpu_does(fixture_model, monkeypatch, window):
     """The fixed-shape step a CUDA graph records: position read from the device, a window of positions attended
     with the ones past the token masked, windows changing as the cache fills, the last cut short by its end."""
-    monkeypatch.setattr(backend.DecodeGraphs, "WINDOW", window)
+    monkeypatch.setattr(DecodeGraphs, "WINDOW", window)
     model, golden = fixture_model
     prompt = golden["prompt_2"]
     device = to_device(model, xp=strict_xp, dtype="float32")
@@ -819,7 +847,7 @@ def test_graph_steps_on_the_strict_module_decode_as_the_cpu_does(fixture_model, 
     cache.k[...] = 7.0                                 # stale values in the slots not yet written must not matter
     cache.v[...] = -3.0
     got = decode_one_at_a_time(device, prompt, 5, cache)
-    assert cache.length == len(prompt) and isinstance(cache.decoder, backend.DecodeGraphs)
+    assert cache.length == len(prompt) and isinstance(cache.decoder, DecodeGraphs)
     want = decode_one_at_a_time(model, prompt, 5, model.new_cache(len(prompt) + 3))
     assert scaled_error(got, want) <= 1e-5
     assert scaled_error(got, golden["logits_full_2"]) <= 1e-4
@@ -833,13 +861,13 @@ def test_graph_steps_on_the_strict_module_decode_as_the_cpu_does(fixture_model, 
 NO_NVCC = pytest.mark.skipif(shutil.which("nvcc") is None,
                              reason="nvcc is not installed, so the CUDA source cannot be compiled on this machine "
                                     "(CuPy compiles it with NVRTC at run time on a GPU machine)")
-CUPY_FLAGS_FOR_NVCC = backend.NVRTC_OPTIONS + ("-ftz=true",)     # what CuPy passes that nvcc also understands
+CUPY_FLAGS_FOR_NVCC = gpu_kernels.NVRTC_OPTIONS + ("-ftz=true",)     # what CuPy passes that nvcc also understands
 
 
 def nvcc(tmp_path, arch, output):
     out = tmp_path / f"quant_kernels.{output}"
     result = subprocess.run(["nvcc", *CUPY_FLAGS_FOR_NVCC, f"-arch={arch}", f"--{output}", "-Werror", "all-warnings",
-                             "-o", str(out), backend.KERNEL_SOURCE], capture_output=True, text=True, timeout=300)
+                             "-o", str(out), gpu_kernels.KERNEL_SOURCE], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     return out.read_bytes()
 
@@ -848,7 +876,7 @@ def nvcc(tmp_path, arch, output):
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
 def test_cuda_source_compiles_with_nvcc(tmp_path, arch):
     binary = nvcc(tmp_path, arch, "cubin")
-    for name in backend.KERNEL_NAMES:
+    for name in gpu_kernels.KERNEL_NAMES:
         assert name.encode() in binary
 
 
@@ -881,14 +909,14 @@ def nvrtc_library():
 @pytest.mark.skipif(nvrtc_library() is None, reason="NVRTC (libnvrtc) is not installed on this machine")
 def test_cuda_source_compiles_with_nvrtc_as_cupy_compiles_it():
     """CuPy compiles the kernels at run time with NVRTC, which has no system headers: compile the file the same
-    way (the options backend.cuda_kernels passes, then CuPy's own, for an sm_90 GPU: a CUBIN) and find every
+    way (the options gpu_kernels.cuda_kernels passes, then CuPy's own, for an sm_90 GPU: a CUBIN) and find every
     kernel in it."""
     import ctypes
     nvrtc = ctypes.CDLL(nvrtc_library())
     program = ctypes.c_void_p()
     source = kernel_source().encode()
     assert nvrtc.nvrtcCreateProgram(ctypes.byref(program), source, b"quant_kernels.cu", 0, None, None) == 0
-    options = [o.encode() for o in backend.NVRTC_OPTIONS + backend.CUPY_NVRTC_OPTIONS + ("-arch=sm_90",)]
+    options = [o.encode() for o in gpu_kernels.NVRTC_OPTIONS + gpu_kernels.CUPY_NVRTC_OPTIONS + ("-arch=sm_90",)]
     status = nvrtc.nvrtcCompileProgram(program, len(options), (ctypes.c_char_p * len(options))(*options))
     size = ctypes.c_size_t()
     nvrtc.nvrtcGetProgramLogSize(program, ctypes.byref(size))
@@ -899,7 +927,7 @@ def test_cuda_source_compiles_with_nvrtc_as_cupy_compiles_it():
     cubin = ctypes.create_string_buffer(size.value)
     assert nvrtc.nvrtcGetCUBIN(program, cubin) == 0
     nvrtc.nvrtcDestroyProgram(ctypes.byref(program))
-    for name in backend.KERNEL_NAMES:
+    for name in gpu_kernels.KERNEL_NAMES:
         assert name.encode() in cubin.raw, name
 
 
@@ -922,7 +950,7 @@ def test_gpu_bench_runs_end_to_end_on_numpy():
 @pytest.fixture(scope="module")
 def cupy():
     try:
-        return backend.get_cupy()
+        return gpu_kernels.get_cupy()
     except BackendError as e:
         pytest.skip(f"no GPU here: {e}")
 
@@ -979,7 +1007,7 @@ def test_gpu_kernels_match_their_twins(cupy, bits, rows, in_features):
     n_pad = qweight.shape[1] * (2 if bits == 4 else 1)
     x = np.zeros(n_pad, np.float32)
     x[:in_features] = np.random.default_rng(3).standard_normal(in_features)
-    kernels = backend.cuda_kernels(cupy)
+    kernels = gpu_kernels.cuda_kernels(cupy)
     device = DeviceQuantizedWeight(cupy, cupy.asarray(qweight), None if scales is None else cupy.asarray(scales),
                                    bits, in_features, np.float16, kernels)
     y = device.matvec(cupy.asarray(x)).get()
@@ -993,10 +1021,10 @@ def test_gpu_kernels_match_their_twins(cupy, bits, rows, in_features):
     up = DeviceQuantizedWeight(cupy, cupy.asarray(up_q), None if up_s is None else cupy.asarray(up_s), bits,
                                in_features, np.float16, kernels)
     fused = device.swiglu(up, cupy.asarray(x)).get()
-    want = backend.silu_mul_f32(np, y, up.matvec(cupy.asarray(x)).get())
+    want = gpu_kernels.silu_mul_f32(np, y, up.matvec(cupy.asarray(x)).get())
     np.testing.assert_allclose(fused, want, rtol=1e-6, atol=1e-30)        # expf against NumPy's exp
     if bits != 16:
-        twin = backend.dequantize_q8_0 if bits == 8 else backend.dequantize_q4_0
+        twin = gpu_kernels.dequantize_q8_0 if bits == 8 else gpu_kernels.dequantize_q4_0
         for dtype in (np.float32, np.float16):
             np.testing.assert_array_equal(device.expanded(dtype).get(), twin(np, qweight, scales, dtype))
 
@@ -1005,7 +1033,7 @@ def test_gpu_kernels_match_their_twins(cupy, bits, rows, in_features):
 @pytest.mark.parametrize("bits, dtype", [(16, "float16"), (8, "float16"), (4, "float32")])
 def test_gpu_graph_decode_replays_what_eager_decode_computes(cupy, fixture_model, monkeypatch, bits, dtype):
     import warnings
-    monkeypatch.setattr(backend.DecodeGraphs, "WINDOW", 8)
+    monkeypatch.setattr(DecodeGraphs, "WINDOW", 8)
     model, golden = fixture_model
     prompt = golden["prompt_2"]
     cpu = model if bits == 16 else model.quantize(bits)
@@ -1031,28 +1059,28 @@ def test_gpu_attention_kernel_matches_its_twin(cupy, S, hd, bias_per_head, dtype
     k, v = (rng.standard_normal((2, nh, max_len, hd)).astype(dtype) for _ in range(2))
     bias = rng.standard_normal((nh if bias_per_head else 1, 1, S)).astype(np.float32)
     bias[..., S // 2 + 1:] = -np.inf
-    cache = backend.DeviceKVCache(cupy.asarray(k), cupy.asarray(v), kernels=backend.cuda_kernels(cupy))
+    cache = DeviceKVCache(cupy.asarray(k), cupy.asarray(v), kernels=gpu_kernels.cuda_kernels(cupy))
     got = cache.attend(cupy, 1, cupy.asarray(q), cupy.asarray(bias)).get()[:, 0]
-    want = backend.attention_decode(np, q[:, 0], k[1, :, :S], v[1, :, :S], bias[:, 0], hd ** 0.5)
+    want = gpu_kernels.attention_decode(np, q[:, 0], k[1, :, :S], v[1, :, :S], bias[:, 0], hd ** 0.5)
     assert np.abs(got - want).max() <= 1e-5 * max(1.0, float(np.abs(want).max()))
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("T, n", [(1, 5120), (3, 64), (1, 13696)])
 def test_gpu_norm_silu_and_store_kernels_match_their_twins(cupy, T, n):
-    kernels = backend.cuda_kernels(cupy)
+    kernels = gpu_kernels.cuda_kernels(cupy)
     rng = np.random.default_rng(n)
     x = (rng.standard_normal((T, n)) * 3).astype(np.float32)
     weight = rng.uniform(0.5, 1.5, n).astype(np.float32)
-    got = backend.rms_norm_on_device(cupy, kernels, cupy.asarray(x), cupy.asarray(weight), 1e-6).get()
-    np.testing.assert_array_equal(got, backend.rms_norm_f32(np, x, weight, 1e-6))      # IEEE ops, same order
+    got = gpu_kernels.rms_norm_on_device(cupy, kernels, cupy.asarray(x), cupy.asarray(weight), 1e-6).get()
+    np.testing.assert_array_equal(got, gpu_kernels.rms_norm_f32(np, x, weight, 1e-6))      # IEEE ops, same order
     up = rng.standard_normal((T, n)).astype(np.float32)
-    got = backend.silu_mul_on_device(cupy, kernels, cupy.asarray(x), cupy.asarray(up)).get()
-    np.testing.assert_allclose(got, backend.silu_mul_f32(np, x, up), rtol=1e-6, atol=1e-30)   # expf vs exp
+    got = gpu_kernels.silu_mul_on_device(cupy, kernels, cupy.asarray(x), cupy.asarray(up)).get()
+    np.testing.assert_allclose(got, gpu_kernels.silu_mul_f32(np, x, up), rtol=1e-6, atol=1e-30)   # expf vs exp
     for dtype in (np.float16, np.float32):
         nh, hd, max_len, position = 5, 128, 40, 17
         k, v = (rng.standard_normal((1, nh, hd)).astype(np.float32) for _ in range(2))
-        cache = backend.GraphKVCache(cupy.zeros((2, nh, max_len, hd), dtype), cupy.zeros((2, nh, max_len, hd), dtype),
+        cache = GraphKVCache(cupy.zeros((2, nh, max_len, hd), dtype), cupy.zeros((2, nh, max_len, hd), dtype),
                                      kernels=kernels, position=cupy.asarray([position], dtype=cupy.int64), window=32)
         cache.store(1, cupy.asarray(k), cupy.asarray(v))
         want = np.zeros((2, nh, max_len, hd), dtype)
@@ -1066,7 +1094,7 @@ def test_gpu_norm_silu_and_store_kernels_match_their_twins(cupy, T, n):
 def test_gpu_graphs_survive_free_all_blocks_and_other_allocations(cupy, fixture_model, monkeypatch):
     """The graphs' buffers live in pools of their own: the default pool's free_all_blocks() (the benchmark calls
     it; CuPy does on an out-of-memory) and new arrays of every size must not touch them."""
-    monkeypatch.setattr(backend.DecodeGraphs, "WINDOW", 8)
+    monkeypatch.setattr(DecodeGraphs, "WINDOW", 8)
     model, golden = fixture_model
     prompt = golden["prompt_2"]
     graphs, eager = to_device(model.quantize(8)), to_device(model.quantize(8))

@@ -12,12 +12,13 @@ from hypothesis import given, settings, strategies as st
 
 import strict_xp
 from bcnp import Model
-from bcnp.backend import to_device
+from bcnp.api import to_device
+from bcnp.checkpoint import read_model_dir
 from bcnp.convert import convert
 from bcnp.convert import main as convert_main
 from bcnp.inspect import main as inspect_main
-from bcnp.model import norm_head
 from bcnp.quant import QuantizedWeight, dequantize
+from bcnp.weights import norm_head
 from conftest import FIXTURES
 
 B2_13 = FIXTURES / "b2-13-alibi-h8-l4-bf16"
@@ -52,9 +53,14 @@ def test_norm_head_makes_every_row_a_unit_vector_of_the_same_direction(rows, col
                                atol=1e-6 * scale)
 
 
+def stored_tensor(path, name):
+    """A tensor as the checkpoint stores it (bcnp.checkpoint), not as the model reads it."""
+    return read_model_dir(path)[2][name]
+
+
 def test_the_loaded_lm_head_is_normalised_and_the_stored_one_is_not(b2):
     model, _ = b2
-    stored = model.w.tensor("lm_head.weight").float32()
+    stored = stored_tensor(model.path, "lm_head.weight").float32()
     assert np.linalg.norm(stored, axis=1).max() > 0.3                # the fixtures' rows: norms 0.04 .. 0.76
     np.testing.assert_allclose(np.linalg.norm(model.w["lm_head.weight"], axis=1), 1.0, rtol=1e-6)
 
@@ -78,7 +84,8 @@ def test_chunked_prefill_matches_original():
 
 
 def test_the_device_path_normalises_too(b2):
-    """to_device reads lazily read weights itself (CheckpointWeights.read): float32 on the strict module."""
+    """to_device reads the mapped checkpoint tensors itself (bcnp.weights.materialised): float32 on the strict
+    module."""
     model, golden = b2
     device = to_device(Model.from_pretrained(model.path, family="baichuan2"), xp=strict_xp, dtype="float32")
     assert scaled_error(device.logits(golden["prompt_2"]), golden["logits_full_2"]) <= 1e-4
@@ -115,8 +122,8 @@ def test_a_float_conversion_keeps_lm_head_as_stored_and_records_the_family(tmp_p
     out = convert(model.path, tmp_path / "f", progress=False, family="baichuan2")
     assert json.loads((tmp_path / "f" / "config.json").read_text())["bcnp"]["family"] == "baichuan2"
     converted = Model.from_pretrained(out)
-    np.testing.assert_array_equal(converted.w.tensor("lm_head.weight").stored(),
-                                  model.w.tensor("lm_head.weight").stored())       # lossless: normalised at load
+    np.testing.assert_array_equal(stored_tensor(out, "lm_head.weight").stored(),
+                                  stored_tensor(model.path, "lm_head.weight").stored())   # lossless: normalised at load
     np.testing.assert_array_equal(converted.logits(golden["prompt_2"]), model.logits(golden["prompt_2"]))
     assert Model.from_pretrained(out, family="baichuan").config.family == "baichuan"   # the flag still wins
 

@@ -190,7 +190,7 @@ def test_logits_that_overflow_stop_generation_with_one_error_line(tmp_path):
     """Finite weights can still overflow float32 (a final norm of 1e38): the reply must not be '⁇ ⁇ ⁇'."""
     from safetensors.numpy import save_file
     from bcnp.config import Config
-    from bcnp.model import random_weights
+    from bcnp.weights import random_weights
     directory = bad_copy(tmp_path, "config.json")
     for stale in directory.glob("pytorch_model*"):
         stale.unlink()

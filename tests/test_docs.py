@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from bcnp.config import BAICHUAN2_7B, BAICHUAN2_13B, BAICHUAN_7B, BAICHUAN_13B
 from bcnp.inspect import BLOCK_BYTES, inspect_model, main as inspect_main
@@ -148,19 +149,28 @@ def resolve(module_name, attribute_path):
     return obj
 
 
+def dotted_names(text):
+    return set(re.findall(r"`(bcnp(?:\.[A-Za-z_]\w*)+)(?:\(\))?`", text))
+
+
+def assert_exists(name):
+    parts = name.split(".")
+    # The longest importable prefix is the module, the rest attributes.
+    for n in range(len(parts), 0, -1):
+        try:
+            importlib.import_module(".".join(parts[:n]))
+        except ImportError:
+            continue
+        assert resolve(".".join(parts[:n]), ".".join(parts[n:])) if parts[n:] else True, name
+        return
+    raise AssertionError(f"{name}: no such module")
+
+
 def test_every_dotted_name_exists():
-    names = set(re.findall(r"`(bcnp(?:\.[A-Za-z_]\w*)+)(?:\(\))?`", TEXT))
+    names = dotted_names(TEXT)
     assert len(names) >= 20
     for name in names:
-        parts = name.split(".")
-        # The longest importable prefix is the module, the rest attributes.
-        for n in range(len(parts), 0, -1):
-            try:
-                importlib.import_module(".".join(parts[:n]))
-            except ImportError:
-                continue
-            assert resolve(".".join(parts[:n]), ".".join(parts[n:])) if parts[n:] else True, name
-            break
+        assert_exists(name)
 
 
 def test_every_linked_function_is_in_the_linked_file():
@@ -189,6 +199,23 @@ def test_every_relative_link_resolves():
             assert (DOCS / path).exists(), target
         else:
             assert anchor in anchors(TEXT), target
+
+
+ALL_DOCS = [REPO / "README.md", *sorted(DOCS.glob("*.md"))]
+
+
+@pytest.mark.parametrize("doc", ALL_DOCS, ids=lambda path: path.name)
+def test_every_file_a_document_links_to_exists(doc):
+    """README.md and docs/*.md follow the code when it moves."""
+    targets = [target.partition("#")[0] for _, target in LINK.findall(doc.read_text(encoding="utf-8"))
+               if not re.match(r"[a-z]+://", target)]
+    assert [target for target in targets if target and not (doc.parent / target).exists()] == []
+
+
+@pytest.mark.parametrize("doc", ALL_DOCS, ids=lambda path: path.name)
+def test_every_dotted_name_of_bcnp_in_a_document_exists(doc):
+    for name in dotted_names(doc.read_text(encoding="utf-8")):
+        assert_exists(name)
 
 
 # --- figures -----------------------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ from hypothesis import given, settings, strategies as st
 
 from bcnp import Model
 from bcnp.engine import BatchCache, Engine
-from bcnp.model import transformer
+from bcnp.forward import transformer
 from conftest import FIXTURES, MODELS
 
 GREEDY = dict(do_sample=False, repetition_penalty=1.0, stop_ids=[])      # the fixtures' greedy: no penalty, no eos
@@ -155,7 +155,7 @@ def test_bad_submissions_are_refused_with_a_clear_error(fixture):
 
 def test_non_finite_logits_stop_generation_with_an_error(fixture):
     model, golden = fixture
-    w = dict(model.w.items()) if not hasattr(model.w, "names") else {n: model.w[n] for n in model.w.names()}
+    w = dict(model.w)
     w["model.norm.weight"] = np.full_like(w["model.norm.weight"], np.nan)
     broken = Model(model.config, w, tokenizer=model.tokenizer)
     engine = Engine(broken)

@@ -20,7 +20,7 @@ from bcnp.config import Config
 from bcnp.demo import DEMO_NAME, build_demo_model
 from bcnp.eval import (apply_repetition_penalty, category_accuracies, continuation_ids, loglikelihood_choice, main,
                        next_token_choice)
-from bcnp.model import random_weights
+from bcnp.weights import random_weights
 from bcnp.scoring import PrefixCache, log_softmax
 
 DATA = pathlib.Path(__file__).parent / "fixtures" / "eval"

@@ -223,6 +223,17 @@ def test_python_chat_api_replies_streams_and_fits_a_small_context(model):
     assert "".join(model(messages, stream=True, do_sample=False)) == want
 
 
+def test_the_command_line_and_the_python_api_share_one_reply_budget(model_dir, model):
+    """Neither given a budget: both take bcnp.chat.chat_prompt's (half the fixture's context here), so the CLI
+    prints what model(messages) returns, token for token."""
+    messages = [{"role": "user", "content": "please tell me a story"}]
+    r = run_cli("--model", model_dir, "--prompt", messages[0]["content"], "--greedy")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == model(messages, do_sample=False)["response"] + "\n"
+    assert stats(r.stderr)[0][1] == len(list(model.generate(model.chat_prompt(messages)[0], do_sample=False,
+                                                            max_new_tokens=model.chat_prompt(messages)[1])))
+
+
 # --- the demo model ----------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

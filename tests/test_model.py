@@ -11,7 +11,9 @@ from hypothesis import given, settings, strategies as st
 
 from bcnp import Model
 from bcnp.config import BAICHUAN_13B, BAICHUAN_7B, Config, ConfigError
-from bcnp.model import alibi_slopes, attention_bias, new_cache, random_weights, softmax, transformer
+from bcnp.forward import ROPE_INV_FREQ, alibi_slopes, attention_bias, softmax, transformer
+from bcnp.model import new_cache
+from bcnp.weights import random_weights, rope_inv_freq
 from conftest import FIXTURES
 
 MODELS = ["b13-alibi-h8-l4-bf16", "b7-rope-h4-l3-fp16"]
@@ -89,27 +91,26 @@ def test_position_tables_match_original():
     g13 = np.load(FIXTURES / MODELS[0] / "golden.npz")
     np.testing.assert_array_equal(np.float32(alibi_slopes(8)), g13["alibi_slopes"])
     np.testing.assert_allclose(alibi_slopes(8), g13["alibi_slopes_f64"], rtol=0, atol=1e-15)
-    from bcnp.model import rope_inv_freq
     g7 = np.load(FIXTURES / MODELS[1] / "golden.npz")
     cfg = Config.from_json(FIXTURES / MODELS[1] / "hf")
-    np.testing.assert_array_equal(rope_inv_freq(np, cfg), g7["rope_inv_freq"])
+    np.testing.assert_array_equal(rope_inv_freq(cfg), g7["rope_inv_freq"])
 
 
 @pytest.mark.parametrize("source", ["hf", "hf-safetensors", "converted"])
 def test_the_checkpoints_own_rope_table_is_the_one_used(source, tmp_path):
     """The original rotates with the stored `rotary_emb.inv_freq`; a converted directory keeps it in config.json."""
-    from bcnp.model import rope_inv_freq
     path = FIXTURES / MODELS[1] / source
     if source == "converted":
         from bcnp.convert import convert
         path = convert(FIXTURES / MODELS[1] / "hf", tmp_path / "c", progress=False)
-    config = Model.from_pretrained(path).config
+    model = Model.from_pretrained(path)
+    config = model.config
     stored = np.load(FIXTURES / MODELS[1] / "golden.npz")["rope_inv_freq"]
     assert config.rope_inv_freq is not None
-    np.testing.assert_array_equal(rope_inv_freq(np, config), stored)
+    np.testing.assert_array_equal(model.w[ROPE_INV_FREQ], stored)                     # the table the forward uses
     table = tuple(float(np.nextafter(np.float32(v), np.float32(1))) for v in config.rope_inv_freq)
     import dataclasses
-    np.testing.assert_array_equal(rope_inv_freq(np, dataclasses.replace(config, rope_inv_freq=table)),
+    np.testing.assert_array_equal(rope_inv_freq(dataclasses.replace(config, rope_inv_freq=table)),
                                   np.float32(table))
 
 
@@ -117,9 +118,8 @@ def test_without_a_stored_table_the_rope_table_is_the_one_torch_computes():
     """Baichuan2-7B stores no table. torch's float32 pow (SLEEF) is not correctly rounded: at head_dim 128 its
     table differs from NumPy's correctly rounded one in 9 of 64 values (1-2 ulp) and from float64-then-rounded
     in 19 -- the counts measured against torch for the issue; bcnp.torch_pow reproduces both."""
-    from bcnp.model import rope_inv_freq
     from bcnp.config import BAICHUAN2_7B
-    ours = rope_inv_freq(np, BAICHUAN2_7B)
+    ours = rope_inv_freq(BAICHUAN2_7B)
     exponents = np.arange(0, 128, 2, dtype=np.float32) / np.float32(128)
     correctly_rounded = np.float32(1) / np.float32(10000.0) ** exponents
     via_float64 = (1.0 / 10000.0 ** (np.arange(0, 128, 2) / 128)).astype(np.float32)
@@ -128,7 +128,7 @@ def test_without_a_stored_table_the_rope_table_is_the_one_torch_computes():
     assert np.count_nonzero(ours != via_float64) == 19
     for name in (MODELS[1], BAICHUAN2[1]):               # the original's tables at the fixtures' head_dim 16
         cfg = Config.from_json(FIXTURES / name / "hf", family="baichuan2" if name in BAICHUAN2 else None)
-        np.testing.assert_array_equal(rope_inv_freq(np, cfg), np.load(FIXTURES / name / "golden.npz")["rope_inv_freq"])
+        np.testing.assert_array_equal(rope_inv_freq(cfg), np.load(FIXTURES / name / "golden.npz")["rope_inv_freq"])
 
 
 @settings(max_examples=200, deadline=None)
@@ -359,7 +359,7 @@ def test_a_bad_generation_config_is_refused_when_the_model_is_opened(tmp_path):
 
 
 def test_importing_bcnp_never_imports_torch():
-    code = ("import sys, bcnp, bcnp.convert, bcnp.checkpoint, bcnp.model; "
+    code = ("import sys, bcnp, bcnp.convert, bcnp.checkpoint, bcnp.model, bcnp.api, bcnp.gpu.graphs; "
             "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers')]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from bcnp import Model
 from bcnp.config import Config
 from bcnp.demo import DEMO_NAME, build_demo_model
-from bcnp.model import random_weights
+from bcnp.weights import random_weights
 from bcnp.perplexity import estimate, llama_cpp_chunks, main, sliding_windows
 from bcnp.scoring import token_logprobs
 

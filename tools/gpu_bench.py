@@ -24,8 +24,11 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from bcnp.backend import (BackendError, DeviceModel, DeviceQuantizedWeight, GraphKVCache, cuda_kernels,  # noqa: E402
-                          first_line, get_cupy, is_cupy, rms_norm_on_device)
+from bcnp.api import DeviceModel                                                      # noqa: E402
+from bcnp.gpu.cache import GraphKVCache                                               # noqa: E402
+from bcnp.gpu.kernels import (BackendError, cuda_kernels, first_line, get_cupy, is_cupy,  # noqa: E402
+                              rms_norm_on_device)
+from bcnp.gpu.weights import DeviceQuantizedWeight                                    # noqa: E402
 from bcnp.config import Config                                                        # noqa: E402
 from bcnp.quant import is_linear, padded_width                                      # noqa: E402
 
@@ -200,7 +203,7 @@ def layer_parts(model, timer, per_layer, bandwidth):
         "self_attn.W_pack", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
     vector = {name: weight.vector(x_mlp if name == "mlp.down_proj" else x) for name, weight in layer.items()}
     residual = x[0]
-    matvecs = {   # as decode_layer runs them: residual adds and silu(gate) * up inside the matvec kernels
+    matvecs = {   # as DecodeOps runs them: residual adds and silu(gate) * up inside the matvec kernels
         "W_pack": (lambda: layer["self_attn.W_pack"].matvec(vector["self_attn.W_pack"]),
                    layer["self_attn.W_pack"].nbytes),
         "o_proj+add": (lambda: layer["self_attn.o_proj"].matvec(vector["self_attn.o_proj"], residual=residual),

@@ -92,13 +92,14 @@ cold_compile() {
     "$PY" - <<'EOF'
 import time
 t = time.perf_counter()
-from bcnp import backend, Model
+from bcnp import Model
+from bcnp.gpu import kernels
 from tests.conftest import FIXTURES, MODELS
-cupy = backend.get_cupy()
+cupy = kernels.get_cupy()
 print(f"import bcnp and cupy: {time.perf_counter() - t:.1f} s", flush=True)
 t = time.perf_counter()
-backend.cuda_kernels(cupy)
-print(f"compile quant_kernels.cu (NVRTC, options {backend.NVRTC_OPTIONS} + CuPy's {backend.CUPY_NVRTC_OPTIONS}): "
+kernels.cuda_kernels(cupy)
+print(f"compile quant_kernels.cu (NVRTC, options {kernels.NVRTC_OPTIONS} + CuPy's {kernels.CUPY_NVRTC_OPTIONS}): "
       f"{time.perf_counter() - t:.1f} s", flush=True)
 model = Model.from_pretrained(FIXTURES / MODELS[0] / "hf").quantize(8).cuda()
 for run in ("first (CuPy compiles its elementwise and reduction kernels)", "second (all cached)"):

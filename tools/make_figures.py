@@ -5,13 +5,13 @@
 
 Writes
   alibi.png               the 40 ALiBi slopes of Baichuan-13B and how each head's bias fades out older keys
-                          (bcnp.model.alibi_slopes, bcnp.model.attention_bias)
+                          (bcnp.forward.alibi_slopes, bcnp.forward.attention_bias)
   quantization_error.png  the error of int8 (Q8_0) and int4 (Q4_0) on Gaussian weights, next to float16's and
                           bfloat16's rounding (bcnp.quant.quantize / dequantize)
   memory.png              memory for Baichuan-13B's weights at each precision and for a full KV cache
                           (bcnp.inspect.inspect_model)
   norm_head.png           Baichuan2's NormHead on the tiny Baichuan2-13B fixture: lm_head's row norms as stored,
-                          and the next-token distribution with and without it (bcnp.model.norm_head, Model.logits)
+                          and the next-token distribution with and without it (bcnp.weights.norm_head, Model.logits)
 The data are deterministic (seeded); the PNGs carry no timestamp, so rerunning changes nothing unless the code did.
 """
 import argparse
@@ -23,9 +23,10 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from bcnp.config import BAICHUAN_13B                              # noqa: E402
+from bcnp.forward import alibi_slopes, attention_bias             # noqa: E402
 from bcnp.inspect import inspect_model                            # noqa: E402
-from bcnp.model import alibi_slopes, attention_bias, norm_head    # noqa: E402
 from bcnp.quant import dequantize, quantize                       # noqa: E402
+from bcnp.weights import norm_head                                # noqa: E402
 
 DPI = 100
 SAVE = dict(dpi=DPI, metadata={"Software": None}, bbox_inches="tight")

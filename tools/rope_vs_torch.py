@@ -22,7 +22,8 @@ def run_bcnp():
     import dataclasses
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
     from bcnp.config import BAICHUAN2_7B
-    from bcnp.model import Model, random_weights
+    from bcnp import Model
+    from bcnp.weights import random_weights
     config = dataclasses.replace(BAICHUAN2_7B, num_hidden_layers=2, vocab_size=1024)
     w = random_weights(config, seed=0)          # a plain dict: lm_head as given, no NormHead on either side
     ids = np.random.default_rng(1).integers(0, config.vocab_size, T)

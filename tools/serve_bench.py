@@ -3,7 +3,7 @@
     OMP_NUM_THREADS=2 python tools/serve_bench.py [--threads 2] [--bits 4] [--clients 1,4,8] [--json]
 
 The model has 2 layers of Baichuan-13B's real widths (hidden 5120, intermediate 13696, 40 heads, ALiBi) with random
-weights (`bcnp.model.random_weights`), quantized like a converted checkpoint (int4 linears, int8 lm_head), and the
+weights (`bcnp.weights.random_weights`), quantized like a converted checkpoint (int4 linears, int8 lm_head), and the
 demo model's tokenizer, so the vocabulary is cut to its 1000 pieces: the decoder layers cost what they cost in the
 13B, the lm_head almost nothing. The server runs in this process on a free port (`bcnp.server.Server`), the clients
 are threads speaking raw HTTP (http.client: they only wait on sockets, the engine keeps the cores). Each client sends
@@ -43,12 +43,13 @@ import http.client  # noqa: E402
 
 import numpy as np  # noqa: E402
 
+from bcnp import Model  # noqa: E402
 from bcnp.config import BAICHUAN_13B  # noqa: E402
 from bcnp.demo import build_demo_model  # noqa: E402
-from bcnp.model import Model, random_weights  # noqa: E402
 from bcnp.sampling import GenerationConfig  # noqa: E402
 from bcnp.server import Server  # noqa: E402
 from bcnp.tokenizer import Tokenizer  # noqa: E402
+from bcnp.weights import random_weights  # noqa: E402
 
 
 def bench_model():

@@ -1,11 +1,11 @@
-// GPU kernels of bcnp/backend.py, compiled at run time by cupy.RawModule (NVRTC; nvcc compiles it too).
+// GPU kernels of bcnp/gpu/kernels.py, compiled at run time by cupy.RawModule (NVRTC; nvcc compiles it too).
 //
 // Weights are rows of n_pad values (n_pad a multiple of 32) in the flat layouts of SPEC section 4:
 //   Q8_0  int8 codes q, one float16 scale d per block of 32:        w = q * d
 //   Q4_0  16 bytes per block, byte j = code j | code (j + 16) << 4:  w = (code - 8) * d
 //   F16   float16 values, no scales (the unquantized weights of a float16 model)
 //
-// Every kernel has a NumPy twin in backend.py that does the same float32 operations in the same order
+// Every kernel has a NumPy twin in bcnp/gpu/kernels.py that does the same float32 operations in the same order
 // (the tests compare them), so the arithmetic here is spelled out: __fmul_rn / __fadd_rn stop the compiler from
 // fusing a multiply and an add into one FMA, whose single rounding NumPy could not reproduce.
 //
@@ -410,7 +410,7 @@ extern "C" __global__ void attention_combine(const float* scratch, float* out, i
 
 #define NORM_THREADS 256
 
-// One block per row: out = x * (1 / sqrt(mean(x^2) + eps)) * w, as bcnp.model.rms_norm. Thread t adds x[j]^2 for
+// One block per row: out = x * (1 / sqrt(mean(x^2) + eps)) * w, as bcnp.forward.rms_norm. Thread t adds x[j]^2 for
 // j = t, t + THREADS, ... in order; then lanes by halving, then warps 0, 1, ... in order; mean = sum / n.
 extern "C" __global__ void rms_norm_f32(const float* __restrict__ x, const float* __restrict__ w,
                                         float* __restrict__ out, int n, float eps) {
@@ -437,7 +437,7 @@ extern "C" __global__ void silu_mul_f32(const float* __restrict__ gate, const fl
 
 // The new token's keys and values (nh * hd float32 each) into one layer of the cache, (nh, max_len, hd), at the
 // position read from the device: one thread per value; float16 caches round to nearest, and saturate at +-65504
-// (NaN stays NaN; backend.clamp_to_float16): an infinite key or value would make its head's later scores NaN.
+// (NaN stays NaN; bcnp.gpu.cache.clamp_to_float16): an infinite key or value would make its head's later scores NaN.
 __device__ __forceinline__ void put(float* p, float value) { *p = value; }
 __device__ __forceinline__ void put(unsigned short* p, float value) {
     *p = float_to_half(value > 65504.0f ? 65504.0f : value < -65504.0f ? -65504.0f : value);
