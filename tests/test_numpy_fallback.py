@@ -46,7 +46,7 @@ def test_without_compiled_modules_bcnp_warns_once_and_computes_the_same_logits(t
     assert np.abs(out["float"] - want).max() <= 1e-4 * scale
     compiled = Model.from_pretrained(fixture / "hf").quantize(8)
     dequantized = Model(compiled.config, {k: v.dequantize() if isinstance(v, QuantizedWeight) else v
-                                          for k, v in compiled.w.items()})
+                                          for k, v in compiled.w.items()}, cache_dtype=compiled.cache_dtype)
     # quantizing is bit-identical and the fallback's prefill dequantizes: equal up to BLAS summation order (the
     # compiled prefill rounds x to int16 per block first, so it is not the reference here)
     np.testing.assert_allclose(out["q8"], dequantized.logits(golden["prompt_2"]), rtol=0, atol=1e-5 * scale)
