@@ -178,7 +178,7 @@ class KVCache:
         """Attention of q (nh, T, hd) over layer i's first S = bias.shape[-1] positions -> (nh, T, hd)."""
         S = bias.shape[-1]
         if xp is np and self.k.dtype == np.float16 and _attention is not None:
-            # The kernel for any T: a prefill chunk of 16-256 tokens at 13B width attended 1.1-3x faster through
+            # The kernel for any T: a prefill chunk of 16-256 tokens at 13B width attended 1.2-2.5x faster through
             # it than widening the span to float32 for BLAS (tools/memory_bench.py attention), and it never
             # holds the (nh, T, S) scores.
             return _attention.attend_f16(q, self.k[i].view(np.uint16), self.v[i].view(np.uint16), bias)
@@ -345,9 +345,13 @@ class CheckpointWeights(dict):
         return list(dict.fromkeys([*self.tensors, *self]))
 
 
+FORWARD_CHUNK = 256           # tokens per pass of Model.forward (the engine's prefill_chunk)
+
+
 def default_cache_dtype(w):
-    """float16 for a quantized model (its decode reads the cache as much as the weights at long contexts; logits
-    move by ~1e-3, tests/test_float16_cache.py), float32 for a float one (the reference: the golden logits)."""
+    """float16 for a quantized model (at long contexts its decode reads the cache as much as the weights; the
+    logits move by <= 3.5e-4 of their scale, tests/test_float16_cache.py), float32 for a float one (the reference:
+    the golden logits)."""
     quantized = any(isinstance(value, QuantizedWeight) for value in w.values())
     return np.dtype(np.float16 if quantized else np.float32)
 
@@ -437,8 +441,18 @@ class Model:
         return new_cache(self.xp, self.config, max_len, self.cache_dtype)
 
     def forward(self, ids, cache):
-        """Logits (T_new, V) for `ids` appended after what `cache` holds; always host float32."""
-        return to_numpy(transformer(self.xp, self.w, self.config, self._check_ids(ids), cache))
+        """Logits (T_new, V) for `ids` appended after what `cache` holds; always host float32. A long `ids` goes
+        through the cache FORWARD_CHUNK tokens at a time, as the engine's prefill does: one pass over 4000 tokens of
+        the 13B would hold (40, 4000, 4000) float32 biases and scores, 2.6 GB each (2 int4 layers peaked at 11.2 GB,
+        issue 12; chunked: 2.8 GB, 1 GB of it the logits, tools/memory_bench.py memory)."""
+        ids = self._check_ids(ids)
+        if len(ids) <= FORWARD_CHUNK:
+            return to_numpy(transformer(self.xp, self.w, self.config, ids, cache))
+        logits = np.empty((len(ids), self.config.vocab_size), np.float32)          # filled in place: no 2nd copy
+        for start in range(0, len(ids), FORWARD_CHUNK):
+            chunk = ids[start:start + FORWARD_CHUNK]
+            logits[start:start + len(chunk)] = to_numpy(transformer(self.xp, self.w, self.config, chunk, cache))
+        return logits
 
     def logits(self, ids):
         """Logits (T, V) of one full forward pass with a fresh cache."""

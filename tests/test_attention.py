@@ -138,7 +138,9 @@ def test_without_the_compiled_module_a_float16_cache_warns_once_and_computes_the
         result.stderr
     out = np.load(tmp_path / "o.npz")
     assert str(out["dtype"]) == "float16"
-    # float weights: the int8 kernels round activations to a grid, and a 1e-7 difference may cross a step there
+    # The kernel and its specification differ by float32 rounding, which may store a later key or value one float16
+    # step apart: 1e-4 of the logits' scale, as any two computations over float16 caches (tests/test_float16_cache.py;
+    # measured 2.6e-5 here). Float weights: the int8 kernels' activation grid would add steps of its own.
     from bcnp import Model
     model = Model.from_pretrained(fixture / "hf")
     model.cache_dtype = np.dtype(np.float16)
@@ -147,5 +149,5 @@ def test_without_the_compiled_module_a_float16_cache_warns_once_and_computes_the
     steps = np.concatenate([model.forward(prompt[:26], cache)] + [model.forward([t], cache) for t in prompt[26:]])
     logits = model.logits(prompt)
     scale = max(1.0, float(np.abs(logits).max()))
-    assert np.abs(out["logits"] - logits).max() <= 1e-5 * scale          # the kernel and its specification
-    assert np.abs(out["steps"] - steps).max() <= 1e-5 * scale            # in prefill and in decode steps
+    assert np.abs(out["logits"] - logits).max() <= 1e-4 * scale          # the kernel and its specification
+    assert np.abs(out["steps"] - steps).max() <= 1e-4 * scale            # in prefill and in decode steps

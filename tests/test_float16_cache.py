@@ -152,6 +152,27 @@ def test_the_engine_does_not_take_over_an_idle_cache_of_another_dtype():
     assert [cache.k.dtype for _, cache in engine.idle] == [np.float16]
 
 
+# --- long prompts ----------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_a_forward_longer_than_a_chunk_goes_through_the_cache_in_chunks_with_the_same_logits(monkeypatch, dtype):
+    """Model.forward runs FORWARD_CHUNK tokens per pass (no (nh, T, S) arrays of a whole 4000-token prompt)."""
+    import bcnp.model
+    model, golden = open_fixture(MODELS[0])
+    model = with_cache(model, dtype)
+    prompt = golden["prompt_2"]
+    one_pass = bcnp.model.to_numpy(transformer(np, model.w, model.config, prompt, model.new_cache(len(prompt))))
+    passes = []
+    monkeypatch.setattr(bcnp.model, "transformer", lambda *a, **k: passes.append(len(a[3])) or transformer(*a, **k))
+    monkeypatch.setattr(bcnp.model, "FORWARD_CHUNK", 7)
+    cache = model.new_cache(len(prompt) + 1)
+    chunked = model.forward(prompt, cache)
+    assert passes == [7, 7, 7, 7, 5] and cache.length == len(prompt) and chunked.shape == one_pass.shape
+    assert scaled_error(chunked, one_pass) <= (1e-5 if dtype == np.float32 else AGREEMENT)
+    if dtype == np.float32:
+        assert scaled_error(chunked, golden["logits_full_2"]) <= 1e-4
+
+
 # --- the command lines ---------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
