@@ -26,9 +26,21 @@ from .gpu.kernels import cuda_kernels, get_cupy, is_cupy
 from .gpu.weights import DeviceQuantizedWeight, device_weights, host_dtype, host_weights
 from .layout import is_linear
 from .model import new_cache, to_numpy
+from .quant import QuantizedWeight
 from .sampling import GenerationConfig, check_sampling_args, check_setting
 from .tokenizer import StreamDecoder, Tokenizer
 from .weights import materialised, quantized, read_weights
+
+
+FORWARD_CHUNK = 256           # tokens per pass of Model.forward (as the engine's prefill_chunk)
+
+
+def default_cache_dtype(w):
+    """float16 for a quantized model (at long contexts its decode reads the cache as much as the weights; the
+    logits move by <= 3.5e-4 of their scale, tests/test_float16_cache.py), float32 for a float one (the reference:
+    the golden logits)."""
+    quantized = any(isinstance(value, QuantizedWeight) for value in w.values())
+    return np.dtype(np.float16 if quantized else np.float32)
 
 
 class Model:
@@ -36,7 +48,7 @@ class Model:
 
     def __init__(self, config, w, xp=np, tokenizer=None, generation_config=None, path=None, cache_dtype=None):
         self.config, self.weights, self.xp = config, w, xp
-        self.cache_dtype = cache_dtype            # None: float32; the GPU keeps a float16 cache
+        self.cache_dtype = default_cache_dtype(w) if cache_dtype is None else np.dtype(cache_dtype)
         self.tokenizer = tokenizer
         self.generation_config = generation_config or GenerationConfig()
         self.path = path
@@ -90,8 +102,18 @@ class Model:
         return new_cache(self.xp, self.config, max_len, self.cache_dtype)
 
     def forward(self, ids, cache):
-        """Logits (T_new, V) for `ids` appended after what `cache` holds; always host float32."""
-        return to_numpy(transformer(self.xp, self.w, self.config, self._check_ids(ids), cache))
+        """Logits (T_new, V) for `ids` appended after what `cache` holds; always host float32. A long `ids` goes
+        through the cache FORWARD_CHUNK tokens at a time, as the engine's prefill does: one pass over 4000 tokens of
+        the 13B would hold (40, 4000, 4000) float32 biases and scores, 2.6 GB each (2 int4 layers of 13B width
+        peaked at 11.2 GB in one pass; chunked: 2.8 GB, 1 GB of it the logits, tools/memory_bench.py memory)."""
+        ids = self._check_ids(ids)
+        if len(ids) <= FORWARD_CHUNK:
+            return to_numpy(transformer(self.xp, self.w, self.config, ids, cache))
+        logits = np.empty((len(ids), self.config.vocab_size), np.float32)          # filled in place: no 2nd copy
+        for start in range(0, len(ids), FORWARD_CHUNK):
+            chunk = ids[start:start + FORWARD_CHUNK]
+            logits[start:start + len(chunk)] = to_numpy(transformer(self.xp, self.w, self.config, chunk, cache))
+        return logits
 
     def logits(self, ids):
         """Logits (T, V) of one full forward pass with a fresh cache."""

@@ -243,7 +243,7 @@ class Engine:
             n = min(common_prefix(owner[0], seq.prompt), len(seq.prompt) - 1)   # the last prompt token is fed
             if n > best_n:
                 best, best_n = owner, n
-        if best is not None and best[2] and best[1].max_len >= size:
+        if best is not None and best[2] and best[1].max_len >= size and best[1].k.dtype == self.model.cache_dtype:
             # a finished sequence's cache (the previous chat turn): take it over, no copy
             self.idle = [entry for entry in self.idle if entry[1] is not best[1]]
             seq.cache = best[1]

@@ -29,6 +29,12 @@ SETTING_FLAGS = {"max_new_tokens": "--max-new-tokens", "temperature": "--tempera
 
 
 
+def add_cache_dtype_argument(p):
+    p.add_argument("--cache-dtype", choices=("float16", "float32"),
+                   help="the KV cache's dtype (default: float16 for a quantized model, float32 for a float one; "
+                        "float16 halves its memory and what each decode step reads)")
+
+
 def parse_args(argv):
     from .config import add_family_argument
     p = ArgumentParser(prog="python -m bcnp.generate", description="Chat with a Baichuan-13B/7B model.")
@@ -40,6 +46,7 @@ def parse_args(argv):
     p.add_argument("--quantize", type=int, choices=(8, 4), help="quantize the linear weights to 8 or 4 bits")
     add_family_argument(p)
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    add_cache_dtype_argument(p)
     p.add_argument("--max-new-tokens", type=int, metavar="N", help="default: the checkpoint's generation_config")
     p.add_argument("--temperature", type=float, metavar="T")
     p.add_argument("--top-k", type=int, metavar="K", help="0 = off")
@@ -84,6 +91,9 @@ def load_model(args):
         model = model.quantize(args.quantize)
     if args.device == "cuda":
         model = model.cuda()
+    if getattr(args, "cache_dtype", None):
+        import numpy as np
+        model.cache_dtype = np.dtype(args.cache_dtype)
     return model
 
 

@@ -10,9 +10,17 @@ from dataclasses import dataclass
 import numpy as np
 
 from .forward import attention
+from .quant import _attention
 
 
 # --- the KV cache ----------------------------------------------------------------------------------------------
+
+# Attention over a float16 cache on the CPU reads it as stored, in bcnp._attention (csrc/attention.pyx); without
+# that module (bcnp.quant says so once) it runs the specification: `attention` on the keys and values widened to
+# float32.
+FLOAT16_MAX = 65504.0
+CACHE_DTYPES = (np.dtype(np.float16), np.dtype(np.float32))
+
 
 @dataclass
 class KVCache:
@@ -21,7 +29,12 @@ class KVCache:
     Layout (layers, nh, max_len, hd), as in the original, so each head's keys are contiguous. On the CPU
     np.zeros maps untouched pages lazily: a 4096-token 13B cache costs memory only as it fills.
     A step of T new tokens: `positions` says where they go, each layer `store`s their keys and values and
-    `attend`s over the first `span` positions, then `length` grows by T."""
+    `attend`s over the first `span` positions, then `length` grows by T.
+
+    float32 (the reference) or float16 (half the memory and half the bytes each decode step reads: the default of
+    quantized models). A float16 cache stores keys and values rounded to nearest, limited to float16's finite range
+    (a value beyond 65504 would be infinity and make its head's scores NaN; other float16 engines clamp too), and
+    every step attends over the stored values, so a prompt gives the same logits in any split into steps."""
     k: object
     v: object
     length: int = 0
@@ -43,14 +56,22 @@ class KVCache:
     def store(self, i, k, v):
         """Layer i's keys and values (T, nh, hd) of the new tokens."""
         start, end = self.length, self.length + k.shape[0]
+        if self.k.dtype == np.float16:
+            k, v = k.clip(-FLOAT16_MAX, FLOAT16_MAX), v.clip(-FLOAT16_MAX, FLOAT16_MAX)
         self.k[i, :, start:end] = k.transpose(1, 0, 2)                      # (nh, T, hd)
         self.v[i, :, start:end] = v.transpose(1, 0, 2)
 
     def attend(self, xp, i, q, bias):
         """Attention of q (nh, T, hd) over layer i's first S = bias.shape[-1] positions -> (nh, T, hd)."""
         S = bias.shape[-1]
+        if xp is np and self.k.dtype == np.float16 and _attention is not None:
+            # The kernel for any T: a prefill chunk of 16-256 tokens at 13B width attended 1.2-2.5x faster through
+            # it than widening the span to float32 for BLAS (tools/memory_bench.py attention), and it never
+            # holds the (nh, T, S) scores.
+            return _attention.attend_f16(np.ascontiguousarray(q), self.k[i].view(np.uint16), self.v[i].view(np.uint16),
+                                         bias)
         keys, values = self.k[i, :, :S], self.v[i, :, :S]                    # (nh, S, hd)
-        if keys.dtype != xp.float32:                                         # float16 cache on the GPU
+        if keys.dtype != xp.float32:          # the kernel's specification; prefill on the GPU's float16 cache
             keys, values = keys.astype(xp.float32), values.astype(xp.float32)
         return attention(xp, q, keys, values, bias)
 
@@ -68,15 +89,18 @@ def cache_zeros(xp, shape, dtype):
 
 
 def new_cache(xp, config, max_len=None, dtype=None):
-    """An empty KVCache for `max_len` positions (default: the whole context); MemoryError saying how much the
-    context needs when it cannot be had (a 2^20-token context of the 13B needs 1.7 TB in float32)."""
+    """An empty KVCache for `max_len` positions (default: the whole context) of `dtype` float32 (default) or
+    float16; MemoryError saying how much the context needs when it cannot be had (a 2^20-token context of the
+    13B needs 1.7 TB in float32)."""
     max_len = config.max_position if max_len is None else max_len
     if not (isinstance(max_len, numbers.Integral) and not isinstance(max_len, bool)
             and 1 <= max_len <= config.max_position):
         raise ValueError(f"new_cache: max_len must be an integer in [1, {config.max_position}] (the context), "
                          f"got {max_len!r:.60}")
+    dtype = np.dtype(np.float32 if dtype is None else dtype)
+    if dtype not in CACHE_DTYPES:
+        raise ValueError(f"new_cache: the cache dtype must be float16 or float32, got {dtype}")
     shape = (config.num_hidden_layers, config.num_attention_heads, int(max_len), config.head_dim)
-    dtype = xp.float32 if dtype is None else dtype
     try:
         return KVCache(cache_zeros(xp, shape, dtype), cache_zeros(xp, shape, dtype))
     except (MemoryError, OSError):             # numpy's _ArrayMemoryError, CuPy's OutOfMemoryError, mmap's ENOMEM

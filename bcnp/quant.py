@@ -45,10 +45,12 @@ def _compiled(name):
 
 # Without the compiled modules (no C compiler or Python.h where bcnp was installed, as on a fresh GPU machine) bcnp
 # still runs, on the NumPy specification (`NumpyKernels` below, bfloat16 in checkpoint.to_float32): slowly, and
-# saying so once, here, for both modules.
+# saying so once, here, for all three modules.
 _quant, _quant_error = _compiled("_quant")
 _dtypes_error = _compiled("_dtypes")[1]
-_missing = {f"bcnp.{name}": e for name, e in (("_quant", _quant_error), ("_dtypes", _dtypes_error)) if e is not None}
+_attention, _attention_error = _compiled("_attention")      # a float16 KV cache's attention (bcnp.model)
+_missing = {f"bcnp.{name}": e for name, e in (("_quant", _quant_error), ("_dtypes", _dtypes_error),
+                                               ("_attention", _attention_error)) if e is not None}
 if _missing:
     warnings.warn(one_line(f"{' and '.join(_missing)} (compiled from csrc/) could not be loaded "
                            f"({next(iter(_missing.values()))}); running the NumPy specification instead, many times "

@@ -15,7 +15,7 @@ import threading
 
 from .config import add_family_argument
 from .errors import one_line
-from .generate import EXIT_ERROR, EXIT_USAGE, ArgumentParser, UsageError, load_model
+from .generate import EXIT_ERROR, EXIT_USAGE, ArgumentParser, UsageError, add_cache_dtype_argument, load_model
 
 
 def parse_args(argv):
@@ -25,6 +25,7 @@ def parse_args(argv):
     p.add_argument("--quantize", type=int, choices=(8, 4), help="quantize the linear weights to 8 or 4 bits")
     add_family_argument(p)
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    add_cache_dtype_argument(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="0 picks a free port")
     p.add_argument("--model-name", help="the model id clients see (default: the directory's name)")

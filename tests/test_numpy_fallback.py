@@ -9,7 +9,8 @@ from bcnp import Model
 from bcnp.quant import QuantizedWeight
 from conftest import FIXTURES, MODELS
 
-HIDE_COMPILED = "import sys; sys.modules['bcnp._quant'] = sys.modules['bcnp._dtypes'] = None\n"
+HIDE_COMPILED = ("import sys; sys.modules['bcnp._quant'] = sys.modules['bcnp._dtypes'] = "
+                 "sys.modules['bcnp._attention'] = None\n")
 
 # In the child: the bfloat16 fixture (its weights widened without bcnp._dtypes), float and int8 logits.
 CHILD = HIDE_COMPILED + """
@@ -18,6 +19,7 @@ from bcnp import Model, quant
 model = Model.from_pretrained(sys.argv[1])
 golden = np.load(sys.argv[2])
 q8 = model.quantize(8)
+q8.cache_dtype = np.dtype(np.float32)        # the linears' fallback alone (a float16 cache's: tests/test_attention.py)
 cache = q8.new_cache()
 prompt = golden["prompt_2"]
 np.savez(sys.argv[3], kernels=quant._quant.SIMD, float=model.logits(prompt), q8=q8.logits(prompt),
@@ -36,7 +38,8 @@ def test_without_compiled_modules_bcnp_warns_once_and_computes_the_same_logits(t
     assert result.returncode == 0, result.stderr
     warnings = [line for line in result.stderr.splitlines() if "RuntimeWarning" in line]
     assert len(warnings) == 1, result.stderr
-    assert "bcnp._quant and bcnp._dtypes" in warnings[0] and "python setup.py build_ext --inplace" in warnings[0]
+    assert "bcnp._quant and bcnp._dtypes and bcnp._attention" in warnings[0]
+    assert "python setup.py build_ext --inplace" in warnings[0]
     assert "Python.h" in warnings[0]
 
     out, golden = np.load(tmp_path / "out.npz"), np.load(fixture / "golden.npz")
@@ -46,7 +49,7 @@ def test_without_compiled_modules_bcnp_warns_once_and_computes_the_same_logits(t
     assert np.abs(out["float"] - want).max() <= 1e-4 * scale
     compiled = Model.from_pretrained(fixture / "hf").quantize(8)
     dequantized = Model(compiled.config, {k: v.dequantize() if isinstance(v, QuantizedWeight) else v
-                                          for k, v in compiled.w.items()})
+                                          for k, v in compiled.w.items()})      # float32 cache, as the child's
     # quantizing is bit-identical and the fallback's prefill dequantizes: equal up to BLAS summation order (the
     # compiled prefill rounds x to int16 per block first, so it is not the reference here)
     np.testing.assert_allclose(out["q8"], dequantized.logits(golden["prompt_2"]), rtol=0, atol=1e-5 * scale)
