@@ -44,7 +44,6 @@ import dataclasses
 import json
 import math
 import os
-import sys
 import time
 
 
@@ -73,10 +72,10 @@ import numpy as np  # noqa: E402
 
 from bcnp import _quant  # noqa: E402
 from bcnp.layout import is_linear  # noqa: E402
-from bcnp.model import Model, attention_bias, rope, rope_inv_freq, transformer  # noqa: E402
+from bcnp.model import Model, attention, attention_bias, rope, rope_inv_freq, softmax, transformer  # noqa: E402
 from bcnp.quant import QuantizedWeight  # noqa: E402
 
-H, I, V = 5120, 13696, 64000
+H, I = 5120, 13696
 LINEARS = {"self_attn.W_pack": (3 * H, H), "self_attn.o_proj": (H, H), "mlp.gate_proj": (I, H),
            "mlp.up_proj": (I, H), "mlp.down_proj": (H, I)}
 THREADS = _quant.resolve_threads(args.threads or 0)
@@ -186,7 +185,7 @@ def alibi_vs_rope(model, pool, t_head):
             "rope_over_alibi_median": float(np.median(np.divide(times["rope"], times["alibi"]))),
             "alibi_tok_s_13b": 1 / alibi, "rope_tok_s_13b": 1 / rope_t,
             "alibi_faster_pct": 100 * (rope_t / alibi - 1), "seed_claim_pct": SEED_CLAIM,
-            "position_work_us": position_work_us(model.config)}
+            "position_work_us": position_work_us(model.config), "attention_alone": attention_alone(model.config, pool)}
 
 
 def position_work_us(config):
@@ -203,6 +202,35 @@ def position_work_us(config):
     return {name: 1e6 * best_time(f, 50) for name, f in us.items()}
 
 
+def attention_alone(config, pool):
+    """One layer's decode attention at ROPE_CONTEXT positions alone (bcnp.model.attention, random q, k, v): with
+    ALiBi's bias, with RoPE's mask, and with ALiBi's far scores cut. ALiBi's bias puts far keys 87 to 104 below
+    their row's best score, where exp gives float32 subnormals, and x86 computes with subnormals ~40x slower
+    (microcode assists: in exp, the division and the probabilities @ values GEMM). Scores more than 80 below the
+    row's max weigh < e^-80 ~ 1.8e-35 against a sum >= 1: dropping them before exp changes no float32 sum."""
+    nh, hd, S = config.num_attention_heads, config.head_dim, ROPE_CONTEXT + 1
+    q, k, v = pool((nh, 1, hd)), pool((nh, S, hd)), pool((nh, S, hd))
+    q_pos, k_pos = np.arange(S - 1, S), np.arange(S)
+    alibi = attention_bias(np, config, q_pos, k_pos)
+    rope_mask = attention_bias(np, dataclasses.replace(config, position_embedding="rope"), q_pos, k_pos)
+    probabilities = softmax(np, (q @ k.transpose(0, 2, 1)) / math.sqrt(hd) + alibi)
+    tiny = np.finfo(np.float32).tiny
+
+    def alibi_cut():
+        x = (q @ k.transpose(0, 2, 1)) / math.sqrt(hd) + alibi
+        x = x - x.max(axis=-1, keepdims=True)
+        x[x < -80] = -np.inf
+        e = np.exp(x)
+        return (e / e.sum(axis=-1, keepdims=True)) @ v
+    ms = {"alibi_ms": lambda: attention(np, q, k, v, alibi), "rope_ms": lambda: attention(np, q, k, v, rope_mask),
+          "alibi_cut_ms": alibi_cut}
+    out = {name: 1e3 * best_time(f, max(REPEATS, 10)) for name, f in ms.items()}
+    out["alibi_subnormal_probabilities"] = int(((probabilities > 0) & (probabilities < tiny)).sum())
+    out["probabilities"] = probabilities.size
+    out["alibi_cut_max_difference"] = float(np.abs(alibi_cut() - attention(np, q, k, v, alibi)).max())
+    return out
+
+
 def report():
     pool = RandomPool()
     bandwidth = Bandwidth(THREADS, 16 if args.smoke else 512)
@@ -210,11 +238,12 @@ def report():
     out = {"threads": THREADS, "kernels": _quant.SIMD, "layers": args.layers, "extrapolated_to_layers": LAYERS_13B,
            "widths": {"hidden": config.hidden_size, "intermediate": config.intermediate_size,
                       "heads": config.num_attention_heads, "vocab": config.vocab_size},
-           "ceilings": {"read_gbs": max(bandwidth.probe() for _ in range(5)),
+           "ceilings": {"read_gbs_start": max(bandwidth.probe() for _ in range(5)),
                         "blas_gflops": blas_gflops(*BLAS_SHAPE, max(2, REPEATS), pool), "blas_shape": BLAS_SHAPE},
            "cache_dtype": {}, "prefill": {}, "decode": {}, "after_prefill": {}}
     blas = out["ceilings"]["blas_gflops"]
-    say(f"threads {THREADS}, kernels {_quant.SIMD}; ceilings: memory read {out['ceilings']['read_gbs']:.1f} GB/s, "
+    say(f"threads {THREADS}, kernels {_quant.SIMD}; ceilings: memory read {out['ceilings']['read_gbs_start']:.1f} "
+        "GB/s, "
         f"float32 GEMM {blas:.1f} GFLOP/s ({'x'.join(map(str, BLAS_SHAPE[:2]))} @ "
         f"{'x'.join(map(str, BLAS_SHAPE[1:]))})")
     for kind, bits in KINDS.items():
@@ -228,7 +257,7 @@ def report():
             out["alibi_vs_rope"] = alibi_vs_rope(model, pool, t_head)
         say(f"  {kind} measured ({time.strftime('%H:%M:%S')})")
         del model
-    out["ceilings"]["read_gbs_worst"] = min(bandwidth.seen)
+    out["ceilings"].update(read_gbs=max(bandwidth.seen), read_gbs_worst=min(bandwidth.seen))
     return out
 
 
@@ -238,8 +267,8 @@ def print_report(r):
           f"{widths['heads']} heads, vocabulary {widths['vocab']}), random weights, {r['threads']} threads; "
           f"13B figures extrapolated to {r['extrapolated_to_layers']} layers")
     print(f"ceilings: memory read {c['read_gbs']:.1f} GB/s (best probe; {c['read_gbs_worst']:.1f} at worst during "
-          f"the run), float32 BLAS GEMM {c['blas_gflops']:.1f} GFLOP/s; KV cache "
-          + ", ".join(f"{k} {d}" for k, d in r["cache_dtype"].items()))
+          f"the run), float32 BLAS GEMM {c['blas_gflops']:.1f} GFLOP/s; KV cache dtype of the "
+          + ", ".join(f"{k} model {d}" for k, d in r["cache_dtype"].items()))
     print(f"\nprefill  {'tokens':>6} {'s':>7} {'tok/s':>7} {'13B tok/s':>10} {'GFLOP/s':>8} {'÷ BLAS':>7}")
     for kind, rows in r["prefill"].items():
         for n, p in rows.items():
@@ -256,12 +285,18 @@ def print_report(r):
         print(f"\n{kind}: the 10 steps after a {a['prompt']}-token prefill, ms: "
               + " ".join(f"{t:.0f}" for t in a["steps_ms"]) + f"; after a rest {a['rested_ms']:.0f}", end="")
     a, w = r["alibi_vs_rope"], r["alibi_vs_rope"]["position_work_us"]
-    print(f"\n\nALiBi vs RoPE, {a['weights']} at {a['positions']} positions, steps alternated: ALiBi {a['alibi_ms']:.1f} "
-          f"ms, RoPE {a['rope_ms']:.1f} ms per step (RoPE / ALiBi step by step: median {a['rope_over_alibi_median']:.3f}); "
-          f"13B {a['alibi_tok_s_13b']:.2f} against {a['rope_tok_s_13b']:.2f} tok/s: ALiBi {a['alibi_faster_pct']:+.1f}%.")
+    print(f"\n\nALiBi vs RoPE, {a['weights']} at {a['positions']} positions, steps alternated: ALiBi "
+          f"{a['alibi_ms']:.1f} ms, RoPE {a['rope_ms']:.1f} ms per step (RoPE / ALiBi step by step: median "
+          f"{a['rope_over_alibi_median']:.3f}); 13B {a['alibi_tok_s_13b']:.2f} against {a['rope_tok_s_13b']:.2f} "
+          f"tok/s: ALiBi {a['alibi_faster_pct']:+.1f}%.")
     print(f"What each adds to a step, timed alone: ALiBi's bias {w['alibi_bias']:.0f} us (once), RoPE's mask "
           f"{w['rope_mask']:.0f} us (once) + its rotation of q and k {w['rope_q_k_per_layer']:.0f} us per layer "
           f"({r['extrapolated_to_layers'] * w['rope_q_k_per_layer'] / 1e3:.1f} ms in 40 layers).")
+    w = a["attention_alone"]
+    print(f"One layer's attention alone: ALiBi {w['alibi_ms']:.2f} ms, RoPE {w['rope_ms']:.2f} ms. ALiBi makes "
+          f"{w['alibi_subnormal_probabilities']} of its {w['probabilities']} probabilities float32 subnormals (exp of "
+          "-87 to -104), slow on x86; with the scores more than 80 below their row's max dropped before exp it "
+          f"takes {w['alibi_cut_ms']:.2f} ms (max difference {w['alibi_cut_max_difference']:.1e}).")
     print(f"The seed's +{a['seed_claim_pct']}% (25.4 against 19.4 tok/s over 2000 generated tokens) compares "
           "Baichuan-13B with LLaMA-13B in their Hugging Face code: other widths, vocabulary and implementation. "
           "On the same weights and code, the position scheme alone is the difference above.")
@@ -321,7 +356,7 @@ def engine_decode_rate(model, batch, steps):
     from bcnp.engine import Engine
     rng = np.random.default_rng(batch)
     engine = Engine(model, max_batch=batch)
-    seqs = [engine.submit(rng.integers(0, V, 16), max_new_tokens=steps + 2, do_sample=False,
+    seqs = [engine.submit(rng.integers(0, model.config.vocab_size, 16), max_new_tokens=steps + 2, do_sample=False,
                           repetition_penalty=1.0, stop_ids=[]) for _ in range(batch)]
     while any(len(s.generated) == 0 for s in seqs):
         engine.step()
@@ -337,7 +372,7 @@ def chat_turn_ttft(model, history):
     """(time to the first token of a turn after `history` tokens, reusing them; the same turn's new tokens alone)."""
     from bcnp.engine import Engine
     rng = np.random.default_rng(5)
-    old, new = list(rng.integers(0, V, history)), list(rng.integers(0, V, 24))
+    old, new = (list(rng.integers(0, model.config.vocab_size, n)) for n in (history, 24))
     engine = Engine(model)
     first = engine.submit(old, max_new_tokens=8, do_sample=False, stop_ids=[])
     for _ in engine.run():
@@ -357,7 +392,7 @@ def chat_turn_ttft(model, history):
 
 
 def engine_report():
-    config, pool = model_config(args.layers), RandomPool()
+    config, pool = model_config(args.layers, args.smoke), RandomPool()
     report, steps = {"threads": THREADS, "layers": args.layers}, 2 if args.quick else 4
     for kind, bits in KINDS.items():
         model = random_model(config, pool, bits)
