@@ -17,8 +17,8 @@ MLP 13696, 40 heads, vocabulary 64000; random weights, whose values do not matte
             by a prefill: the cost of a step does not depend on them): ms per token, and the bytes it reads
             (weights, plus the cache's keys and values) / time as a fraction of the bandwidth probed just before
             (median over runs); the ratio decode(2048) / decode(128);
-  after a prefill  the 10 decode steps right after a 128-token prefill, against steps after a rest: OpenBLAS's
-            idle threads used to spin there (bcnp/__init__.py; tools/blas_stall.py measures it setting by setting);
+  after a prefill  the 10 decode steps right after a 128-token prefill, against steps after a rest (issue 12's
+            stall; tools/blas_stall.py measures OpenBLAS's idle threads setting by setting, see bcnp/__init__.py);
   ALiBi vs RoPE  Baichuan-13B (ALiBi) against the same int4 weights run as a RoPE model (position_embedding
             "rope", theta 10000, as Baichuan-7B and Baichuan2-7B) at 2000 positions, alternated, and what that
             says about the seed's claim that ALiBi makes 13B generate 31.6% faster than LLaMA-13B.
