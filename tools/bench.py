@@ -1,29 +1,37 @@
-"""CPU decode / prefill benchmark at Baichuan-13B width (SPEC §7), all numbers from one run.
+"""CPU prefill / decode benchmark at Baichuan-13B width against this machine's two ceilings, all from one run.
 
-    python tools/bench.py [--threads N] [--layers 2] [--quick]
+    python tools/bench.py [--threads N] [--layers 2] [--quick] [--json] [--cache-dtype {float16,float32}]
     python tools/bench.py batch [--threads N] [--quick] [--json]   (the engine: B sequences decoding together)
     python tools/bench.py kernels [--threads N] [--quick]          (JSON: the linears at several tokens per call)
 
-Measures, in order:
-  (a) the machine's memory read bandwidth: bcnp._quant.stream_read, every thread summing its own contiguous slice
-      of a 512 MiB buffer (a plain streaming read, the access pattern of the decode matvec), probed again just
-      before every timed run, because on a shared virtual machine it drifts by tens of percent; numpy's
-      single-threaded copy bandwidth is printed once for reference;
-  (b) one token through the five linears of one 13B layer (W_pack 15360x5120, o_proj 5120x5120, gate/up
-      13696x5120, down 5120x13696) for float32 (BLAS x @ W.T), int8 and int4 (the fused kernels), and lm_head;
-  (c) the full decode step of a bcnp.model.Model with `--layers` 13B-width layers, embedding and lm_head, after a
-      short prompt in the KV cache;
-  (d) prefill of a 512-token prompt (--quick: 128) through the same model (logits of the last token only);
-and reports the bytes of weights read per token, the GB/s that makes, its ratio to the bandwidth probed just before
-(the median over runs), and full 13B (40 layers + lm_head) tokens/s extrapolated from the per-layer times. Times are
-the best of several runs. Weights are random (a tiled random pool: values do not matter for speed). Memory stays
-under ~7.5 GB with the defaults (the float32 model with 2 layers is ~5 GB).
+The default report, for float32, int8 and int4 models of `--layers` layers of Baichuan-13B's widths (hidden 5120,
+MLP 13696, 40 heads, vocabulary 64000; random weights, whose values do not matter for speed):
+  ceilings  the memory read bandwidth (bcnp._quant.stream_read: every thread sums its own slice of 512 MiB, the
+            access pattern of the decode matvec; probed again just before every decode measurement, because on a
+            shared virtual machine it drifts by tens of percent) and the float32 GEMM throughput of numpy's BLAS
+            on the prefill's widest shape, 512x5120 @ 5120x13696 (best of several);
+  prefill   16, 128 and 512-token prompts to the last token's logits: tokens/s, and the linear layers' GFLOP/s
+            (2 x linear parameters x tokens / time; the time includes attention, norms and lm_head, as a user
+            waits for them) as a fraction of the BLAS ceiling;
+  decode    one token at 128, 1024 and 2048 cached positions (the cache filled with random keys and values, not
+            by a prefill: the cost of a step does not depend on them): ms per token, and the bytes it reads
+            (weights, plus the cache's keys and values) / time as a fraction of the bandwidth probed just before
+            (median over runs); the ratio decode(2048) / decode(128);
+  after a prefill  the 10 decode steps right after a 128-token prefill, against steps after a rest (issue 12's
+            stall; tools/blas_stall.py measures OpenBLAS's idle threads setting by setting, see bcnp/__init__.py);
+  ALiBi vs RoPE  Baichuan-13B (ALiBi) against the same int4 weights run as a RoPE model (position_embedding
+            "rope", theta 10000, as Baichuan-7B and Baichuan2-7B) at 2000 positions, alternated, and what that
+            says about the seed's claim that ALiBi makes 13B generate 31.6% faster than LLaMA-13B.
+Whole-13B figures are extrapolated from the layers measured: t(13B) = 40 t(layer) + t(lm_head), with t(layer)
+= (t(model) - t(lm_head)) / layers and lm_head timed alone. --quick: fewer repetitions (~3 minutes on 2 threads);
+--json: the report as one object on stdout; --smoke: tiny widths, one repetition (checks the script in seconds).
+--cache-dtype sets Model.cache_dtype (default: what the model picks); the report says which dtype the cache had.
 
-`batch` runs bcnp.engine on a `--layers`-layer model of 13B width (embedding and lm_head whole): B = 1, 2, 4, 8, 16
-sequences decode together after a 16-token prompt each, and it reports the aggregate decode tokens/s per weight
-kind ({"int4": {"1": tok/s, ...}, "int8": ..., "float32": ...} with --json, plus "vs_b1" ratios and the chat
-turn below); then a chat turn after a 512-token history (--quick: 256): the time to its first token, reusing the
-history's cache, against the same turn's new tokens alone on a fresh engine.
+`batch` runs bcnp.engine on a `--layers`-layer model of 13B width: B = 1, 2, 4, 8, 16 sequences decode together
+after a 16-token prompt each, and it reports the aggregate decode tokens/s per weight kind ({"int4": {"1": tok/s,
+...}, ...} with --json, plus "vs_b1" ratios and the chat turn below); then a chat turn after a 512-token history
+(--quick: 256): the time to its first token, reusing the history's cache, against the same turn's new tokens alone
+on a fresh engine.
 
 `kernels` prints one JSON object: for the five linears of one 13B layer in float32 (BLAS), int8 and int4,
   - "decode": B = 1, 2, 4, 8, 16 tokens per call (the batched kernels; float32: x @ W.T), aggregate tokens/s and
@@ -33,22 +41,23 @@ history's cache, against the same turn's new tokens alone on a fresh engine.
 """
 import argparse
 import dataclasses
-import inspect
 import json
+import math
 import os
-import sys
 import time
 
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--threads", type=int, default=None, help="threads (default: $OMP_NUM_THREADS, else all cores)")
-    p.add_argument("--layers", type=int, default=2, help="13B-width layers in the full-model runs (default 2)")
-    p.add_argument("--quick", action="store_true", help="fewer repetitions, 128-token prefill")
-    p.add_argument("--prompt", type=int, default=None, help="prefill length (default 512, --quick 128)")
+    p.add_argument("--layers", type=int, default=2, help="13B-width layers in the model runs (default 2)")
+    p.add_argument("--quick", action="store_true", help="fewer repetitions (~3 minutes on 2 threads)")
+    p.add_argument("--smoke", action="store_true", help="tiny widths, one repetition: checks the script")
+    p.add_argument("--cache-dtype", choices=["float16", "float32"], default=None,
+                   help="the KV cache's dtype (default: what the model picks)")
     p.add_argument("command", nargs="?", choices=["batch", "kernels"],
                    help="batch: the engine, B sequences at once; kernels: the linears at several tokens per call")
-    p.add_argument("--json", action="store_true", help="batch: one JSON object on stdout, nothing else")
+    p.add_argument("--json", action="store_true", help="one JSON object on stdout, nothing else")
     return p.parse_args()
 
 
@@ -56,87 +65,250 @@ args = parse_args()
 if args.threads:          # before numpy (OpenBLAS) and the OpenMP kernels start their thread pools
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = str(args.threads)
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from benchkit import (KINDS, LAYERS_13B, Bandwidth, RandomPool, best_time, blas_gflops,  # noqa: E402
+                      cache_bytes_per_token, filled_cache, model_config, random_model, weight_bytes_per_token)
 import numpy as np  # noqa: E402
 
 from bcnp import _quant  # noqa: E402
+from bcnp.layout import is_linear  # noqa: E402
+from bcnp import Model  # noqa: E402
+from bcnp.forward import attention, attention_bias, rope, softmax, transformer  # noqa: E402
+from bcnp.weights import rope_inv_freq, with_rope_table  # noqa: E402
 from bcnp.quant import QuantizedWeight  # noqa: E402
 
-H, I, V, LAYERS_13B = 5120, 13696, 64000, 40
+H, I = 5120, 13696
 LINEARS = {"self_attn.W_pack": (3 * H, H), "self_attn.o_proj": (H, H), "mlp.gate_proj": (I, H),
            "mlp.up_proj": (I, H), "mlp.down_proj": (H, I)}
 THREADS = _quant.resolve_threads(args.threads or 0)
-REPEATS = 3 if args.quick else 7
+REPEATS = 1 if args.smoke else 3 if args.quick else 7
+PROMPTS, CONTEXTS, ROPE_CONTEXT, SEED_CLAIM = (16, 128, 512), (128, 1024, 2048), 2000, 31.6
+BLAS_SHAPE = (64, 128, 344) if args.smoke else (512, H, I)     # the prefill's widest GEMM: 512 tokens @ gate_proj
 
 
-def best_time(f, repeats=REPEATS):
-    """The fastest of `repeats` runs: the least disturbed by anything else on the machine."""
-    f()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        f()
-        times.append(time.perf_counter() - t)
-    return min(times)
+def say(*lines):
+    if not args.json:
+        print(*lines, sep="\n", flush=True)
 
 
-class Bandwidth:
-    """Memory read bandwidth, probed next to every measurement: on a shared (virtual) machine it moves by tens of
-    percent from minute to minute, so each time is compared with a probe taken just before it."""
+# --- the default report: prefill and decode against the two ceilings ------------------------------------------
 
-    def __init__(self, mib=512):
-        self.buf = np.ones(mib << 17, np.uint64)              # well beyond the last-level cache
-        self.seen = []
+def new_model(config, pool, bits):
+    model = random_model(config, pool, bits)
+    if args.cache_dtype:
+        model.cache_dtype = np.dtype(args.cache_dtype)
+    return model
 
-    def probe(self):
-        t = time.perf_counter()
-        _quant.stream_read(self.buf, THREADS)
-        gbs = self.buf.nbytes / (time.perf_counter() - t) / 1e9
-        self.seen.append(gbs)
-        return gbs
 
-    def measure(self, f, nbytes, repeats=REPEATS):
-        """(best time of f, median over runs of (nbytes / time) / (the probe just before it))."""
-        f()
-        times, ratios = [], []
-        for _ in range(repeats):
-            time.sleep(0.15)        # OpenBLAS's threads spin ~0.1 s after a call: let them sleep before probing
-            bw = max(self.probe(), self.probe())
+def lm_head_time(model):
+    """One token through lm_head alone: the part of a step that does not scale with the layers."""
+    head, x = model.w["lm_head.weight"], np.ones((1, model.config.hidden_size), np.float32)
+    return best_time(lambda: head.matmul(x) if isinstance(head, QuantizedWeight) else x @ head.T, REPEATS)
+
+
+def whole_13b(t_model, t_head, layers):
+    """Seconds for the 40-layer model from `layers` layers: 40 t(layer) + t(lm_head). (Tiny --smoke layers can
+    take less than the noise in t(lm_head): t(layer) is at least 0.)"""
+    return LAYERS_13B * max(t_model - t_head, 0.0) / layers + t_head
+
+
+def linear_parameters(config):
+    """Parameters of the layers' linears (lm_head apart: a prefill runs it on the last token only)."""
+    return sum(math.prod(shape) for name, shape in config.weight_shapes().items()
+               if is_linear(name) and name != "lm_head.weight")
+
+
+def prefill_row(model, n, t_head, blas):
+    """A fresh n-token prompt to its last token's logits (what generation needs)."""
+    ids = np.random.default_rng(n).integers(0, model.config.vocab_size, n)
+    t = best_time(lambda: transformer(model.xp, model.w, model.config, ids, model.new_cache(n), last_only=True),
+                  1 if args.quick or args.smoke else 2)
+    gflops = 2 * linear_parameters(model.config) * n / t / 1e9
+    return {"s": t, "tok_s": n / t, "tok_s_13b": n / whole_13b(t, t_head, args.layers), "gflops": gflops,
+            "vs_blas": gflops / blas}
+
+
+def decode_rows(model, pool, bandwidth, t_head):
+    """One token at each of CONTEXTS cached positions (one filled cache, rewound to each context per step)."""
+    cache, token = filled_cache(model, max(CONTEXTS), pool), [1]
+    rows = {}
+    for context in CONTEXTS:
+        def step():
+            cache.length = context
+            model.forward(token, cache)
+        nbytes = weight_bytes_per_token(model) + cache_bytes_per_token(cache, context)
+        t, ratio = bandwidth.measure(step, nbytes, REPEATS)
+        rows[str(context)] = {"ms": 1e3 * t, "mb": nbytes / 1e6, "gbs": nbytes / t / 1e9, "vs_bandwidth": ratio,
+                              "tok_s_13b": 1 / whole_13b(t, t_head, args.layers)}
+    rows["ratio_2048_128"] = rows["2048"]["ms"] / rows["128"]["ms"]
+    return rows, np.dtype(cache.k.dtype).name
+
+
+def steps_after_prefill(model, prompt=128, steps=10):
+    """ms of each of `steps` decode steps right after a prefill, and the median of as many after 0.5 s of rest."""
+    ids = np.random.default_rng(4).integers(0, model.config.vocab_size, prompt + 2 * steps)
+    cache = model.new_cache(len(ids))
+
+    def timed(tokens):
+        out = []
+        for token in tokens:
             t = time.perf_counter()
-            f()
-            times.append(time.perf_counter() - t)
-            ratios.append(nbytes / times[-1] / 1e9 / bw)
-        return min(times), float(np.median(ratios))
-
-
-class RandomPool:
-    """Tensors filled from one pool of random normals at rotating offsets: memcpy speed instead of an RNG's."""
-
-    def __init__(self, size=1 << 24, seed=0):
-        self.pool = np.random.default_rng(seed).standard_normal(size, dtype=np.float32) * np.float32(0.02)
-        self.offset = 0
-
-    def __call__(self, shape, dtype=np.float32):
-        out = np.empty(shape, dtype)
-        flat, n = out.reshape(-1), out.size
-        i = 0
-        while i < n:
-            start = self.offset % len(self.pool)
-            k = min(n - i, len(self.pool) - start)
-            flat[i:i + k] = self.pool[start:start + k]
-            i += k
-            self.offset += k + 7919                       # a prime stride, so tensors differ
+            model.next_logits([token], cache)
+            out.append(1e3 * (time.perf_counter() - t))
         return out
+    model.next_logits(ids[:prompt], cache)
+    after = timed(ids[prompt:prompt + steps])
+    time.sleep(0.5)
+    return {"prompt": prompt, "steps_ms": after, "rested_ms": float(np.median(timed(ids[prompt + steps:])))}
 
 
-def copy_bandwidth():
-    src = np.ones(1 << 26, np.uint64).view(np.uint8)        # 512 MiB
-    dst = np.empty_like(src)
-    return 2 * src.nbytes / best_time(lambda: np.copyto(dst, src), 3) / 1e9
+def alibi_vs_rope(model, pool, t_head):
+    """Decode at ROPE_CONTEXT positions with ALiBi and with RoPE on the same weights, a step of each in turn (both
+    see the same machine), and what each scheme adds to a step, timed alone."""
+    rope_config = dataclasses.replace(model.config, position_embedding="rope")
+    rope = Model(rope_config, with_rope_table(rope_config, dict(model.w)))
+    rope.cache_dtype = model.cache_dtype
+    models = {"alibi": model, "rope": rope}
+    caches = {name: filled_cache(m, ROPE_CONTEXT, pool) for name, m in models.items()}
+
+    def step(name):
+        caches[name].length = ROPE_CONTEXT
+        start = time.perf_counter()
+        models[name].forward([1], caches[name])
+        return time.perf_counter() - start
+    times = {name: [] for name in models}
+    for i in range(1 + (1 if args.smoke else 12 if args.quick else 30)):
+        for name in models:
+            t = step(name)
+            if i:                                                   # the first pair warms up
+                times[name].append(t)
+    alibi, rope_t = (whole_13b(min(times[n]), t_head, args.layers) for n in models)
+    return {"positions": ROPE_CONTEXT, "weights": "int4", "alibi_ms": 1e3 * min(times["alibi"]),
+            "rope_ms": 1e3 * min(times["rope"]),
+            "rope_over_alibi_median": float(np.median(np.divide(times["rope"], times["alibi"]))),
+            "alibi_tok_s_13b": 1 / alibi, "rope_tok_s_13b": 1 / rope_t,
+            "alibi_faster_pct": 100 * (rope_t / alibi - 1), "seed_claim_pct": SEED_CLAIM,
+            "position_work_us": position_work_us(model.config), "attention_alone": attention_alone(model.config, pool)}
 
 
-# --- (b) the linears of one layer ---------------------------------------------------------------------------------
+def position_work_us(config):
+    """Microseconds of what each scheme adds to one decode step at ROPE_CONTEXT positions: the bias (built once a
+    step; ALiBi's holds slope x distance for every head, RoPE's the causal mask only), and RoPE's rotation of one
+    token's q and k (every layer)."""
+    q_pos, k_pos = np.arange(ROPE_CONTEXT, ROPE_CONTEXT + 1), np.arange(ROPE_CONTEXT + 1)
+    rope_config = dataclasses.replace(config, position_embedding="rope")
+    q = np.ones((1, config.num_attention_heads, config.head_dim), np.float32)
+    inv_freq = rope_inv_freq(rope_config)
+    us = {"alibi_bias": lambda: attention_bias(np, config, q_pos, k_pos),
+          "rope_mask": lambda: attention_bias(np, rope_config, q_pos, k_pos),
+          "rope_q_k_per_layer": lambda: (rope(np, q, q_pos, inv_freq), rope(np, q, q_pos, inv_freq))}
+    return {name: 1e6 * best_time(f, 50) for name, f in us.items()}
+
+
+def attention_alone(config, pool):
+    """One layer's decode attention at ROPE_CONTEXT positions alone (bcnp.model.attention, random q, k, v): with
+    ALiBi's bias, with RoPE's mask, and with ALiBi's far scores cut. ALiBi's bias puts far keys 87 to 104 below
+    their row's best score, where exp gives float32 subnormals, and x86 computes with subnormals ~40x slower
+    (microcode assists: in exp, the division and the probabilities @ values GEMM). Scores more than 80 below the
+    row's max weigh < e^-80 ~ 1.8e-35 against a sum >= 1: dropping them before exp changes no float32 sum."""
+    nh, hd, S = config.num_attention_heads, config.head_dim, ROPE_CONTEXT + 1
+    q, k, v = pool((nh, 1, hd)), pool((nh, S, hd)), pool((nh, S, hd))
+    q_pos, k_pos = np.arange(S - 1, S), np.arange(S)
+    alibi = attention_bias(np, config, q_pos, k_pos)
+    rope_mask = attention_bias(np, dataclasses.replace(config, position_embedding="rope"), q_pos, k_pos)
+    probabilities = softmax(np, (q @ k.transpose(0, 2, 1)) / math.sqrt(hd) + alibi)
+    tiny = np.finfo(np.float32).tiny
+
+    def alibi_cut():
+        x = (q @ k.transpose(0, 2, 1)) / math.sqrt(hd) + alibi
+        x = x - x.max(axis=-1, keepdims=True)
+        x[x < -80] = -np.inf
+        e = np.exp(x)
+        return (e / e.sum(axis=-1, keepdims=True)) @ v
+    ms = {"alibi_ms": lambda: attention(np, q, k, v, alibi), "rope_ms": lambda: attention(np, q, k, v, rope_mask),
+          "alibi_cut_ms": alibi_cut}
+    out = {name: 1e3 * best_time(f, max(REPEATS, 10)) for name, f in ms.items()}
+    out["alibi_subnormal_probabilities"] = int(((probabilities > 0) & (probabilities < tiny)).sum())
+    out["probabilities"] = probabilities.size
+    out["alibi_cut_max_difference"] = float(np.abs(alibi_cut() - attention(np, q, k, v, alibi)).max())
+    return out
+
+
+def report():
+    pool = RandomPool()
+    bandwidth = Bandwidth(THREADS, 16 if args.smoke else 512)
+    config = model_config(args.layers, args.smoke)
+    out = {"threads": THREADS, "kernels": _quant.SIMD, "layers": args.layers, "extrapolated_to_layers": LAYERS_13B,
+           "widths": {"hidden": config.hidden_size, "intermediate": config.intermediate_size,
+                      "heads": config.num_attention_heads, "vocab": config.vocab_size},
+           "ceilings": {"read_gbs_start": max(bandwidth.probe() for _ in range(5)),
+                        "blas_gflops": blas_gflops(*BLAS_SHAPE, max(2, REPEATS), pool), "blas_shape": BLAS_SHAPE},
+           "cache_dtype": {}, "prefill": {}, "decode": {}, "after_prefill": {}}
+    blas = out["ceilings"]["blas_gflops"]
+    say(f"threads {THREADS}, kernels {_quant.SIMD}; ceilings: memory read {out['ceilings']['read_gbs_start']:.1f} "
+        "GB/s, "
+        f"float32 GEMM {blas:.1f} GFLOP/s ({'x'.join(map(str, BLAS_SHAPE[:2]))} @ "
+        f"{'x'.join(map(str, BLAS_SHAPE[1:]))})")
+    for kind, bits in KINDS.items():
+        model = new_model(config, pool, bits)
+        t_head = lm_head_time(model)
+        out["prefill"][kind] = {str(n): prefill_row(model, n, t_head, blas) for n in PROMPTS}
+        out["decode"][kind], out["cache_dtype"][kind] = decode_rows(model, pool, bandwidth, t_head)
+        if bits:
+            out["after_prefill"][kind] = steps_after_prefill(model)
+        if bits == 4:
+            out["alibi_vs_rope"] = alibi_vs_rope(model, pool, t_head)
+        say(f"  {kind} measured ({time.strftime('%H:%M:%S')})")
+        del model
+    out["ceilings"].update(read_gbs=max(bandwidth.seen), read_gbs_worst=min(bandwidth.seen))
+    return out
+
+
+def print_report(r):
+    c, widths = r["ceilings"], r["widths"]
+    print(f"\n{r['layers']} layers of Baichuan-13B's widths (hidden {widths['hidden']}, MLP {widths['intermediate']}, "
+          f"{widths['heads']} heads, vocabulary {widths['vocab']}), random weights, {r['threads']} threads; "
+          f"13B figures extrapolated to {r['extrapolated_to_layers']} layers")
+    print(f"ceilings: memory read {c['read_gbs']:.1f} GB/s (best probe; {c['read_gbs_worst']:.1f} at worst during "
+          f"the run), float32 BLAS GEMM {c['blas_gflops']:.1f} GFLOP/s; KV cache dtype of the "
+          + ", ".join(f"{k} model {d}" for k, d in r["cache_dtype"].items()))
+    print(f"\nprefill  {'tokens':>6} {'s':>7} {'tok/s':>7} {'13B tok/s':>10} {'GFLOP/s':>8} {'÷ BLAS':>7}")
+    for kind, rows in r["prefill"].items():
+        for n, p in rows.items():
+            print(f"{kind:8} {n:>6} {p['s']:7.2f} {p['tok_s']:7.1f} {p['tok_s_13b']:10.2f} {p['gflops']:8.1f} "
+                  f"{p['vs_blas']:7.2f}")
+    print(f"\ndecode   {'context':>7} {'ms':>7} {'13B tok/s':>10} {'MB read':>8} {'GB/s':>6} {'÷ bandwidth':>11}")
+    for kind, rows in r["decode"].items():
+        for n in map(str, CONTEXTS):
+            d = rows[n]
+            print(f"{kind:8} {n:>7} {d['ms']:7.1f} {d['tok_s_13b']:10.2f} {d['mb']:8.0f} {d['gbs']:6.1f} "
+                  f"{d['vs_bandwidth']:11.2f}")
+        print(f"{kind:8} decode(2048) / decode(128) = {rows['ratio_2048_128']:.2f}")
+    for kind, a in r["after_prefill"].items():
+        print(f"\n{kind}: the 10 steps after a {a['prompt']}-token prefill, ms: "
+              + " ".join(f"{t:.0f}" for t in a["steps_ms"]) + f"; after a rest {a['rested_ms']:.0f}", end="")
+    a, w = r["alibi_vs_rope"], r["alibi_vs_rope"]["position_work_us"]
+    print(f"\n\nALiBi vs RoPE, {a['weights']} at {a['positions']} positions, steps alternated: ALiBi "
+          f"{a['alibi_ms']:.1f} ms, RoPE {a['rope_ms']:.1f} ms per step (RoPE / ALiBi step by step: median "
+          f"{a['rope_over_alibi_median']:.3f}); 13B {a['alibi_tok_s_13b']:.2f} against {a['rope_tok_s_13b']:.2f} "
+          f"tok/s: ALiBi {a['alibi_faster_pct']:+.1f}%.")
+    print(f"What each adds to a step, timed alone: ALiBi's bias {w['alibi_bias']:.0f} us (once), RoPE's mask "
+          f"{w['rope_mask']:.0f} us (once) + its rotation of q and k {w['rope_q_k_per_layer']:.0f} us per layer "
+          f"({r['extrapolated_to_layers'] * w['rope_q_k_per_layer'] / 1e3:.1f} ms in 40 layers).")
+    w = a["attention_alone"]
+    print(f"One layer's attention alone: ALiBi {w['alibi_ms']:.2f} ms, RoPE {w['rope_ms']:.2f} ms. ALiBi makes "
+          f"{w['alibi_subnormal_probabilities']} of its {w['probabilities']} probabilities float32 subnormals (exp of "
+          "-87 to -104), slow on x86; with the scores more than 80 below their row's max dropped before exp it "
+          f"takes {w['alibi_cut_ms']:.2f} ms (max difference {w['alibi_cut_max_difference']:.1e}).")
+    print(f"The seed's +{a['seed_claim_pct']}% (25.4 against 19.4 tok/s over 2000 generated tokens) compares "
+          "Baichuan-13B with LLaMA-13B in their Hugging Face code: other widths, vocabulary and implementation. "
+          "On the same weights and code, the position scheme alone is the difference above.")
+
+
+# --- kernels: several tokens per call ------------------------------------------------------------------------------
+
+BATCHES = (1, 2, 4, 8, 16)
+
 
 def layer_weights(pool, kind):
     """The five linears of one layer as float32 arrays or QuantizedWeight (8 or 4 bits)."""
@@ -149,78 +321,6 @@ def layer_weights(pool, kind):
 
 def linear(x, w):
     return w.matmul(x) if isinstance(w, QuantizedWeight) else x @ w.T
-
-
-def layer_inputs():
-    rng = np.random.default_rng(1)
-    return {name: rng.standard_normal((1, shape[1]), dtype=np.float32) for name, shape in LINEARS.items()}
-
-
-# --- (c), (d) the model -------------------------------------------------------------------------------------------
-
-def have_model():
-    try:
-        from bcnp.model import Model  # noqa: F401
-        from bcnp.config import Config  # noqa: F401
-        return True
-    except ImportError as e:
-        print(f"(bcnp.model not importable: {e}; skipping the full-model runs)")
-        return False
-
-
-def model_config(layers):
-    from bcnp.config import BAICHUAN_13B
-    return dataclasses.replace(BAICHUAN_13B, num_hidden_layers=layers)
-
-
-def float_model(config, pool):
-    from bcnp.model import Model
-    w = {name: (np.ones(shape, np.float32) if len(shape) == 1 else pool(shape))
-         for name, shape in config.weight_shapes().items()}
-    return Model(config, w)
-
-
-def decode_step(model, context=16):
-    """One token with `context` tokens in the cache (the cache rewinds to `context` before every step)."""
-    rng = np.random.default_rng(2)
-    cache = model.new_cache(context + 2)
-    model.forward(rng.integers(0, V, context), cache)
-    token = rng.integers(0, V, 1)
-
-    def step():
-        cache.length = context
-        model.forward(token, cache)
-    return step
-
-
-def prefill_time(model, n):
-    """A fresh n-token prompt; only the last token's logits, as generation needs, where the model offers that."""
-    from bcnp import model as model_module
-    ids = np.random.default_rng(3).integers(0, V, n)
-    transformer = getattr(model_module, "transformer", None)
-    if transformer is not None and "last_only" in inspect.signature(transformer).parameters:
-        def run():
-            transformer(model.xp, model.w, model.config, ids, model.new_cache(n), last_only=True)
-    else:
-        def run():
-            model.forward(ids, model.new_cache(n))
-    return best_time(run, 1 if args.quick else 2)
-
-
-def model_weight_bytes_per_token(model):
-    """Bytes of weights one decode step reads: every linear and lm_head whole, one row of the embedding."""
-    total = 0
-    for name, w in model.w.items():
-        if name == "model.embed_tokens.weight":
-            total += w.nbytes // w.shape[0]
-        else:
-            total += w.nbytes
-    return total
-
-
-# --- batch: several tokens per call ---------------------------------------------------------------------------------
-
-BATCHES, PROMPTS = (1, 2, 4, 8, 16), (16, 128, 512)
 
 
 def layer_time(weights, tokens, repeats):
@@ -259,7 +359,7 @@ def engine_decode_rate(model, batch, steps):
     from bcnp.engine import Engine
     rng = np.random.default_rng(batch)
     engine = Engine(model, max_batch=batch)
-    seqs = [engine.submit(rng.integers(0, V, 16), max_new_tokens=steps + 2, do_sample=False,
+    seqs = [engine.submit(rng.integers(0, model.config.vocab_size, 16), max_new_tokens=steps + 2, do_sample=False,
                           repetition_penalty=1.0, stop_ids=[]) for _ in range(batch)]
     while any(len(s.generated) == 0 for s in seqs):
         engine.step()
@@ -275,7 +375,7 @@ def chat_turn_ttft(model, history):
     """(time to the first token of a turn after `history` tokens, reusing them; the same turn's new tokens alone)."""
     from bcnp.engine import Engine
     rng = np.random.default_rng(5)
-    old, new = list(rng.integers(0, V, history)), list(rng.integers(0, V, 24))
+    old, new = (list(rng.integers(0, model.config.vocab_size, n)) for n in (history, 24))
     engine = Engine(model)
     first = engine.submit(old, max_new_tokens=8, do_sample=False, stop_ids=[])
     for _ in engine.run():
@@ -295,99 +395,35 @@ def chat_turn_ttft(model, history):
 
 
 def engine_report():
-    config = model_config(args.layers)
-    base = float_model(config, RandomPool())
+    config, pool = model_config(args.layers, args.smoke), RandomPool()
     report, steps = {"threads": THREADS, "layers": args.layers}, 2 if args.quick else 4
-    for kind, bits in (("float32", None), ("int8", 8), ("int4", 4)):
-        model = base if bits is None else base.quantize(bits)
+    for kind, bits in KINDS.items():
+        model = random_model(config, pool, bits)
         rates = {b: engine_decode_rate(model, b, steps) for b in BATCHES}
         report[kind] = {str(b): r for b, r in rates.items()}
         report[kind + "_vs_b1"] = {str(b): r / rates[1] for b, r in rates.items()}
-        if not args.json:
-            print(f"{kind:8} " + "  ".join(f"B={b}: {r:6.1f} tok/s ({r / rates[1]:4.1f}x)" for b, r in rates.items()),
-                  flush=True)
+        say(f"{kind:8} " + "  ".join(f"B={b}: {r:6.1f} tok/s ({r / rates[1]:4.1f}x)" for b, r in rates.items()))
         if kind == "int4":
-            report["chat_turn_int4"] = chat_turn_ttft(model, 256 if args.quick else 512)
-            if not args.json:
-                c = report["chat_turn_int4"]
-                print(f"chat turn after {c['history']} tokens (int4): first token {c['ttft_s']:.2f} s reusing "
-                      f"{c['reused_tokens']} cached tokens, against {c['alone_s']:.2f} s for its "
-                      f"{c['new_tokens']} new tokens alone (ratio {c['ratio']:.2f})")
+            c = report["chat_turn_int4"] = chat_turn_ttft(model, 256 if args.quick else 512)
+            say(f"chat turn after {c['history']} tokens (int4): first token {c['ttft_s']:.2f} s reusing "
+                f"{c['reused_tokens']} cached tokens, against {c['alone_s']:.2f} s for its "
+                f"{c['new_tokens']} new tokens alone (ratio {c['ratio']:.2f})")
         del model
     return report
-
-
-# --- main ---------------------------------------------------------------------------------------------------------
-
-def main():
-    prompt = args.prompt or (128 if args.quick else 512)
-    t_start = time.time()
-    bandwidth = Bandwidth()
-    bw = max(bandwidth.probe() for _ in range(5))
-    print(f"threads {THREADS}, kernels {_quant.SIMD}; memory read bandwidth {bw:.1f} GB/s (bcnp._quant.stream_read: "
-          f"{THREADS} threads each summing a slice of 512 MiB); numpy copy {copy_bandwidth():.1f} GB/s "
-          f"(read + write, 1 thread). Ratios below compare with a probe taken just before each run.")
-    pool = RandomPool()
-    rows = {}
-
-    print("\n(b) one token through the five linears of one 13B layer, and lm_head")
-    xs, x_head = layer_inputs(), np.ones((1, H), np.float32)
-    for kind in ("f32", "q8", "q4"):
-        weights = layer_weights(pool, kind)
-        size = sum(w.nbytes for w in weights.values())
-        t, ratio = bandwidth.measure(lambda: [linear(xs[n], w) for n, w in weights.items()], size)
-        del weights
-        head = pool((V, H))
-        head = head if kind == "f32" else QuantizedWeight.from_float(head, 8)   # lm_head stays 8 bits in both modes
-        t_head = best_time(lambda: linear(x_head, head))
-        del head
-        rows[kind] = {"layer_ms": 1e3 * t, "layer_mb": size / 1e6, "gbs": size / t / 1e9, "ratio": ratio,
-                      "head_ms": 1e3 * t_head, "tok_s_13b": 1 / (LAYERS_13B * t + t_head)}
-        print(f"  {kind}: {1e3 * t:7.2f} ms/layer  {size / 1e6:7.1f} MB  {size / t / 1e9:5.1f} GB/s "
-              f"(ratio {ratio:.2f})   lm_head {1e3 * t_head:6.2f} ms")
-
-    if have_model():
-        config = model_config(args.layers)
-        print(f"\n(c, d) Model with {args.layers} layers of 13B width + embedding + lm_head: "
-              f"decode step, {prompt}-token prefill")
-        base = float_model(config, pool)
-        for kind in ("f32", "q8", "q4"):
-            model = base if kind == "f32" else base.quantize(8 if kind == "q8" else 4)
-            if kind == "q4":
-                del base
-            size = model_weight_bytes_per_token(model)
-            t_step, ratio = bandwidth.measure(decode_step(model), size)
-            t_prefill = prefill_time(model, prompt)
-            r = rows[kind]
-            per_layer = (t_step - r["head_ms"] / 1e3) / args.layers
-            r.update(step_ms=1e3 * t_step, step_mb=size / 1e6, step_gbs=size / t_step / 1e9, step_ratio=ratio,
-                     full_tok_s_13b=1 / (LAYERS_13B * per_layer + r["head_ms"] / 1e3),
-                     prefill_tok_s=prompt / t_prefill,
-                     prefill_tok_s_13b=prompt / (LAYERS_13B * t_prefill / args.layers))
-            print(f"  {kind}: step {1e3 * t_step:7.1f} ms ({size / 1e6:.0f} MB, {size / t_step / 1e9:.1f} GB/s, "
-                  f"ratio {ratio:.2f}); prefill {prompt} tokens {t_prefill:.2f} s = {prompt / t_prefill:.1f} tokens/s")
-            del model
-
-    print(f"\nsummary: {THREADS} threads, read bandwidth {max(bandwidth.seen):.1f} GB/s at best "
-          f"({min(bandwidth.seen):.1f} at worst) during the run, {time.time() - t_start:.0f} s")
-    print(f"{'':4} {'layer ms':>9} {'MB/layer':>9} {'GB/s':>6} {'ratio':>6} {'13B tok/s':>10} "
-          f"{'step ms':>8} {'ratio':>6} {'13B tok/s':>10} {'prefill tok/s':>14} {'13B prefill':>12}")
-    print(f"{'':4} {'kernels of one layer (b)':^44} {'model decode step (c)':^26} "
-          f"{f'(d) {args.layers} layers':>14} {'tok/s':>12}")
-    for kind, r in rows.items():
-        line = (f"{kind:4} {r['layer_ms']:9.2f} {r['layer_mb']:9.1f} {r['gbs']:6.1f} {r['ratio']:6.2f} "
-                f"{r['tok_s_13b']:10.2f}")
-        if "step_ms" in r:
-            line += (f" {r['step_ms']:8.1f} {r['step_ratio']:6.2f} {r['full_tok_s_13b']:10.2f} "
-                     f"{r['prefill_tok_s']:14.1f} {r['prefill_tok_s_13b']:12.2f}")
-        print(line)
 
 
 if __name__ == "__main__":
     if args.command == "kernels":
         print(json.dumps(batch_report(), indent=1))
     elif args.command == "batch":
-        report = engine_report()
-        print(json.dumps(report) if args.json else f"\n{json.dumps(report)}")
+        result = engine_report()
+        print(json.dumps(result) if args.json else f"\n{json.dumps(result)}")
     else:
-        main()
+        start = time.time()
+        result = report()
+        result["seconds"] = time.time() - start
+        if args.json:
+            print(json.dumps(result))
+        else:
+            print_report(result)
+            print(f"\n({result['seconds']:.0f} s)")

@@ -18,7 +18,7 @@ Measured on this machine (2 vCPUs of a Xeon with AVX-512 and a 300 MB L3, shared
   peak RSS (GB), int4, 2 layers (the model: 1.40)   engine (Model.generate)   one call (Model.logits)
   4000-token prompt, float16 cache                         1.90                    2.82 (1.02 of it the logits)
   4000-token prompt, float32 cache                         2.38                    3.30
-  before: Model.logits was one pass over the 4000 tokens, 11.2 GB (issue 12; not rerun on this shared machine)
+  before: Model.logits was one pass over the 4000 tokens, 11.2 GB (measured before the change; not rerun here)
 
   session (open + 512-token prompt + 64 new tokens), GB     1 layer   2 layers   40-layer 13B, extrapolated
   int4, float16 cache / float32 cache                       1.36/1.37  1.55/1.57   8.65 / 9.09

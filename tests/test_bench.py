@@ -1,0 +1,96 @@
+"""tools/bench.py and tools/blas_stall.py run end to end (--smoke: tiny widths) and report what their docstrings
+promise; and importing bcnp stops OpenBLAS's idle threads from spinning after a call (the post-prefill stall)."""
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+from conftest import FIXTURES
+
+ROOT = FIXTURES.parent.parent
+TOOLS = ROOT / "tools"
+KINDS = ["float32", "int8", "int4"]
+
+
+def run_json(*argv):
+    result = subprocess.run([sys.executable, *map(str, argv)], capture_output=True, text=True, timeout=300, cwd=ROOT,
+                            env=None)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)                        # --json: one object on stdout, nothing else
+
+
+@pytest.fixture(scope="module")
+def report():
+    return run_json(TOOLS / "bench.py", "--smoke", "--json", "--layers", "1", "--cache-dtype", "float16")
+
+
+@pytest.mark.slow
+def test_the_report_has_both_ceilings_and_every_kind_length_and_context(report):
+    c = report["ceilings"]
+    assert c["read_gbs"] >= max(c["read_gbs_start"], c["read_gbs_worst"]) > 0 and c["blas_gflops"] > 0
+    assert report["extrapolated_to_layers"] == 40 and report["layers"] == 1
+    for kind in KINDS:
+        assert list(report["prefill"][kind]) == ["16", "128", "512"]
+        for row in report["prefill"][kind].values():
+            assert row["vs_blas"] == pytest.approx(row["gflops"] / report["ceilings"]["blas_gflops"])
+            assert row["tok_s"] > 0 and row["tok_s_13b"] > 0
+        decode = report["decode"][kind]
+        assert set(decode) == {"128", "1024", "2048", "ratio_2048_128"}
+        assert decode["ratio_2048_128"] == pytest.approx(decode["2048"]["ms"] / decode["128"]["ms"])
+        assert all(decode[c]["vs_bandwidth"] > 0 and decode[c]["tok_s_13b"] > 0 for c in ("128", "1024", "2048"))
+
+
+@pytest.mark.slow
+def test_decode_counts_the_cache_it_reads_in_the_dtype_asked_for(report):
+    w = report["widths"]
+    for kind in KINDS:
+        assert report["cache_dtype"][kind] == "float16"
+        decode = report["decode"][kind]
+        keys_and_values = 2 * 1 * w["heads"] * (2048 - 128) * (w["hidden"] // w["heads"]) * 2     # 1 layer, 2 bytes
+        assert (decode["2048"]["mb"] - decode["128"]["mb"]) * 1e6 == pytest.approx(keys_and_values)
+
+
+@pytest.mark.slow
+def test_the_report_times_the_steps_after_a_prefill_and_alibi_against_rope(report):
+    assert set(report["after_prefill"]) == {"int8", "int4"}
+    for steps in report["after_prefill"].values():
+        assert len(steps["steps_ms"]) == 10 and steps["rested_ms"] > 0
+    a = report["alibi_vs_rope"]
+    assert a["positions"] == 2000 and a["seed_claim_pct"] == 31.6
+    assert a["alibi_faster_pct"] == pytest.approx(100 * (a["alibi_tok_s_13b"] / a["rope_tok_s_13b"] - 1))
+    alone = a["attention_alone"]
+    assert alone["probabilities"] == report["widths"]["heads"] * 2001
+    assert 0 < alone["alibi_subnormal_probabilities"] < alone["probabilities"]     # ALiBi's far keys, exp(-87..-104)
+    assert alone["alibi_cut_max_difference"] < 1e-30              # scores 80 below the max weigh nothing in float32
+    assert set(a["position_work_us"]) == {"alibi_bias", "rope_mask", "rope_q_k_per_layer"}
+
+
+def spin_seconds(setup):
+    """CPU seconds a fresh process uses while it sleeps 0.3 s right after a threaded float32 GEMM."""
+    code = (f"{setup}\nimport time, numpy as np\na = np.ones((40, 512, 128), np.float32)\n"
+            "b = np.ones((40, 128, 512), np.float32)\na @ b\nc = time.process_time()\ntime.sleep(0.3)\n"
+            "print(time.process_time() - c)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT,
+                            env={"PYTHONPATH": str(ROOT), "OPENBLAS_NUM_THREADS": "2", "PATH": ""})
+    assert result.returncode == 0, result.stderr
+    return float(result.stdout)
+
+
+def test_openblas_threads_sleep_right_after_a_call_once_bcnp_is_imported():
+    """OpenBLAS's default keeps its idle threads spinning ~0.1 s after every threaded call (0.04-0.12 CPU s
+    measured here), taking the cores from the OpenMP kernels that run next; bcnp sets 2^20 cycles (< 1 ms)."""
+    assert spin_seconds("import bcnp") < 0.02
+
+
+@pytest.mark.slow
+def test_blas_stall_compares_the_three_settings():
+    report = run_json(TOOLS / "blas_stall.py", "--smoke", "--rounds", "1", "--layers", "1", "--prompt", "16", "--json")
+    settings = report["settings"]
+    assert list(settings) == ["openblas default", "bcnp", "openblas 1 thread"]
+    assert settings["openblas default"]["openblas_thread_timeout"] == "28"
+    assert settings["bcnp"]["openblas_thread_timeout"] == "20"
+    assert settings["bcnp"]["spin_cpu_s"] < 0.02 and settings["openblas 1 thread"]["spin_cpu_s"] < 0.02
+    for s in settings.values():
+        assert s["prefill_s"] > 0 and math.isfinite(s["first_3_steps_ms"]) and s["rested_steps_ms"] > 0
