@@ -25,7 +25,7 @@ from .gpu.graphs import DecodeGraphs
 from .gpu.kernels import cuda_kernels, get_cupy, is_cupy
 from .gpu.weights import DeviceQuantizedWeight, device_weights, host_dtype, host_weights
 from .layout import is_linear
-from .model import new_cache, to_numpy
+from .cache import new_cache, to_numpy
 from .quant import QuantizedWeight
 from .sampling import GenerationConfig, check_sampling_args, check_setting
 from .tokenizer import StreamDecoder, Tokenizer

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .forward import transformer
-from .model import KVCache, new_cache, to_numpy
+from .cache import KVCache, new_cache, to_numpy
 from .sampling import check_sampling_args, next_token
 
 
@@ -43,14 +43,10 @@ class BatchCache:
     caches: list
     counts: list
 
-    @property
-    def length(self):
-        return 0
-
-    @length.setter
-    def length(self, value):             # transformer's `cache.length += T`: each sequence grew by its own tokens
+    def advance(self, T):
+        """The step's T tokens are stored: each sequence's cache grew by its own count."""
         for cache, n in zip(self.caches, self.counts):
-            cache.length += n
+            cache.advance(n)
 
     def segments(self):
         """(cache, first row, rows) of each sequence in the batch's T tokens."""

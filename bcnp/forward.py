@@ -127,7 +127,7 @@ PLAIN = Ops()
 
 def decoder_layer(xp, x, w, i, config, cache, positions, bias, ops=PLAIN):
     """One pre-norm block: x + attention(rms_norm(x)), then x + mlp(rms_norm(x)). x (T, H).
-    `cache` stores the new keys and values and attends over its positions (bcnp.model.KVCache)."""
+    `cache` stores the new keys and values and attends over its positions (bcnp.cache.KVCache)."""
     p = f"model.layers.{i}."
     T, H, nh, hd, eps = x.shape[0], config.hidden_size, config.num_attention_heads, config.head_dim, config.rms_norm_eps
 
@@ -161,7 +161,7 @@ def transformer(xp, w, config, ids, cache, hidden=None, last_only=False, rows=No
         if hidden is not None:
             hidden.append(x)
         x = decoder_layer(xp, x, w, i, config, cache, positions, bias, ops)
-    cache.length += T
+    cache.advance(T)
 
     x = rms_norm(xp, x, w["model.norm.weight"], config.rms_norm_eps)
     if hidden is not None:

@@ -48,7 +48,7 @@ def _compiled(name):
 # saying so once, here, for all three modules.
 _quant, _quant_error = _compiled("_quant")
 _dtypes_error = _compiled("_dtypes")[1]
-_attention, _attention_error = _compiled("_attention")      # a float16 KV cache's attention (bcnp.model)
+_attention, _attention_error = _compiled("_attention")      # a float16 KV cache's attention (bcnp.cache)
 _missing = {f"bcnp.{name}": e for name, e in (("_quant", _quant_error), ("_dtypes", _dtypes_error),
                                                ("_attention", _attention_error)) if e is not None}
 if _missing:

@@ -19,7 +19,7 @@ from bcnp import Model, generate, serve
 from bcnp.convert import convert
 from bcnp.engine import BatchCache
 from bcnp.forward import transformer
-from bcnp.model import FLOAT16_MAX, new_cache
+from bcnp.cache import FLOAT16_MAX, new_cache
 from conftest import FIXTURES, MODELS
 
 ALL_MODELS = MODELS + ["b2-13-alibi-h8-l4-bf16", "b2-7-rope-h4-l3-fp16"]

@@ -14,7 +14,7 @@ from bcnp.config import BAICHUAN_7B, BAICHUAN_13B, Config
 from bcnp.convert import convert, expected_converted_shapes
 from bcnp.inspect import (PARAMETER_KINDS, group_tensors, inspect_model, kv_cache_bytes, parameter_counts,
                           weight_bytes)
-from bcnp.model import new_cache
+from bcnp.cache import new_cache
 from conftest import FIXTURES
 
 REPO = FIXTURES.parent.parent

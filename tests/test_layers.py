@@ -16,7 +16,7 @@ LAYERS = {
     "forward": ["forward"],                                             # the math, `xp` everywhere
     "kernels": ["quant", "_quant", "_dtypes", "gpu.kernels"],           # NumPy specification, Cython, CUDA: leaves
     "weights": ["checkpoint", "weights", "gpu.weights"],                # readers and dict -> dict passes
-    "engine": ["model", "sampling", "tokenizer", "chat", "engine", "gpu", "gpu.cache", "gpu.ops", "gpu.graphs"],
+    "engine": ["cache", "sampling", "tokenizer", "chat", "engine", "gpu", "gpu.cache", "gpu.ops", "gpu.graphs"],
     "api": ["api", ""],                                                 # Model, and `from bcnp import Model`
     "faces": ["cli", "generate", "convert", "inspect", "serve", "demo", "scoring", "perplexity", "eval",
               "benchmarks", "server", "server.http", "server.loop", "server.protocol", "server.text"],

@@ -12,7 +12,7 @@ from hypothesis import given, settings, strategies as st
 from bcnp import Model
 from bcnp.config import BAICHUAN_13B, BAICHUAN_7B, Config, ConfigError
 from bcnp.forward import ROPE_INV_FREQ, alibi_slopes, attention_bias, softmax, transformer
-from bcnp.model import new_cache
+from bcnp.cache import new_cache
 from bcnp.weights import random_weights, rope_inv_freq
 from conftest import FIXTURES
 
@@ -359,7 +359,7 @@ def test_a_bad_generation_config_is_refused_when_the_model_is_opened(tmp_path):
 
 
 def test_importing_bcnp_never_imports_torch():
-    code = ("import sys, bcnp, bcnp.convert, bcnp.checkpoint, bcnp.model, bcnp.api, bcnp.gpu.graphs; "
+    code = ("import sys, bcnp, bcnp.convert, bcnp.checkpoint, bcnp.cache, bcnp.api, bcnp.gpu.graphs; "
             "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers')]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
@@ -368,7 +368,7 @@ def test_importing_bcnp_never_imports_torch():
 def test_a_cache_takes_memory_only_where_it_is_written():
     """NumPy's large arrays ask for 2 MB huge pages: one token per head would make whole rows resident."""
     import resource
-    from bcnp.model import cache_zeros
+    from bcnp.cache import cache_zeros
 
     def resident_mb():
         with open("/proc/self/statm") as f:

@@ -206,7 +206,7 @@ def position_work_us(config):
 
 
 def attention_alone(config, pool):
-    """One layer's decode attention at ROPE_CONTEXT positions alone (bcnp.model.attention, random q, k, v): with
+    """One layer's decode attention at ROPE_CONTEXT positions alone (bcnp.forward.attention, random q, k, v): with
     ALiBi's bias, with RoPE's mask, and with ALiBi's far scores cut. ALiBi's bias puts far keys 87 to 104 below
     their row's best score, where exp gives float32 subnormals, and x86 computes with subnormals ~40x slower
     (microcode assists: in exp, the division and the probabilities @ values GEMM). Scores more than 80 below the

@@ -2,7 +2,7 @@
 import warnings
 
 from ..forward import transformer
-from ..model import to_numpy
+from ..cache import to_numpy
 from .cache import GraphKVCache
 from .kernels import first_line, is_cupy
 from .ops import DecodeOps

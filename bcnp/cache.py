@@ -29,7 +29,7 @@ class KVCache:
     Layout (layers, nh, max_len, hd), as in the original, so each head's keys are contiguous. On the CPU
     np.zeros maps untouched pages lazily: a 4096-token 13B cache costs memory only as it fills.
     A step of T new tokens: `positions` says where they go, each layer `store`s their keys and values and
-    `attend`s over the first `span` positions, then `length` grows by T.
+    `attend`s over the first `span` positions, then `advance(T)` counts them in.
 
     float32 (the reference) or float16 (half the memory and half the bytes each decode step reads: the default of
     quantized models). A float16 cache stores keys and values rounded to nearest, limited to float16's finite range
@@ -52,6 +52,10 @@ class KVCache:
     def span(self, T):
         """How many cached positions the new tokens attend to (the causal mask hides their own future)."""
         return self.length + T
+
+    def advance(self, T):
+        """The T new tokens are stored in every layer: they are cached now."""
+        self.length += T
 
     def store(self, i, k, v):
         """Layer i's keys and values (T, nh, hd) of the new tokens."""
