@@ -63,6 +63,7 @@ def test_the_report_times_the_steps_after_a_prefill_and_alibi_against_rope(repor
     alone = a["attention_alone"]
     assert alone["probabilities"] == report["widths"]["heads"] * 2001
     assert 0 < alone["alibi_subnormal_probabilities"] < alone["probabilities"]     # ALiBi's far keys, exp(-87..-104)
+    assert alone["alibi_uncut_ms"] > 0
     assert alone["alibi_cut_max_difference"] < 1e-30              # scores 80 below the max weigh nothing in float32
     assert set(a["position_work_us"]) == {"alibi_bias", "rope_mask", "rope_q_k_per_layer"}
 
