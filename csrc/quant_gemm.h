@@ -12,7 +12,9 @@
  * then adds 2 products to each of 16 rows' block sums.  A tile of 32 rows x 6 tokens keeps 12 integer block sums
  * and 12 float accumulators in registers, and each block costs 16 x 12 vpdpwssd + 12 x (convert, scale, fma): the
  * integer products dominate, 32 per instruction.  The panel (32 rows x n int16: 320 KiB at n = 5120) stays in L2
- * while all the tokens pass over it.  Other builds get the portable C below (the specification; slow).
+ * while all the tokens pass over it.  AVX2 (below): the same panel, vpmaddwd on 8 rows; measured on this machine
+ * built with -mno-avx512f, 1.5-2.6x faster than dequantizing to float32 for OpenBLAS's AVX2 (Haswell) sgemm at
+ * 32-512 tokens, one 13696 x 5120 weight, 2 threads.  Other builds get the portable C below (the specification).
  */
 #ifndef BCNP_QUANT_GEMM_H
 #define BCNP_QUANT_GEMM_H
@@ -177,6 +179,83 @@ static void bcnp_panel_gemm(const int32_t *pk, const float *dp, int64_t n, int64
         case 5: bcnp_panel_tokens(pk, dp, nb, xt, dxt, n_x, 5, yt, ys, m0, m1); break;
         default: bcnp_panel_tokens(pk, dp, nb, xt, dxt, n_x, 6, yt, ys, m0, m1); break;
         }
+    }
+}
+#elif defined(BCNP_AVX2)
+/* AVX2 (no VNNI): the same packed panel, read as four 8-row vectors per int16 pair; vpmaddwd adds the pair's two
+   products into 8 rows' int32 lanes and vpaddd accumulates them, the block sums exact as above. Registers hold a
+   tile of 32 rows x 2 tokens of integer sums; the float accumulators of the tile wait in L1 (fa), one fused
+   multiply-add per block and row, as the specification does. The panel is packed by plain C (the rows' codes
+   copied pair by pair): AVX2 has no cheap 16 x 16 transpose, and packing is paid once per 32 rows for all tokens. */
+#define BCNP_GEMM 1
+#define BCNP_AVX2_TOKENS 2
+
+#define BCNP_PACK_PANEL_C(name, wtype, bytes_per_block, codes)                                                      \
+    static void name(const wtype *w, const uint16_t *d, int64_t n, int64_t nb, int32_t *pk, float *dp)              \
+    {                                                                                                               \
+        int16_t c[32];                                                                                              \
+        for (int64_t b = 0; b < nb; b++)                                                                            \
+            for (int64_t r = 0; r < BCNP_PANEL_ROWS; r++) {                                                         \
+                const int v = (int)(r / 16), i = (int)(r % 16);                                                     \
+                if (r < n) codes(w + r * nb * (bytes_per_block), b, c);                                             \
+                else memset(c, 0, sizeof c);                                                                        \
+                for (int p = 0; p < 16; p++)        /* the pair as one word: c[2p] low, c[2p + 1] high */        \
+                    pk[(32 * b + 2 * p + v) * 16 + i] =                                                             \
+                        (int32_t)((uint32_t)(uint16_t)c[2 * p] | (uint32_t)(uint16_t)c[2 * p + 1] << 16);           \
+                dp[32 * b + r] = r < n ? bcnp_f16_to_f32(d[r * nb + b]) : 0.0f;                                     \
+            }                                                                                                       \
+    }
+BCNP_PACK_PANEL_C(bcnp_pack_panel_q8_0, int8_t, 32, bcnp_row_codes_q8_0)
+BCNP_PACK_PANEL_C(bcnp_pack_panel_q4_0, uint8_t, 16, bcnp_row_codes_q4_0)
+
+static inline __attribute__((always_inline))
+void bcnp_panel_tokens_avx2(const int32_t *pk, const float *dp, int64_t nb, const int16_t *xq, const float *dx,
+                            int64_t n_x, const int nt, float *y, int64_t ys, int64_t n)
+{
+    float fa[BCNP_AVX2_TOKENS][BCNP_PANEL_ROWS] __attribute__((aligned(32)));
+    for (int t = 0; t < nt; t++)
+        for (int r = 0; r < BCNP_PANEL_ROWS; r++) fa[t][r] = 0.0f;
+    for (int64_t b = 0; b < nb; b++) {
+        __m256i s[BCNP_AVX2_TOKENS][4];
+        const int32_t *xb = (const int32_t *)(xq + 32 * b);          /* token t's pair p: xb[t * n_x / 2 + p] */
+        const int32_t *wb = pk + 32 * 16 * b;
+        for (int t = 0; t < nt; t++)
+            for (int j = 0; j < 4; j++) s[t][j] = _mm256_setzero_si256();
+        for (int p = 0; p < 16; p++) {
+            const __m256i *wp = (const __m256i *)(wb + 32 * p);      /* rows 0-15 (v = 0), then rows 16-31 */
+            const __m256i w0 = _mm256_load_si256(wp), w1 = _mm256_load_si256(wp + 1);
+            const __m256i w2 = _mm256_load_si256(wp + 2), w3 = _mm256_load_si256(wp + 3);
+            for (int t = 0; t < nt; t++) {
+                const __m256i xv = _mm256_set1_epi32(xb[t * (n_x / 2) + p]);
+                s[t][0] = _mm256_add_epi32(s[t][0], _mm256_madd_epi16(w0, xv));
+                s[t][1] = _mm256_add_epi32(s[t][1], _mm256_madd_epi16(w1, xv));
+                s[t][2] = _mm256_add_epi32(s[t][2], _mm256_madd_epi16(w2, xv));
+                s[t][3] = _mm256_add_epi32(s[t][3], _mm256_madd_epi16(w3, xv));
+            }
+        }
+        for (int t = 0; t < nt; t++) {
+            const __m256 dxt = _mm256_set1_ps(dx[t * (n_x / 32) + b]);
+            for (int j = 0; j < 4; j++) {
+                const __m256 scale = _mm256_mul_ps(_mm256_load_ps(dp + 32 * b + 8 * j), dxt);
+                _mm256_store_ps(fa[t] + 8 * j, _mm256_fmadd_ps(_mm256_cvtepi32_ps(s[t][j]), scale,
+                                                               _mm256_load_ps(fa[t] + 8 * j)));
+            }
+        }
+    }
+    for (int t = 0; t < nt; t++)
+        for (int64_t r = 0; r < n; r++) y[t * ys + r] = fa[t][r];
+}
+
+/* A packed panel of n rows against all T tokens. */
+static void bcnp_panel_gemm(const int32_t *pk, const float *dp, int64_t n, int64_t nb, const int16_t *xq,
+                            const float *dx, int64_t T, float *y, int64_t ys)
+{
+    const int64_t n_x = 32 * nb;
+    for (int64_t t0 = 0; t0 < T; t0 += BCNP_AVX2_TOKENS) {
+        if (T - t0 >= 2)
+            bcnp_panel_tokens_avx2(pk, dp, nb, xq + t0 * n_x, dx + t0 * nb, n_x, 2, y + t0 * ys, ys, n);
+        else
+            bcnp_panel_tokens_avx2(pk, dp, nb, xq + t0 * n_x, dx + t0 * nb, n_x, 1, y + t0 * ys, ys, n);
     }
 }
 #else
