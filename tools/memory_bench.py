@@ -25,15 +25,16 @@ Measured on this machine (2 vCPUs of a Xeon with AVX-512 and a 300 MB L3, shared
   int8, float16 cache / float32 cache                       1.52/1.53  1.86/1.88  15.01 / 15.41
 
   int4 decode, OMP_NUM_THREADS=2, per 13B-width layer     128 positions   2048 positions   ratio (13B with lm_head)
-  float32 cache (NumPy attention)                          12.33 ms        22.94 ms         1.86 (1.83)
-  float16 cache (bcnp._attention)                          11.54 ms        13.39 ms         1.16 (1.15)
-  (OMP_NUM_THREADS=1: float32 1.50, float16 1.23.) With another job on one of the two vCPUs, a 2-thread OpenMP
-  region waits for a descheduled thread (a 0.1 ms attention call took 8-15 ms): rerun when the machine is quiet.
+  float32 cache (NumPy attention)                          7.60 ms         14.63 ms         1.92 (1.87)
+  float16 cache (bcnp._attention)                          7.97 ms         10.54 ms         1.32 (1.30)
+  (quiet machine, 2026-12-01; with another job on the cores: 12.33 / 22.94 and 11.54 / 13.39 ms, ratios 1.86 and
+  1.16.) The float16 cache's 42 MB per layer at 2048 positions are a quarter of an int4 layer's 177 MB of weights.
 
-  attention of one 13B layer, 2 threads, ms                  float16 kernel   float16 widened + BLAS   float32 NumPy
-  T 1, S 2048                                                       2.7              86.4                  12.5
-  T 16 / 64 / 256, S 1024                                  26 / 55 / 211     65 / 93 / 330          23 / 60 / 233
-  T 256, S 4000                                                   822              1020                   866
+  attention of one 13B layer, 2 threads, ms, quiet          float16 kernel   float16 widened + BLAS   float32 NumPy
+  T 1, S 2048 / 4000                                           1.3 / 5.4          46 / 84               6.4 / 6.9
+  T 16 / 64 / 256, S 1024                                  9.5 / 36 / 139    32 / 53 / 131          8.9 / 29 / 114
+  T 256, S 4000                                                  520               493                    417
+  so bcnp.cache attends in the kernel up to 64 new tokens (KERNEL_TOKENS) and widens for longer chunks.
 """
 import argparse
 import os
@@ -46,6 +47,8 @@ sys.path.insert(0, os.path.join(HERE, ".."))
 sys.path.insert(0, HERE)
 
 import numpy as np  # noqa: E402
+
+from benchkit import best_time  # noqa: E402
 
 
 def bench_helpers():
@@ -135,13 +138,7 @@ def memory_report(args):
 # --- decode -----------------------------------------------------------------------------------------------------------
 
 def best_ms(f, repeats):
-    f()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        f()
-        times.append(time.perf_counter() - start)
-    return 1e3 * min(times)
+    return 1e3 * best_time(f, repeats)
 
 
 def filled_cache(model, positions, rng):
