@@ -19,11 +19,6 @@ from .quant import _attention
 # that module (bcnp.quant says so once) it runs the specification: `attention` on the keys and values widened to
 # float32.
 FLOAT16_MAX = 65504.0
-# Up to this many new tokens attend in the kernel, more (a long prompt's chunks) widen the span to float32 for
-# BLAS. One 13B-width layer, 2 threads, quiet machine (`python tools/memory_bench.py attention`), kernel against
-# widening: T 1 at S 2048 / 4000: 1.3 / 5.4 against 46 / 84 ms; T 16 / 64 / 256 at S 1024: 9.5 / 36 / 139
-# against 32 / 53 / 131 ms; T 256 at S 4000: 520 against 493 ms (668 against 557 in another run).
-KERNEL_TOKENS = 64
 CACHE_DTYPES = (np.dtype(np.float16), np.dtype(np.float32))
 
 
@@ -73,7 +68,12 @@ class KVCache:
     def attend(self, xp, i, q, bias):
         """Attention of q (nh, T, hd) over layer i's first S = bias.shape[-1] positions -> (nh, T, hd)."""
         S = bias.shape[-1]
-        if xp is np and self.k.dtype == np.float16 and _attention is not None and q.shape[1] <= KERNEL_TOKENS:
+        if xp is np and self.k.dtype == np.float16 and _attention is not None:
+            # The kernel for any T: it never holds the (nh, T, S) scores nor a float32 copy of the span. Widening
+            # the span for BLAS was 5-20% faster for 256-token chunks over 1024-4000 positions, but a 4000-token
+            # prompt through 2 int4 layers of 13B width then peaked at 3.46 GB in Model.logits (2.82 with the
+            # kernel) and 2.54 in the engine (1.90); from 1 to 64 tokens the kernel is 1.5-35x faster
+            # (`python tools/memory_bench.py attention` and `memory`, quiet machine).
             return _attention.attend_f16(np.ascontiguousarray(q), self.k[i].view(np.uint16), self.v[i].view(np.uint16),
                                          bias)
         keys, values = self.k[i, :, :S], self.v[i, :, :S]                    # (nh, S, hd)
