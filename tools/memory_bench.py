@@ -13,16 +13,16 @@ with the model (embedding and lm_head are counted once, in peak(1 layer)). Decod
 steps on a cache filled to the given position with random keys and values (the values do not change the time);
 per layer = (step - lm_head alone) / layers; a 13B step = 40 x per layer + lm_head.
 
-Measured on this machine (2 vCPUs of a Xeon with AVX-512 and a 300 MB L3, shared with other jobs):
+Measured on this machine (2 vCPUs of a Xeon with AVX-512 and a 300 MB L3), quiet, 2026-12-01:
 
   peak RSS (GB), int4, 2 layers (the model: 1.40)   engine (Model.generate)   one call (Model.logits)
-  4000-token prompt, float16 cache                         1.90                    2.82 (1.02 of it the logits)
-  4000-token prompt, float32 cache                         2.38                    3.30
+  4000-token prompt, float16 cache                         1.88                    2.80 (1.02 of it the logits)
+  4000-token prompt, float32 cache                         2.54                    3.46
   before: Model.logits was one pass over the 4000 tokens, 11.2 GB (measured before the change; not rerun here)
 
   session (open + 512-token prompt + 64 new tokens), GB     1 layer   2 layers   40-layer 13B, extrapolated
-  int4, float16 cache / float32 cache                       1.36/1.37  1.55/1.57   8.65 / 9.09
-  int8, float16 cache / float32 cache                       1.52/1.53  1.86/1.88  15.01 / 15.41
+  int4, float16 cache / float32 cache                       1.35/1.39  1.53/1.58   8.64 / 9.15
+  int8, float16 cache / float32 cache                       1.50/1.54  1.85/1.90  15.00 / 15.43
 
   int4 decode, OMP_NUM_THREADS=2, per 13B-width layer     128 positions   2048 positions   ratio (13B with lm_head)
   float32 cache (NumPy attention)                          7.60 ms         14.63 ms         1.92 (1.87)
