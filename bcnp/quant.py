@@ -21,9 +21,10 @@ Two implementations of the same functions:
 
 `QuantizedWeight.matmul(x)` multiplies one token (decode) with the fused kernel, which never expands W to float: it
 rounds x per block of 32 to int16 (llama.cpp's int8 is 256 times coarser) and sums exact integer block products (see
-`matvec` for the error bound); up to 16 tokens (a batched decode step) go through the batched kernel, which reads
-each block once for all of them and gives each token exactly its matvec; longer prompts through the prefill GEMM,
-which rounds x the same way and so keeps the same bound (BLAS on dequantized tiles where that kernel is not built).
+`matvec` for the error bound); up to BATCH_TOKENS = 8 tokens (a batched decode step) go through the batched kernel,
+which reads each block once for all of them and gives each token exactly its matvec; longer prompts through the
+prefill GEMM, which rounds x the same way and so keeps the same bound (BLAS on dequantized tiles where that kernel
+is not built).
 
 Threads: an explicit `threads` argument, else $OMP_NUM_THREADS, else all cores.
 """
@@ -351,9 +352,10 @@ class QuantizedWeight:
         return prefill(self, x, threads)
 
 
-# Tokens the batched decode kernel takes in one call: the engine's widest step.  Past this a prompt is prefill.
-# (At 16 tokens the batched kernel and the prefill GEMM take about the same time; at 32 the GEMM is 1.5x faster.)
-BATCH_TOKENS = 16
+# Tokens the batched decode kernel takes in one call: the engine's default widest decode step (max_batch 8).
+# Past this the prefill GEMM is faster: one 13696 x 5120 weight, 2 threads, batched kernel against GEMM, int4:
+# 8 tokens 6.3 / 6.8 ms, 12 tokens 10.2 / 8.0, 16 tokens 12.7 / 9.6 (int8: 6.8 / 6.4, 10.5 / 7.4, 13.7 / 8.8).
+BATCH_TOKENS = 8
 
 
 def prefill(weight, x, threads=None):
