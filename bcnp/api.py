@@ -17,7 +17,8 @@ import os
 import numpy as np
 
 from .chat import build_chat_input, chat_prompt
-from .checkpoint import Tensor, read_model_dir
+from .checkpoint import read_model_dir
+from .tensor import Tensor
 from .engine import Engine
 from .forward import transformer
 from .gpu.cache import DeviceKVCache

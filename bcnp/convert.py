@@ -33,7 +33,8 @@ from collections import Counter
 
 import numpy as np
 
-from bcnp.checkpoint import CheckpointError, checkpoint_files, nonfinite, read_checkpoint, rope_table
+from bcnp.checkpoint import CheckpointError, checkpoint_files, read_checkpoint, rope_table
+from bcnp.tensor import nonfinite
 from bcnp.config import Config, ConfigError, add_family_argument, read_config_json
 from bcnp.errors import one_line, read_json_object
 from bcnp.sampling import GenerationConfig

@@ -15,7 +15,7 @@ the bfloat16 13B (26.5 GB) quantizes in little more memory than its quantized si
 """
 import numpy as np
 
-from .checkpoint import FLOAT16_MAX, Tensor
+from .tensor import FLOAT16_MAX, Tensor
 from .forward import ROPE_INV_FREQ
 from .layout import EMBEDDING, quantized_bits
 from .quant import QuantizedWeight

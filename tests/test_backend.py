@@ -24,7 +24,7 @@ from bcnp.gpu.cache import DeviceKVCache, GraphKVCache, clamp_to_float16
 from bcnp.gpu.graphs import DecodeGraphs
 from bcnp.gpu.kernels import BackendError
 from bcnp.gpu.weights import DeviceQuantizedWeight
-from bcnp.checkpoint import Tensor
+from bcnp.tensor import Tensor
 from bcnp.quant import QuantizedWeight, dequantize, quantize
 from conftest import FIXTURES, MODELS
 

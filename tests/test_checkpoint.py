@@ -19,7 +19,8 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from bcnp._dtypes import bf16_to_f32, f32_to_bf16
-from bcnp.checkpoint import CheckpointError, read_checkpoint, read_safetensors, read_torch_bin, to_float32
+from bcnp.checkpoint import CheckpointError, read_checkpoint, read_safetensors, read_torch_bin
+from bcnp.tensor import to_float32
 from bcnp.config import Config
 from conftest import FIXTURES, MODELS
 from torch_zip import NUMPY, STORAGE_CLASSES, Call, Global, Storage, contiguous_state, tensor, write_torch_zip

@@ -15,7 +15,7 @@ LAYERS = {
     "facts": ["errors", "config", "layout", "torch_pow"],               # pure data and the numbers they imply
     "forward": ["forward"],                                             # the math, `xp` everywhere
     "kernels": ["quant", "_quant", "_dtypes", "gpu.kernels"],           # NumPy specification, Cython, CUDA: leaves
-    "weights": ["checkpoint", "weights", "gpu.weights"],                # readers and dict -> dict passes
+    "weights": ["tensor", "torch_bin", "checkpoint", "weights", "gpu.weights"],  # readers and dict -> dict passes
     "engine": ["cache", "sampling", "tokenizer", "chat", "engine", "gpu", "gpu.cache", "gpu.ops", "gpu.graphs"],
     "api": ["api", ""],                                                 # Model, and `from bcnp import Model`
     "faces": ["cli", "generate", "convert", "inspect", "serve", "demo", "scoring", "perplexity", "eval",

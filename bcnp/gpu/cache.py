@@ -4,7 +4,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..checkpoint import FLOAT16_MAX
+from ..tensor import FLOAT16_MAX
 from ..cache import KVCache
 from .kernels import ATTENTION_CHUNK, ELEMENTWISE_THREADS, MAX_DIMS_PER_LANE, WARP, attention_decode
 
