@@ -19,7 +19,7 @@ import numpy as np
 from .chat import build_chat_input, chat_prompt
 from .checkpoint import read_model_dir
 from .tensor import Tensor
-from .engine import Engine
+from .engine import PREFILL_CHUNK, Engine
 from .forward import transformer
 from .gpu.cache import DeviceKVCache
 from .gpu.graphs import DecodeGraphs
@@ -33,7 +33,7 @@ from .tokenizer import StreamDecoder, Tokenizer
 from .weights import materialised, quantized, read_weights
 
 
-FORWARD_CHUNK = 256           # tokens per pass of Model.forward (as the engine's prefill_chunk)
+FORWARD_CHUNK = PREFILL_CHUNK     # tokens per pass of Model.forward: the engine's prompt chunk
 
 
 def default_cache_dtype(w):

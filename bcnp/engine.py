@@ -126,10 +126,15 @@ def common_prefix(a, b):
 
 # --- the engine --------------------------------------------------------------------------------------------------------
 
+# Prompt tokens one step takes, besides the decoding sequences' next tokens: a (40, 256, S) score array at most
+# per layer, and at 256 tokens the prefill GEMM is near its best speed per token (tools/bench.py kernels).
+PREFILL_CHUNK = 256
+
+
 class Engine:
     """Runs many `Sequence`s over one model: `submit`, then `step` (or `run`) until they are done."""
 
-    def __init__(self, model, max_batch=8, prefill_chunk=256, keep_cached=4):
+    def __init__(self, model, max_batch=8, prefill_chunk=PREFILL_CHUNK, keep_cached=4):
         if not (isinstance(max_batch, int) and max_batch >= 1):
             raise ValueError(f"max_batch must be an integer >= 1, got {max_batch!r}")
         if not (isinstance(prefill_chunk, int) and prefill_chunk >= 1):

@@ -17,7 +17,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
-from ..engine import Engine
+from ..engine import PREFILL_CHUNK, Engine
 from ..errors import one_line
 from .loop import EngineLoop, Job
 from .protocol import (ApiError, chunk_body, completion_body, new_id, parse_body, parse_chat, parse_completion,
@@ -40,7 +40,7 @@ class Server(ThreadingHTTPServer):
 
     def __init__(self, address, model, *, model_name="bcnp", api_key=None, cors_origin=None,
                  max_body_bytes=2**20, io_timeout=30.0, keepalive_seconds=5.0, max_batch=8, max_waiting=16,
-                 prefill_chunk=256, log=None):
+                 prefill_chunk=PREFILL_CHUNK, log=None):
         if model.tokenizer is None:
             raise ValueError(f"{model.path or 'the model'}: no tokenizer.model (the server needs the tokenizer)")
         super().__init__(address, Handler)
