@@ -14,6 +14,7 @@ import sys
 import threading
 
 from .config import add_family_argument
+from .engine import PREFILL_CHUNK
 from .errors import one_line
 from .generate import EXIT_ERROR, EXIT_USAGE, ArgumentParser, UsageError, add_cache_dtype_argument, load_model
 
@@ -34,7 +35,8 @@ def parse_args(argv):
     p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (default 8)")
     p.add_argument("--max-waiting", type=int, default=16,
                    help="requests waiting beyond the running ones before 429 (default 16)")
-    p.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens per engine step (default 256)")
+    p.add_argument("--prefill-chunk", type=int, default=PREFILL_CHUNK,
+                   help=f"prompt tokens per engine step (default {PREFILL_CHUNK})")
     p.add_argument("--max-body-bytes", type=int, default=2**20, help="request body limit (default 1 MiB)")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds a client may stall a read or write")
     p.add_argument("--shutdown-grace", type=float, default=5.0,
