@@ -21,6 +21,7 @@ import time
 from .chat import PromptTooLong
 from .cli import (EXIT_ERROR, EXIT_INTERRUPTED, EXIT_USAGE, ArgumentParser, Output, OutputError, UsageError,
                   error_line, run)
+from .config import add_family_argument
 
 # The sampling settings a user may set, with their flags (checked by bcnp.sampling's rules).
 SETTING_FLAGS = {"max_new_tokens": "--max-new-tokens", "temperature": "--temperature", "top_k": "--top-k",
@@ -29,24 +30,23 @@ SETTING_FLAGS = {"max_new_tokens": "--max-new-tokens", "temperature": "--tempera
 
 
 
-def add_cache_dtype_argument(p):
+def add_model_arguments(p, demo_help):
+    """What load_model reads: the model (--model or --demo), its quantization, family, device and cache dtype."""
+    p.add_argument("--model", metavar="DIR", help="a Hugging Face checkpoint directory or one from bcnp.convert")
+    p.add_argument("--demo", action="store_true", help=demo_help)
+    p.add_argument("--quantize", type=int, choices=(8, 4), help="quantize the linear weights to 8 or 4 bits")
+    add_family_argument(p)
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--cache-dtype", choices=("float16", "float32"),
                    help="the KV cache's dtype (default: float16 for a quantized model, float32 for a float one; "
                         "float16 halves its memory and what each decode step reads)")
 
 
 def parse_args(argv):
-    from .config import add_family_argument
     p = ArgumentParser(prog="python -m bcnp.generate", description="Chat with a Baichuan-13B/7B model.")
-    p.add_argument("--model", metavar="DIR", help="a Hugging Face checkpoint directory or one from bcnp.convert")
-    p.add_argument("--demo", action="store_true",
-                   help="use a tiny Baichuan-13B-shaped model with random weights (built once and cached)")
+    add_model_arguments(p, "use a tiny Baichuan-13B-shaped model with random weights (built once and cached)")
     p.add_argument("--prompt", metavar="TEXT", help="one user message; reply and exit (default: interactive chat)")
     p.add_argument("--system", metavar="TEXT", help="a system prompt")
-    p.add_argument("--quantize", type=int, choices=(8, 4), help="quantize the linear weights to 8 or 4 bits")
-    add_family_argument(p)
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    add_cache_dtype_argument(p)
     p.add_argument("--max-new-tokens", type=int, metavar="N", help="default: the checkpoint's generation_config")
     p.add_argument("--temperature", type=float, metavar="T")
     p.add_argument("--top-k", type=int, metavar="K", help="0 = off")

@@ -13,20 +13,14 @@ import signal
 import sys
 import threading
 
-from .config import add_family_argument
 from .engine import PREFILL_CHUNK
 from .errors import one_line
-from .generate import EXIT_ERROR, EXIT_USAGE, ArgumentParser, UsageError, add_cache_dtype_argument, load_model
+from .generate import EXIT_ERROR, EXIT_USAGE, ArgumentParser, UsageError, add_model_arguments, load_model
 
 
 def parse_args(argv):
     p = ArgumentParser(prog="python -m bcnp.serve", description="Serve a Baichuan model over OpenAI's HTTP API.")
-    p.add_argument("--model", metavar="DIR", help="a Hugging Face checkpoint directory or one from bcnp.convert")
-    p.add_argument("--demo", action="store_true", help="serve the tiny random-weight demo model")
-    p.add_argument("--quantize", type=int, choices=(8, 4), help="quantize the linear weights to 8 or 4 bits")
-    add_family_argument(p)
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    add_cache_dtype_argument(p)
+    add_model_arguments(p, "serve the tiny random-weight demo model")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="0 picks a free port")
     p.add_argument("--model-name", help="the model id clients see (default: the directory's name)")
