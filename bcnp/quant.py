@@ -24,7 +24,9 @@ rounds x per block of 32 to int16 (llama.cpp's int8 is 256 times coarser) and su
 `matvec` for the error bound); up to BATCH_TOKENS = 8 tokens (a batched decode step) go through the batched kernel,
 which reads each block once for all of them and gives each token exactly its matvec; longer prompts through the
 prefill GEMM, which rounds x the same way and so keeps the same bound (BLAS on dequantized tiles where that kernel
-is not built).
+is not built). On AVX-512 builds all three add the block products in block order into one float32 sum per output
+(the AMX tile unit does a batch's integer products where the CPU has one), so a token gets the same bits at every
+token count: alone, in a batch, or next to a prompt chunk.
 
 Threads: an explicit `threads` argument, else $OMP_NUM_THREADS, else all cores.
 """
@@ -267,7 +269,8 @@ class QuantizedWeight:
 
     `matmul(x)` is x @ W.T, always straight from the blocks: one token through the fused matvec, 2 to BATCH_TOKENS
     tokens (a batched decode step) through the batched kernel, bit-identical per token to the matvec, and longer
-    prompts through `prefill` (the int16 VNNI GEMM; dequantized tiles and BLAS where that kernel is not built)."""
+    prompts through `prefill` (the int16 VNNI GEMM or the AMX kernel; dequantized tiles and BLAS where neither is
+    built). On AVX-512 builds the prompt's rows are the matvec's bits too (`_quant.GROUPS`)."""
 
     TILE_BYTES = 64 * 2**20                 # float32 scratch per tile of dequantized rows
 
@@ -352,16 +355,17 @@ class QuantizedWeight:
         return prefill(self, x, threads)
 
 
-# Tokens the batched decode kernel takes in one call: the engine's default widest decode step (max_batch 8).
-# Past this the prefill GEMM is faster: one 13696 x 5120 weight, 2 threads, batched kernel against GEMM, int4:
-# 8 tokens 6.3 / 6.8 ms, 12 tokens 10.2 / 8.0, 16 tokens 12.7 / 9.6 (int8: 6.8 / 6.4, 10.5 / 7.4, 13.7 / 8.8).
+# Tokens the batched decode kernel takes in one call: the engine's default widest decode step (max_batch 8). On
+# AVX-512 builds it is the same kernel as `prefill` from 5 tokens on (the AMX kernel, or the panel GEMM without
+# AMX), so the line matters only elsewhere, where it keeps a decode step's sums the matvec's.
 BATCH_TOKENS = 8
 
 
 def prefill(weight, x, threads=None):
     """x (T, in_padded) float32 @ W.T for a long prompt, from the blocks: x rounded per token and block of 32 to
-    int16 exactly as `matvec` rounds it, exact integer block sums, one float32 sum over the blocks per output: the
-    error bound of `matvec` holds (about 2^-16 of sum |W^| |x| at 13B width; tests/test_quant_batch.py checks it).
+    int16 exactly as `matvec` rounds it, exact integer block sums, one float32 sum over the blocks per output (on
+    AVX-512 builds the matvec's own sums, bit for bit): the error bound of `matvec` holds (about 2^-16 of
+    sum |W^| |x| at 13B width; tests/test_quant_batch.py checks it).
     Builds with neither the AVX-512 VNNI nor the AVX2 kernel multiply dequantized tiles with BLAS instead.
     Measured on 2 shared Sapphire Rapids cores (`python tools/bench.py kernels --quick --threads 2`, the five linears
     of a 13B layer): at 16, 128 and 512 tokens the GEMM reached 1.4-6x the GFLOP/s of a float32 BLAS GEMM of the

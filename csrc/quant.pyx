@@ -33,21 +33,13 @@ cdef extern from "quant_kernels.h" nogil:
     float bcnp_dot_q4_0_scalar(const uint8_t *w, const uint16_t *d, const int16_t *xq, const float *dx, int64_t nb)
     uint64_t bcnp_sum_words(const uint64_t *a, int64_t n)
 
-cdef extern from "quant_batch.h" nogil:
-    int BCNP_TOKENS
-    ctypedef struct bcnp_tokens:
-        const int16_t *xq
-        const float *dx
-        const int32_t *bias
-        int64_t xs, ds, bs
-    void bcnp_row_q8_0_tokens(const int8_t *w, const uint16_t *d, bcnp_tokens x, int64_t nb, int64_t T,
-                              float *y, int64_t ys)
-    int BCNP_TILE
-    void bcnp_tile_q4_0_tokens(const uint8_t *w, const uint16_t *d, int64_t nb, int64_t R, bcnp_tokens x,
-                               int64_t T, float *y, int64_t ys)
-    int BCNP_ROWS
-    void bcnp_rows_q8_0(const int8_t *w, const uint16_t *d, const int16_t *xq, const float *dx, int64_t nb,
-                        int64_t R, float *y)
+cdef extern from "quant_group.h" nogil:
+    int BCNP_GROUPS, BCNP_GROUP_ROWS
+    void bcnp_group_q8_0(const int8_t *w, const uint16_t *d, int64_t nb, const int16_t *xq, const float *dx, float *y)
+    void bcnp_group_q4_0(const uint8_t *w, const uint16_t *d, int64_t nb, const int16_t *xq, const float *dx,
+                         const int32_t *bias, float *y)
+    float bcnp_sums_q8_0(const int8_t *w, const uint16_t *d, const int16_t *xq, const float *dx, int64_t nb)
+    float bcnp_sums_q4_0(const uint8_t *w, const uint16_t *d, const int16_t *xq, const float *dx, int64_t nb)
 
 cdef extern from "quant_gemm.h" nogil:
     int BCNP_GEMM, BCNP_PANEL_ROWS
@@ -60,6 +52,19 @@ cdef extern from "quant_gemm.h" nogil:
                                const float *dx, int64_t T, float *y, int64_t ys)
     void bcnp_gemm_q4_0_scalar(const uint8_t *w, const uint16_t *d, int64_t rows, int64_t nb, const int16_t *xq,
                                const float *dx, int64_t T, float *y, int64_t ys)
+
+cdef extern from "quant_amx.h" nogil:
+    int BCNP_AMX_BUILT, BCNP_AMX_TOKENS, BCNP_AMX_ROWS, BCNP_AMX_TILE_BYTES
+    ctypedef struct bcnp_amx_tokens:
+        const uint8_t *tiles
+        const float *dxp
+        const int32_t *ridx
+        int T
+    int bcnp_amx_enable()
+    void bcnp_amx_rows(const int8_t *q8, const uint8_t *q4, const uint16_t *d, int64_t nb, int64_t g0, int64_t g1,
+                       const bcnp_amx_tokens *x, float *y, int64_t ys)
+    void bcnp_amx_prepare(const int16_t *xq, const float *dx, int64_t n, int T, int bits, uint8_t *tiles,
+                          float *dxp, int32_t *ridx)
 
 SIMD = bcnp_simd_name().decode()          # which dot-product implementation was compiled in
 
@@ -201,6 +206,32 @@ def unpack_nibbles(const uint8_t[:, ::1] packed not None):
 
 
 # ---- decode matvec: y = W x straight from the blocks -------------------------------------------------------------
+#
+# Which sums: on AVX-512 builds every kernel here -- the matvec (16-row groups, quant_group.h), a batch of tokens
+# (the AMX kernel; without AMX the group matvec token by token, or the panel GEMM) and the prefill GEMM -- adds the
+# exact integer block products in block order into one float32 accumulator per output: the GEMM's specification
+# (bcnp_gemm_q8_0_scalar).  One token gets the same bits alone, in any batch and in a prompt.  Other builds keep
+# the lane-wise sums of bcnp_dot_q8_0 / bcnp_dot_q4_0 for the matvec and for batches (the same bits at any batch
+# size) and the GEMM's sums for prompts.  simd=False runs bcnp_dot_*_scalar for the matvec and batches (the
+# portable specification of the lane-wise kernels) and the GEMM's portable C for prompts.
+
+GROUPS = bool(BCNP_GROUPS)                # the AVX-512 group matvec is compiled in: one kind of sums throughout
+# The AMX kernel (quant_amx.h): compiled in (-march=native on a CPU with AMX) and the tile state granted by the Linux
+# kernel, asked for once here unless BCNP_AMX=0 is in the environment.  AMX = False (tests and benchmarks set it)
+# turns it off; setting it True where it was not granted changes nothing (the tile instructions would trap).
+cdef bint _AMX_GRANTED = BCNP_AMX_BUILT and os.environ.get("BCNP_AMX", "1") != "0" and bcnp_amx_enable()
+AMX = bool(_AMX_GRANTED)
+# Without AMX, batches of up to this many tokens go through the group matvec token by token (each 16-row group
+# stays in L2 between tokens), larger ones through the panel GEMM.  One 13696 x 5120 weight, 2 threads, AMX off,
+# token by token / panel GEMM: int4 2 tokens 4.1 / 8.5 ms, 4 tokens 7.0 / 9.0, 6 tokens 10.4 / 9.7; int8 2 tokens
+# 4.0 / 5.7, 4 tokens 6.7 / 6.1.
+GROUP_TOKENS = 4
+# Up to this many tokens go through the AMX kernel where it is there, more through the panel GEMM (the same bits
+# either way).  One 13696 x 5120 int4 weight, 2 threads, the same process (tools/bench.py kernels shows the layer):
+# 8 tokens 5.8 against 8.4 ms on a quiet machine, equal to 3% when another tenant shares the tile unit; 16 tokens
+# 8.0 against 15.0, or equal; 32 equal; 64 tokens 47.5 against 35.6 ms.
+AMX_PREFILL_TOKENS = 16
+
 
 def _aligned_empty(Py_ssize_t n, dtype):
     """n elements starting on a 64-byte boundary, so the kernels' 64-byte loads of x never straddle cache lines."""
@@ -218,43 +249,77 @@ def _matvec_output(out, Py_ssize_t rows):
     return out
 
 
+cdef void _rows_q8_0(const int8_t[:, ::1] q, const uint16_t[:, ::1] d, const int16_t *xq, const float *dx,
+                     float *y, int nt, bint simd) noexcept nogil:
+    """y[r] = row r . x for all rows (x quantized by bcnp_quantize_activation, natural layout)."""
+    cdef Py_ssize_t rows = q.shape[0], nb = q.shape[1] // 32, groups = 0, g, r
+    if simd and BCNP_GROUPS:
+        groups = rows // BCNP_GROUP_ROWS
+        for g in prange(groups, num_threads=nt, schedule="static"):
+            bcnp_group_q8_0(&q[g * BCNP_GROUP_ROWS, 0], &d[g * BCNP_GROUP_ROWS, 0], nb, xq, dx, &y[g * BCNP_GROUP_ROWS])
+        for r in range(groups * BCNP_GROUP_ROWS, rows):
+            y[r] = bcnp_sums_q8_0(&q[r, 0], &d[r, 0], xq, dx, nb)
+    else:
+        for r in prange(rows, num_threads=nt, schedule="static"):
+            if simd:
+                y[r] = bcnp_dot_q8_0(&q[r, 0], &d[r, 0], xq, dx, nb)
+            else:
+                y[r] = bcnp_dot_q8_0_scalar(&q[r, 0], &d[r, 0], xq, dx, nb)
+
+
+cdef void _rows_q4_0(const uint8_t[:, ::1] q, const uint16_t[:, ::1] d, const int16_t *xq, const float *dx,
+                     const int32_t *bias, float *y, int nt, bint simd) noexcept nogil:
+    """y[r] = row r . x for all rows (x quantized by bcnp_quantize_activation, Q4_0 layout)."""
+    cdef Py_ssize_t rows = q.shape[0], nb = 2 * q.shape[1] // 32, groups = 0, g, r
+    if simd and BCNP_GROUPS:
+        groups = rows // BCNP_GROUP_ROWS
+        for g in prange(groups, num_threads=nt, schedule="static"):
+            bcnp_group_q4_0(&q[g * BCNP_GROUP_ROWS, 0], &d[g * BCNP_GROUP_ROWS, 0], nb, xq, dx, bias,
+                            &y[g * BCNP_GROUP_ROWS])
+        for r in range(groups * BCNP_GROUP_ROWS, rows):
+            y[r] = bcnp_sums_q4_0(&q[r, 0], &d[r, 0], xq, dx, nb)
+    else:
+        for r in prange(rows, num_threads=nt, schedule="static"):
+            if simd:
+                y[r] = bcnp_dot_q4_0(&q[r, 0], &d[r, 0], xq, dx, bias, nb)
+            else:
+                y[r] = bcnp_dot_q4_0_scalar(&q[r, 0], &d[r, 0], xq, dx, nb)
+
+
 def matvec_q8_0(const int8_t[:, ::1] q not None, const uint16_t[:, ::1] d not None, const float[::1] x not None,
                 float[::1] out=None, int threads=0, bint simd=True):
     """y (rows,) = W x for W = Q8_0 blocks (q int8 (rows, n), d (rows, n/32)), x float32 (n,).
-    simd=False runs the portable C kernel (the specification of the SIMD one; for tests)."""
-    cdef Py_ssize_t rows = q.shape[0], n = q.shape[1], nb = n // 32, r, g
-    cdef Py_ssize_t groups = (rows + BCNP_ROWS - 1) // BCNP_ROWS
+    simd=False runs the portable C kernel (the specification of the lane-wise SIMD one; for tests)."""
+    cdef Py_ssize_t rows = q.shape[0], n = q.shape[1], nb = n // 32
     _check_width(n, "matvec_q8_0")
     _check_scales(d, rows, n, "matvec_q8_0")
     if x.shape[0] != n:
         raise ValueError(f"matvec_q8_0: x has {x.shape[0]} elements, the weight's rows {n}")
     y = _matvec_output(out, rows)
+    if rows == 0:
+        return np.asarray(y)
     cdef float[::1] yv = y
     cdef int16_t[::1] xq = _aligned_empty(n, np.int16)
     cdef float[::1] dx = _aligned_empty(nb, np.float32)
     cdef int nt = resolve_threads(threads)
     with nogil:
         bcnp_quantize_activation(&x[0], n, 0, &xq[0], &dx[0], NULL)
-        if simd:
-            for g in prange(groups, num_threads=nt, schedule="static"):      # BCNP_ROWS rows at a time
-                r = g * BCNP_ROWS
-                bcnp_rows_q8_0(&q[r, 0], &d[r, 0], &xq[0], &dx[0], nb, min(BCNP_ROWS, rows - r), &yv[r])
-        else:
-            for r in prange(rows, num_threads=nt, schedule="static"):
-                yv[r] = bcnp_dot_q8_0_scalar(&q[r, 0], &d[r, 0], &xq[0], &dx[0], nb)
+        _rows_q8_0(q, d, &xq[0], &dx[0], &yv[0], nt, simd)
     return np.asarray(y)
 
 
 def matvec_q4_0(const uint8_t[:, ::1] q not None, const uint16_t[:, ::1] d not None, const float[::1] x not None,
                 float[::1] out=None, int threads=0, bint simd=True):
     """y (rows,) = W x for W = Q4_0 blocks (q uint8 packed (rows, n/2), d (rows, n/32)), x float32 (n,).
-    simd=False runs the portable C kernel (the specification of the SIMD one; for tests)."""
-    cdef Py_ssize_t rows = q.shape[0], n = 2 * q.shape[1], nb = n // 32, r
+    simd=False runs the portable C kernel (the specification of the lane-wise SIMD one; for tests)."""
+    cdef Py_ssize_t rows = q.shape[0], n = 2 * q.shape[1], nb = n // 32
     _check_width(n, "matvec_q4_0")
     _check_scales(d, rows, n, "matvec_q4_0")
     if x.shape[0] != n:
         raise ValueError(f"matvec_q4_0: x has {x.shape[0]} elements, the weight's rows {n}")
     y = _matvec_output(out, rows)
+    if rows == 0:
+        return np.asarray(y)
     cdef float[::1] yv = y
     cdef int16_t[::1] xq = _aligned_empty(n, np.int16)
     cdef float[::1] dx = _aligned_empty(nb, np.float32)
@@ -262,18 +327,11 @@ def matvec_q4_0(const uint8_t[:, ::1] q not None, const uint16_t[:, ::1] d not N
     cdef int nt = resolve_threads(threads)
     with nogil:
         bcnp_quantize_activation(&x[0], n, 1, &xq[0], &dx[0], &bias[0])
-        for r in prange(rows, num_threads=nt, schedule="static"):
-            if simd:
-                yv[r] = bcnp_dot_q4_0(&q[r, 0], &d[r, 0], &xq[0], &dx[0], &bias[0], nb)
-            else:
-                yv[r] = bcnp_dot_q4_0_scalar(&q[r, 0], &d[r, 0], &xq[0], &dx[0], nb)
+        _rows_q4_0(q, d, &xq[0], &dx[0], &bias[0], &yv[0], nt, simd)
     return np.asarray(y)
 
 
 # ---- batched decode: Y = X W^T for a few tokens, row t bit-identical to the matvec of X[t] ----------------------------
-
-TOKENS_PER_PASS = BCNP_TOKENS             # tokens dotted with a weight block while it is in registers
-
 
 def _batch_output(out, Py_ssize_t T, Py_ssize_t rows, str what):
     if out is None:
@@ -283,29 +341,6 @@ def _batch_output(out, Py_ssize_t T, Py_ssize_t rows, str what):
     return out
 
 
-cdef class _Activations:
-    """X (T, n) quantized per token exactly as the matvec does, each token's int16 row 64-byte aligned."""
-    cdef public object xq, dx, bias
-    cdef bcnp_tokens view
-
-    def __init__(self, const float[:, ::1] x, bint q4_layout):
-        cdef Py_ssize_t T = x.shape[0], n = x.shape[1], nb = n // 32, t
-        cdef Py_ssize_t bs = (16 * (nb // 4) + 16) if q4_layout else 0     # a whole number of 64-byte lines
-        self.xq = _aligned_empty(T * n, np.int16)
-        self.dx = _aligned_empty(T * nb + 1, np.float32)
-        self.bias = _aligned_empty(T * bs + 1, np.int32)
-        cdef int16_t[::1] xq = self.xq
-        cdef float[::1] dx = self.dx
-        cdef int32_t[::1] bias = self.bias
-        with nogil:
-            for t in range(T):
-                bcnp_quantize_activation(&x[t, 0], n, q4_layout, &xq[t * n], &dx[t * nb], &bias[t * bs])
-        self.view.xq = &xq[0]
-        self.view.dx = &dx[0]
-        self.view.bias = &bias[0] if q4_layout else NULL
-        self.view.xs, self.view.ds, self.view.bs = n, nb, bs
-
-
 def _check_batch(q, d, x, Py_ssize_t n, str what):
     _check_width(n, what)
     _check_scales(d, q.shape[0], n, what)
@@ -313,58 +348,84 @@ def _check_batch(q, d, x, Py_ssize_t n, str what):
         raise ValueError(f"{what}: x has {x.shape[1]} columns, the weight's rows {n}")
 
 
-def matmul_q8_0(const int8_t[:, ::1] q not None, const uint16_t[:, ::1] d not None, const float[:, ::1] x not None,
-                float[:, ::1] out=None, int threads=0, bint simd=True):
-    """Y (T, rows) = X W^T for W = Q8_0 blocks (as matvec_q8_0), X float32 (T, n): every block of W is read once for
-    all T tokens, and Y[t] equals matvec_q8_0(q, d, X[t]) bit for bit.  simd=False: the portable kernel per token."""
-    cdef Py_ssize_t rows = q.shape[0], n = q.shape[1], nb = n // 32, T = x.shape[0], r, t
-    _check_batch(q, d, x, n, "matmul_q8_0")
-    y = _batch_output(out, T, rows, "matmul_q8_0")
+cdef _token_by_token(q, const uint16_t[:, ::1] d, const float[:, ::1] x, float[:, ::1] yv, int nt, bint simd,
+                     int bits):
+    """Each token through the matvec's kernels: on AVX-512 the group matvec, one group of rows for all tokens
+    before the next (the group stays in L2), else one row for all tokens (the row stays in L1)."""
+    cdef Py_ssize_t T = x.shape[0], n = x.shape[1], nb = n // 32, rows = yv.shape[1], g, r, t, bs
+    cdef bint grouped = simd and BCNP_GROUPS, q4_layout = bits == 4
+    cdef Py_ssize_t groups = rows // BCNP_GROUP_ROWS if grouped else 0, start = groups * BCNP_GROUP_ROWS
+    bs = (16 * (nb // 4) + 16) if q4_layout else 0          # a whole number of 64-byte lines per token
+    cdef int16_t[::1] xq = _aligned_empty(T * n, np.int16)
+    cdef float[::1] dx = _aligned_empty(T * nb + 1, np.float32)
+    cdef int32_t[::1] bias = _aligned_empty(T * bs + 1, np.int32)
+    cdef const int8_t[:, ::1] q8
+    cdef const uint8_t[:, ::1] q4
+    if bits == 8:
+        q8 = q
+    else:
+        q4 = q
+    with nogil:
+        for t in range(T):
+            bcnp_quantize_activation(&x[t, 0], n, q4_layout, &xq[t * n], &dx[t * nb], &bias[t * bs])
+        for g in prange(groups, num_threads=nt, schedule="static"):
+            for t in range(T):
+                if bits == 8:
+                    bcnp_group_q8_0(&q8[g * BCNP_GROUP_ROWS, 0], &d[g * BCNP_GROUP_ROWS, 0], nb, &xq[t * n],
+                                    &dx[t * nb], &yv[t, g * BCNP_GROUP_ROWS])
+                else:
+                    bcnp_group_q4_0(&q4[g * BCNP_GROUP_ROWS, 0], &d[g * BCNP_GROUP_ROWS, 0], nb, &xq[t * n],
+                                    &dx[t * nb], &bias[t * bs], &yv[t, g * BCNP_GROUP_ROWS])
+        for r in prange(start, rows, num_threads=nt, schedule="static"):
+            for t in range(T):
+                if bits == 8:
+                    if grouped:
+                        yv[t, r] = bcnp_sums_q8_0(&q8[r, 0], &d[r, 0], &xq[t * n], &dx[t * nb], nb)
+                    elif simd:
+                        yv[t, r] = bcnp_dot_q8_0(&q8[r, 0], &d[r, 0], &xq[t * n], &dx[t * nb], nb)
+                    else:
+                        yv[t, r] = bcnp_dot_q8_0_scalar(&q8[r, 0], &d[r, 0], &xq[t * n], &dx[t * nb], nb)
+                else:
+                    if grouped:
+                        yv[t, r] = bcnp_sums_q4_0(&q4[r, 0], &d[r, 0], &xq[t * n], &dx[t * nb], nb)
+                    elif simd:
+                        yv[t, r] = bcnp_dot_q4_0(&q4[r, 0], &d[r, 0], &xq[t * n], &dx[t * nb], &bias[t * bs], nb)
+                    else:
+                        yv[t, r] = bcnp_dot_q4_0_scalar(&q4[r, 0], &d[r, 0], &xq[t * n], &dx[t * nb], nb)
+
+
+def _batch(q, const uint16_t[:, ::1] d, const float[:, ::1] x, out, int threads, bint simd, int bits):
+    cdef Py_ssize_t rows = q.shape[0], n = q.shape[1] * (1 if bits == 8 else 2), T = x.shape[0]
+    cdef str what = f"matmul_q{bits}_0"
+    _check_batch(q, d, x, n, what)
+    y = _batch_output(out, T, rows, what)
     if T == 0 or rows == 0:
         return np.asarray(y)
-    cdef float[:, ::1] yv = y
-    cdef _Activations a = _Activations(x, False)
-    cdef bcnp_tokens xt = a.view
     cdef int nt = resolve_threads(threads)
-    with nogil:
-        for r in prange(rows, num_threads=nt, schedule="static"):
-            if simd:
-                bcnp_row_q8_0_tokens(&q[r, 0], &d[r, 0], xt, nb, T, &yv[0, r], rows)
-            else:
-                for t in range(T):
-                    yv[t, r] = bcnp_dot_q8_0_scalar(&q[r, 0], &d[r, 0], xt.xq + t * xt.xs, xt.dx + t * xt.ds, nb)
+    if simd and GROUPS and ((AMX and _AMX_GRANTED) or T > GROUP_TOKENS):
+        _gemm(q, d, x, y, nt, bits)
+    else:
+        _token_by_token(q, d, x, y, nt, simd, bits)
     return np.asarray(y)
+
+
+def matmul_q8_0(const int8_t[:, ::1] q not None, const uint16_t[:, ::1] d not None, const float[:, ::1] x not None,
+                float[:, ::1] out=None, int threads=0, bint simd=True):
+    """Y (T, rows) = X W^T for W = Q8_0 blocks (as matvec_q8_0), X float32 (T, n), a few tokens: every block of W is
+    read from memory once for all T tokens, and Y[t] equals matvec_q8_0(q, d, X[t]) bit for bit.
+    simd=False: the portable kernel per token."""
+    return _batch(q, d, x, out, threads, simd, 8)
 
 
 def matmul_q4_0(const uint8_t[:, ::1] q not None, const uint16_t[:, ::1] d not None, const float[:, ::1] x not None,
                 float[:, ::1] out=None, int threads=0, bint simd=True):
-    """Y (T, rows) = X W^T for W = Q4_0 blocks (as matvec_q4_0), X float32 (T, n): every block of W is read once for
-    all T tokens, and Y[t] equals matvec_q4_0(q, d, X[t]) bit for bit.  simd=False: the portable kernel per token."""
-    cdef Py_ssize_t rows = q.shape[0], n = 2 * q.shape[1], nb = n // 32, T = x.shape[0], r, t, g
-    cdef Py_ssize_t tiles = (rows + BCNP_TILE - 1) // BCNP_TILE
-    _check_batch(q, d, x, n, "matmul_q4_0")
-    y = _batch_output(out, T, rows, "matmul_q4_0")
-    if T == 0 or rows == 0:
-        return np.asarray(y)
-    cdef float[:, ::1] yv = y
-    cdef _Activations a = _Activations(x, True)
-    cdef bcnp_tokens xt = a.view
-    cdef int nt = resolve_threads(threads)
-    with nogil:
-        if simd:
-            for g in prange(tiles, num_threads=nt, schedule="static"):       # BCNP_TILE rows at a time
-                r = g * BCNP_TILE
-                bcnp_tile_q4_0_tokens(&q[r, 0], &d[r, 0], nb, min(BCNP_TILE, rows - r), xt, T, &yv[0, r], rows)
-        else:
-            for r in prange(rows, num_threads=nt, schedule="static"):
-                for t in range(T):
-                    yv[t, r] = bcnp_dot_q4_0_scalar(&q[r, 0], &d[r, 0], xt.xq + t * xt.xs, xt.dx + t * xt.ds, nb)
-    return np.asarray(y)
+    """matmul_q8_0 for Q4_0 blocks (q uint8 packed (rows, n/2))."""
+    return _batch(q, d, x, out, threads, simd, 4)
 
 
 # ---- prefill: Y = X W^T for many tokens, integer block sums of int16 activations -----------------------------------
 
-GEMM = bool(BCNP_GEMM)                    # the AVX-512 VNNI prefill kernel was compiled in (else only the portable C)
+GEMM = bool(BCNP_GEMM)                    # a SIMD prefill kernel is compiled in (else only the portable C)
 
 
 cdef _natural_activations(const float[:, ::1] x, int nt):
@@ -380,19 +441,56 @@ cdef _natural_activations(const float[:, ::1] x, int nt):
     return xq, dx
 
 
-def _prefill(q, const uint16_t[:, ::1] d, const float[:, ::1] x, out, int threads, bint simd, int bits):
-    cdef Py_ssize_t rows = q.shape[0], n = q.shape[1] * (1 if bits == 8 else 2), nb = n // 32, T = x.shape[0]
+cdef _amx(q, const uint16_t[:, ::1] d, const int16_t[::1] xv, const float[::1] dv, Py_ssize_t n, Py_ssize_t T,
+          float[:, ::1] yv, int nt, int bits):
+    """Y = X W^T by the AMX kernel, 16 tokens per pass, for the rows in whole groups of 16; the rest by the portable
+    C, which adds the same terms in the same order."""
+    cdef Py_ssize_t rows = yv.shape[1], nb = n // 32, groups = rows // BCNP_AMX_ROWS, t0, k, g0, g1
+    cdef int i, tc, na = max(1, min(nt, groups))
+    cdef const int8_t[:, ::1] q8
+    cdef const uint8_t[:, ::1] q4
+    cdef const int8_t *p8 = NULL
+    cdef const uint8_t *p4 = NULL
+    if bits == 8:
+        q8 = q
+        p8 = &q8[0, 0]
+    else:
+        q4 = q
+        p4 = &q4[0, 0]
+    cdef uint8_t[::1] tiles = _aligned_empty(BCNP_AMX_TILE_BYTES * nb, np.uint8)
+    cdef float[::1] dxp = _aligned_empty(16 * BCNP_AMX_TOKENS * nb, np.float32)
+    cdef int32_t[::1] ridx = _aligned_empty(16 * BCNP_AMX_TOKENS, np.int32)
+    cdef bcnp_amx_tokens xt
+    with nogil:
+        t0 = 0
+        while t0 < T and groups:
+            tc = <int>min(BCNP_AMX_TOKENS, T - t0)
+            bcnp_amx_prepare(&xv[t0 * n], &dv[t0 * nb], n, tc, bits, &tiles[0], &dxp[0], &ridx[0])
+            xt.tiles, xt.dxp, xt.ridx, xt.T = &tiles[0], &dxp[0], &ridx[0], tc
+            for i in prange(na, num_threads=na, schedule="static", chunksize=1):
+                g0 = groups * i // na
+                g1 = groups * (i + 1) // na
+                bcnp_amx_rows(p8, p4, &d[0, 0], nb, g0, g1, &xt, &yv[t0, 0], rows)
+            t0 += tc
+        k = groups * BCNP_AMX_ROWS
+        if k < rows:
+            if bits == 8:
+                bcnp_gemm_q8_0_scalar(&q8[k, 0], &d[k, 0], rows - k, nb, &xv[0], &dv[0], T, &yv[0, k], rows)
+            else:
+                bcnp_gemm_q4_0_scalar(&q4[k, 0], &d[k, 0], rows - k, nb, &xv[0], &dv[0], T, &yv[0, k], rows)
+
+
+cdef _gemm(q, const uint16_t[:, ::1] d, const float[:, ::1] x, float[:, ::1] yv, int nt, int bits, bint simd=True):
+    """Y = X W^T with the GEMM's sums: the AMX kernel, the panel GEMM, or their portable C (simd=False, or neither
+    compiled in)."""
+    cdef Py_ssize_t rows = q.shape[0], n = x.shape[1], nb = n // 32, T = x.shape[0]
     cdef Py_ssize_t panel, r0, k
-    cdef str what = f"prefill_q{bits}_0"
-    _check_batch(q, d, x, n, what)
-    y = _batch_output(out, T, rows, what)
-    if T == 0 or rows == 0:
-        return np.asarray(y)
-    cdef float[:, ::1] yv = y
-    cdef int nt = resolve_threads(threads)
     xq, dx = _natural_activations(x, nt)
     cdef int16_t[::1] xv = xq
     cdef float[::1] dv = dx
+    if simd and AMX and _AMX_GRANTED and T <= AMX_PREFILL_TOKENS:
+        _amx(q, d, xv, dv, n, T, yv, nt, bits)
+        return
     cdef const int8_t[:, ::1] q8
     cdef const uint8_t[:, ::1] q4
     if bits == 8:
@@ -421,14 +519,25 @@ def _prefill(q, const uint16_t[:, ::1] d, const float[:, ::1] x, out, int thread
                 bcnp_gemm_q8_0_scalar(&q8[r0, 0], &d[r0, 0], k, nb, &xv[0], &dv[0], T, &yv[0, r0], rows)
             else:
                 bcnp_gemm_q4_0_scalar(&q4[r0, 0], &d[r0, 0], k, nb, &xv[0], &dv[0], T, &yv[0, r0], rows)
+
+
+def _prefill(q, const uint16_t[:, ::1] d, const float[:, ::1] x, out, int threads, bint simd, int bits):
+    cdef Py_ssize_t rows = q.shape[0], n = q.shape[1] * (1 if bits == 8 else 2), T = x.shape[0]
+    cdef str what = f"prefill_q{bits}_0"
+    _check_batch(q, d, x, n, what)
+    y = _batch_output(out, T, rows, what)
+    if T == 0 or rows == 0:
+        return np.asarray(y)
+    _gemm(q, d, x, y, resolve_threads(threads), bits, simd)
     return np.asarray(y)
 
 
 def prefill_q8_0(const int8_t[:, ::1] q not None, const uint16_t[:, ::1] d not None, const float[:, ::1] x not None,
                  float[:, ::1] out=None, int threads=0, bint simd=True):
     """Y (T, rows) = X W^T for W = Q8_0 blocks, X float32 (T, n), many tokens: X rounded per token and block to
-    int16 as matvec_q8_0 does, exact integer block sums, one float32 sum over the blocks per output (within the
-    matvec's error bound; not its float sums).  simd=False: the portable kernel, bit-identical to the SIMD one."""
+    int16 as matvec_q8_0 does, exact integer block sums, one float32 sum over the blocks per output in block order
+    (on AVX-512 builds the matvec's own sums; elsewhere within its error bound).  simd=False: the portable kernel,
+    bit-identical to the SIMD one."""
     return _prefill(q, d, x, out, threads, simd, 8)
 
 

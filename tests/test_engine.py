@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from bcnp import Model
+from bcnp import Model, quant
 from bcnp.engine import BatchCache, Engine
 from bcnp.forward import transformer
 from conftest import FIXTURES, MODELS
@@ -225,3 +225,23 @@ def test_newcomers_are_prefilled_together_and_within_the_chunk_budget(fixture):
     for prompt, seq in zip(prompts, seqs):
         assert seq.generated == list(model.generate(prompt, max_new_tokens=3, do_sample=False,
                                                     repetition_penalty=1.0))
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_a_quantized_sequence_gets_its_own_bits_next_to_a_prompt_chunk(fixture, bits):
+    """On AVX-512 builds every quantized kernel adds the same sums in the same order at any token count, so a
+    decoding sequence whose step also carries another's 12-token prompt chunk (the prefill kernel's work) gets
+    exactly the logits it gets alone; elsewhere within float32 rounding."""
+    model, golden = fixture
+    model = model.quantize(bits)
+    prompt, chunk = list(golden["prompt_1"]), list(golden["prompt_2"][:12])
+    alone, cache, other = model.new_cache(64), model.new_cache(64), model.new_cache(64)
+    model.forward(prompt, alone)
+    model.forward(prompt, cache)
+    want = model.forward([7], alone)[-1]
+    new = np.array([7] + chunk)
+    got = transformer(model.xp, model.w, model.config, new, BatchCache([cache, other], [1, len(chunk)]), rows=[0])
+    if quant._quant.GROUPS:
+        assert got[0].tobytes() == want.tobytes()
+    else:
+        assert scaled_error(got[0], want) <= 1e-5

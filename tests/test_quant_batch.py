@@ -1,8 +1,13 @@
 """Several tokens through a quantized linear at once: the batched decode kernels (row t of the result is the
-single-vector matvec of token t, bit for bit) and the prefill GEMM (within the matvec's error bound)."""
+single-vector matvec of token t, bit for bit) and the prefill GEMM (on AVX-512 builds the same bits again; elsewhere
+within the matvec's error bound)."""
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from bcnp import quant
 from bcnp.quant import QuantizedWeight, dequantize
@@ -36,9 +41,10 @@ def scalar_matvec(layer, x):
 
 @st.composite
 def layer_and_tokens(draw, bits, max_tokens=20):
-    """A layer whose width covers the SIMD chunking (groups of 2 / 4 blocks, chunks of 16, every tail, padding), and
+    """A layer whose width covers the SIMD chunking (groups of 2 / 4 blocks, chunks of 16, every tail, padding), whose
+    rows cover groups of 16 rows and their tail, and
     T tokens of mixed magnitudes, with zero elements, zero blocks and zero tokens; zero rows and blocks in W too."""
-    rows, nb, tokens = draw(st.integers(1, 9)), draw(st.integers(1, 40)), draw(st.integers(1, max_tokens))
+    rows, nb, tokens = draw(st.integers(1, 40)), draw(st.integers(1, 40)), draw(st.integers(1, max_tokens))
     width = 32 * nb - draw(st.integers(0, 31))
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
     w = (rng.standard_normal((rows, width)) * 10.0 ** rng.uniform(-3, 1, (rows, 1))).astype(np.float32)
@@ -103,6 +109,52 @@ def test_batched_kernel_checks_its_arguments(bits):
     assert np.shares_memory(kernel(q, d, np.ones((2, 64), np.float32), out), out)
     assert same_bits(out, np.stack([layer.matvec(np.ones(64, np.float32))] * 2))
     assert kernel(q, d, np.ones((0, 64), np.float32)).shape == (0, 4)
+
+
+@pytest.fixture(params=["amx", "no amx"] if quant._quant.AMX else ["no amx"])
+def amx(request, monkeypatch):
+    """Each test with the AMX kernel (where this machine has it) and without it (the group matvec token by token
+    and the panel GEMM)."""
+    monkeypatch.setattr(quant._quant, "AMX", request.param == "amx")
+    return request.param == "amx"
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@settings(SETTINGS, suppress_health_check=[HealthCheck.function_scoped_fixture])      # the fixture only sets a flag
+@given(data=st.data())
+def test_a_token_gets_the_same_bits_alone_in_any_batch_and_in_a_prompt(bits, amx, data):
+    """On AVX-512 builds the matvec, every batch size and the prefill GEMM all add the exact block sums in block
+    order (the GEMM's specification, its portable C): what a sequence gets never depends on what shares its step.
+    Elsewhere the matvec and batches share one kind of sums and prompts are within the matvec's bound."""
+    layer, x = data.draw(layer_and_tokens(bits, max_tokens=40))
+    alone = np.stack([layer.matvec(xt) for xt in x])
+    assert same_bits(batched(layer, x[:quant.BATCH_TOKENS]), alone[:quant.BATCH_TOKENS])
+    if quant._quant.GROUPS:
+        assert same_bits(gemm(layer, x), alone)
+        assert same_bits(gemm(layer, x, simd=False), alone)
+    else:
+        want = x.astype(np.float64) @ layer.dequantize().T.astype(np.float64)
+        for t in range(x.shape[0]):
+            assert np.all(np.abs(gemm(layer, x)[t] - want[t]) <= matvec_bound(layer.qweight, layer.scales, bits, x[t])[0])
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("tokens", [1, 3, 16, 17, 64, 65])
+def test_the_gemm_at_13b_width_has_the_same_bits_with_and_without_amx(bits, tokens, amx):
+    """Every pass of 16 tokens, a partial one, the switch to the panel GEMM past AMX_PREFILL_TOKENS; 40 rows: two
+    groups of 16 for the tile unit, 8 left for the portable C."""
+    rng = np.random.default_rng(tokens)
+    for width in (5120, 13696):
+        layer = QuantizedWeight.from_float(rng.standard_normal((40, width)).astype(np.float32), bits)
+        x = rng.standard_normal((tokens, width)).astype(np.float32)
+        assert same_bits(gemm(layer, x), gemm(layer, x, simd=False))
+
+
+def test_bcnp_amx_0_leaves_the_tile_unit_out():
+    env = dict(os.environ, BCNP_AMX="0")
+    out = subprocess.run([sys.executable, "-c", "import bcnp.quant as q; print(q._quant.AMX)"], env=env,
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
 
 
 # --- the prefill GEMM ----------------------------------------------------------------------------------------------

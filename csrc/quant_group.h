@@ -1,0 +1,156 @@
+/* The AVX-512 decode matvec for bcnp._quant, sixteen rows at a time, with the prefill GEMM's sums:
+ *   y[r] = sum over blocks b, in order, of  float(isum) * (d[r, b] * dx[b])        (float32, one accumulator)
+ * exactly as bcnp_gemm_q8_0_scalar (quant_gemm.h) and the AMX kernel (quant_amx.h) compute it for every token.  So
+ * one token alone, a batch of them and a prompt get the same bits per token: a sequence's logits do not depend on
+ * what shares its step.
+ *
+ * The integer block sums come from vpdpwssd as in bcnp_dot_q8_0 / bcnp_dot_q4_0 (16 int32 partial sums per block,
+ * or 4 per block for Q4_0's groups of four); sixteen rows' partial sums are then added across lanes into one vector
+ * holding one block's sum for each of the sixteen rows, which meets the sixteen rows' scales (bcnp_group_scales)
+ * in one FMA.  That reduction costs about 3 (Q8_0) or 0.7 (Q4_0) vector operations per row and block, which the
+ * memory-bound loop has room for.
+ */
+#ifndef BCNP_QUANT_GROUP_H
+#define BCNP_QUANT_GROUP_H
+
+#include "quant_gemm.h"
+
+#define BCNP_GROUP_ROWS 16
+#if defined(BCNP_AVX512)
+#define BCNP_GROUPS 1
+#else
+#define BCNP_GROUPS 0
+#endif
+
+/* y = row . x for one row with the GEMM's sums (the rows past the last whole group of sixteen). */
+static float bcnp_sums_q8_0(const int8_t *w, const uint16_t *d, const int16_t *xq, const float *dx, int64_t nb)
+{
+    float sum = 0.0f;
+    for (int64_t b = 0; b < nb; b++)
+        sum = fmaf((float)bcnp_block_dot_q8_0(w + 32 * b, xq + 32 * b), bcnp_f16_to_f32(d[b]) * dx[b], sum);
+    return sum;
+}
+
+/* The same for Q4_0, x in the matvec's Q4_0 layout (bcnp_quantize_activation with q4_layout = 1). */
+static float bcnp_sums_q4_0(const uint8_t *w, const uint16_t *d, const int16_t *xq, const float *dx, int64_t nb)
+{
+    float sum = 0.0f;
+    for (int64_t b = 0; b < nb; b++)
+        sum = fmaf((float)bcnp_block_dot_q4_0(w + 16 * b, xq, b, nb), bcnp_f16_to_f32(d[b]) * dx[b], sum);
+    return sum;
+}
+
+#if defined(BCNP_AVX512)
+/* The scales of 16 rows (d, row stride nb) for blocks b .. b + count - 1 (count <= 16) as float32, transposed:
+   dw[16 k + r] = d[r][b + k]. */
+static inline void bcnp_group_scales(const uint16_t *d, int64_t nb, int64_t b, int64_t count, float *dw)
+{
+    const __mmask16 m = (__mmask16)(count >= 16 ? 0xFFFF : (1u << count) - 1);
+    __m512i v[16];
+    for (int r = 0; r < 16; r++)
+        v[r] = _mm512_castps_si512(_mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, d + r * nb + b)));
+    bcnp_transpose16(v);
+    for (int k = 0; k < count; k++) _mm512_store_si512(dw + 16 * k, v[k]);
+}
+
+/* Lanes of each pair of vectors added pairwise, twice: v[2i], v[2i+1] -> one vector per four rows, whose 128-bit
+   lane c holds (rows 4i .. 4i+3) the sums of the four int32 lanes 4c .. 4c+3 of each row's vector. */
+static inline void bcnp_fold_rows(const __m512i v[16], __m512i x[4])
+{
+    __m512i w[8];
+    for (int i = 0; i < 8; i++)
+        w[i] = _mm512_add_epi32(_mm512_unpacklo_epi32(v[2 * i], v[2 * i + 1]),
+                                _mm512_unpackhi_epi32(v[2 * i], v[2 * i + 1]));
+    for (int i = 0; i < 4; i++)
+        x[i] = _mm512_add_epi32(_mm512_unpacklo_epi64(w[2 * i], w[2 * i + 1]),
+                                _mm512_unpackhi_epi64(w[2 * i], w[2 * i + 1]));
+}
+
+/* y[r], r < 16: the Q8_0 rows at w (row stride 32 nb) against x. */
+static void bcnp_group_q8_0(const int8_t *w, const uint16_t *d, int64_t nb, const int16_t *xq, const float *dx,
+                            float *y)
+{
+    __attribute__((aligned(64))) float dw[16 * 16];
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t b0 = 0; b0 < nb; b0 += 16) {
+        const int64_t count = nb - b0 < 16 ? nb - b0 : 16;
+        bcnp_group_scales(d, nb, b0, count, dw);
+        for (int64_t k = 0; k < count; k++) {
+            const int64_t b = b0 + k;
+            const __m512i xv = _mm512_load_si512(xq + 32 * b);
+            __m512i p[16], x[4];
+            for (int r = 0; r < 16; r++) {
+                const int8_t *wr = w + r * 32 * nb + 32 * b;
+                if (k & 1) _mm_prefetch((const char *)(wr + 1024), _MM_HINT_T0);
+                p[r] = _mm512_dpwssd_epi32(_mm512_setzero_si512(),
+                                           _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)wr)), xv);
+            }
+            bcnp_fold_rows(p, x);
+            /* the four 128-bit lanes of each row quad: 0+1, 2+3, then again: lane i = rows 4i .. 4i+3 */
+            const __m512i y0 = _mm512_add_epi32(_mm512_shuffle_i32x4(x[0], x[1], 0x88), _mm512_shuffle_i32x4(x[0], x[1], 0xDD));
+            const __m512i y1 = _mm512_add_epi32(_mm512_shuffle_i32x4(x[2], x[3], 0x88), _mm512_shuffle_i32x4(x[2], x[3], 0xDD));
+            const __m512i isum = _mm512_add_epi32(_mm512_shuffle_i32x4(y0, y1, 0x88), _mm512_shuffle_i32x4(y0, y1, 0xDD));
+            acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_mul_ps(_mm512_load_ps(dw + 16 * k), _mm512_set1_ps(dx[b])),
+                                  acc);
+        }
+    }
+    _mm512_storeu_ps(y, acc);
+}
+
+/* y[r], r < 16: the Q4_0 rows at w (row stride 16 nb) against x in the matvec's Q4_0 layout, with its bias. */
+static void bcnp_group_q4_0(const uint8_t *w, const uint16_t *d, int64_t nb, const int16_t *xq, const float *dx,
+                            const int32_t *bias, float *y)
+{
+    __attribute__((aligned(64))) float dw[16 * 16];
+    const __m512i nibble = _mm512_set1_epi16(0x0F);
+    const int64_t grouped = nb - nb % 4;            /* blocks in groups of four (see bcnp_quantize_activation) */
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t b0 = 0; b0 < nb; b0 += 16) {
+        const int64_t count = nb - b0 < 16 ? nb - b0 : 16;
+        int64_t k = 0;
+        bcnp_group_scales(d, nb, b0, count, dw);
+        for (; k + 4 <= count && b0 + k + 4 <= grouped; k += 4) {
+            const int64_t b = b0 + k;
+            const int16_t *xg = xq + 32 * b;
+            const __m512i x0 = _mm512_load_si512(xg), x1 = _mm512_load_si512(xg + 32);
+            const __m512i x2 = _mm512_load_si512(xg + 64), x3 = _mm512_load_si512(xg + 96);
+            const __m512i start = _mm512_loadu_si512(bias + 4 * b);
+            __m512i p[16], x[4], s[4];
+            for (int r = 0; r < 16; r++) {
+                const uint8_t *wr = w + r * 16 * nb + 16 * b;
+                _mm_prefetch((const char *)(wr + 1024), _MM_HINT_T0);
+                const __m512i wv = _mm512_loadu_si512(wr);
+                __m512i dot = _mm512_dpwssd_epi32(start, _mm512_and_si512(wv, nibble), x0);
+                dot = _mm512_dpwssd_epi32(dot, _mm512_and_si512(_mm512_srli_epi16(wv, 4), nibble), x1);
+                dot = _mm512_dpwssd_epi32(dot, _mm512_and_si512(_mm512_srli_epi16(wv, 8), nibble), x2);
+                p[r] = _mm512_dpwssd_epi32(dot, _mm512_srli_epi16(wv, 12), x3);
+            }
+            bcnp_fold_rows(p, x);           /* 128-bit lane c of x[i]: block b + c of rows 4i .. 4i+3 */
+            const __m512i t0 = _mm512_shuffle_i32x4(x[0], x[1], 0x44), t1 = _mm512_shuffle_i32x4(x[0], x[1], 0xEE);
+            const __m512i t2 = _mm512_shuffle_i32x4(x[2], x[3], 0x44), t3 = _mm512_shuffle_i32x4(x[2], x[3], 0xEE);
+            s[0] = _mm512_shuffle_i32x4(t0, t2, 0x88);
+            s[1] = _mm512_shuffle_i32x4(t0, t2, 0xDD);
+            s[2] = _mm512_shuffle_i32x4(t1, t3, 0x88);
+            s[3] = _mm512_shuffle_i32x4(t1, t3, 0xDD);
+            for (int j = 0; j < 4; j++)
+                acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[j]),
+                                      _mm512_mul_ps(_mm512_load_ps(dw + 16 * (k + j)), _mm512_set1_ps(dx[b + j])), acc);
+        }
+        for (; k < count; k++) {                     /* the last nb % 4 blocks, in natural order */
+            const int64_t b = b0 + k;
+            __attribute__((aligned(64))) int32_t isum[16];
+            for (int r = 0; r < 16; r++) isum[r] = bcnp_block_dot_q4_0(w + r * 16 * nb + 16 * b, xq, b, nb);
+            acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512(isum)),
+                                  _mm512_mul_ps(_mm512_load_ps(dw + 16 * k), _mm512_set1_ps(dx[b])), acc);
+        }
+    }
+    _mm512_storeu_ps(y, acc);
+}
+#else
+static void bcnp_group_q8_0(const int8_t *w, const uint16_t *d, int64_t nb, const int16_t *xq, const float *dx,
+                            float *y) {}
+static void bcnp_group_q4_0(const uint8_t *w, const uint16_t *d, int64_t nb, const int16_t *xq, const float *dx,
+                            const int32_t *bias, float *y) {}
+#endif
+
+#endif
