@@ -221,11 +221,12 @@ GROUPS = bool(BCNP_GROUPS)                # the AVX-512 group matvec is compiled
 # turns it off; setting it True where it was not granted changes nothing (the tile instructions would trap).
 cdef bint _AMX_GRANTED = BCNP_AMX_BUILT and os.environ.get("BCNP_AMX", "1") != "0" and bcnp_amx_enable()
 AMX = bool(_AMX_GRANTED)
-# Without AMX, batches of up to this many tokens go through the group matvec token by token (each 16-row group
-# stays in L2 between tokens), larger ones through the panel GEMM.  One 13696 x 5120 weight, 2 threads, AMX off,
-# token by token / panel GEMM: int4 2 tokens 4.1 / 8.5 ms, 4 tokens 7.0 / 9.0, 6 tokens 10.4 / 9.7; int8 2 tokens
-# 4.0 / 5.7, 4 tokens 6.7 / 6.1.
-GROUP_TOKENS = 4
+# Batches of up to this many tokens go through the group matvec token by token (each 16-row group stays in L2
+# between tokens), larger ones through the AMX kernel, or without it the panel GEMM.  One 13696 x 5120 weight,
+# 2 threads, token by token / AMX / panel GEMM: int4 2 tokens 2.8 / 4.8 / 8.5 ms, 4 tokens 7.0 / 4.4 / 9.0,
+# 6 tokens 10.4 / - / 9.7; int8 2 tokens 4.0 / 7.1 / 5.7, 4 tokens 6.7 / 7.5 / 6.1.
+GROUP_TOKENS = 2
+GROUP_TOKENS_WITHOUT_AMX = 4
 # Up to this many tokens go through the AMX kernel where it is there, more through the panel GEMM (the same bits
 # either way).  One 13696 x 5120 int4 weight, 2 threads, the same process (tools/bench.py kernels shows the layer):
 # 8 tokens 5.8 against 8.4 ms on a quiet machine, equal to 3% when another tenant shares the tile unit; 16 tokens
@@ -402,7 +403,7 @@ def _batch(q, const uint16_t[:, ::1] d, const float[:, ::1] x, out, int threads,
     if T == 0 or rows == 0:
         return np.asarray(y)
     cdef int nt = resolve_threads(threads)
-    if simd and GROUPS and ((AMX and _AMX_GRANTED) or T > GROUP_TOKENS):
+    if simd and GROUPS and T > (GROUP_TOKENS if AMX and _AMX_GRANTED else GROUP_TOKENS_WITHOUT_AMX):
         _gemm(q, d, x, y, nt, bits)
     else:
         _token_by_token(q, d, x, y, nt, simd, bits)
