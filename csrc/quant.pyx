@@ -54,17 +54,19 @@ cdef extern from "quant_gemm.h" nogil:
                                const float *dx, int64_t T, float *y, int64_t ys)
 
 cdef extern from "quant_amx.h" nogil:
-    int BCNP_AMX_BUILT, BCNP_AMX_TOKENS, BCNP_AMX_ROWS, BCNP_AMX_TILE_BYTES
+    int BCNP_AMX_BUILT, BCNP_AMX_TOKENS, BCNP_AMX_ROWS, BCNP_AMX_PAIR_BYTES
     ctypedef struct bcnp_amx_tokens:
         const uint8_t *tiles
         const float *dxp
         const int32_t *ridx
-        int T
+        const int32_t *pick
+        int T, P
     int bcnp_amx_enable()
+    int bcnp_amx_padded(int T)
     void bcnp_amx_rows(const int8_t *q8, const uint8_t *q4, const uint16_t *d, int64_t nb, int64_t g0, int64_t g1,
                        const bcnp_amx_tokens *x, float *y, int64_t ys)
-    void bcnp_amx_prepare(const int16_t *xq, const float *dx, int64_t n, int T, int bits, uint8_t *tiles,
-                          float *dxp, int32_t *ridx)
+    void bcnp_amx_prepare(const int16_t *xq, const float *dx, int64_t n, int T, uint8_t *tiles, float *dxp,
+                          int32_t *ridx, int32_t *pick)
 
 SIMD = bcnp_simd_name().decode()          # which dot-product implementation was compiled in
 
@@ -223,15 +225,12 @@ cdef bint _AMX_GRANTED = BCNP_AMX_BUILT and os.environ.get("BCNP_AMX", "1") != "
 AMX = bool(_AMX_GRANTED)
 # Batches of up to this many tokens go through the group matvec token by token (each 16-row group stays in L2
 # between tokens), larger ones through the AMX kernel, or without it the panel GEMM.  One 13696 x 5120 weight,
-# 2 threads, token by token / AMX / panel GEMM: int4 2 tokens 2.8 / 4.8 / 8.5 ms, 4 tokens 7.0 / 4.4 / 9.0,
-# 6 tokens 10.4 / - / 9.7; int8 2 tokens 4.0 / 7.1 / 5.7, 4 tokens 6.7 / 7.5 / 6.1.
+# 2 threads, token by token / AMX / panel GEMM: int4 2 tokens 2.8 / 3.4 / 8.5 ms, 4 tokens 7.0 / 3.4 / 9.0,
+# 8 tokens - / 5.3 / 9.6; int8 2 tokens 4.0 / - / 5.7, 4 tokens 6.7 / 2.8 / 6.0, 8 tokens - / 4.8 / 8.2.
 GROUP_TOKENS = 2
 GROUP_TOKENS_WITHOUT_AMX = 4
-# Up to this many tokens go through the AMX kernel where it is there, more through the panel GEMM (the same bits
-# either way).  One 13696 x 5120 int4 weight, 2 threads, the same process (tools/bench.py kernels shows the layer):
-# 8 tokens 5.8 against 8.4 ms on a quiet machine, equal to 3% when another tenant shares the tile unit; 16 tokens
-# 8.0 against 15.0, or equal; 32 equal; 64 tokens 47.5 against 35.6 ms.
-AMX_PREFILL_TOKENS = 16
+# Past BCNP_AMX_TOKENS (8, one pass of the AMX kernel) tokens go through the panel GEMM (the same bits): two AMX
+# passes measured no faster in the engine at B = 16 (int4 76.9 against 76.0 tok/s, int8 72.3 against 78.8).
 
 
 def _aligned_empty(Py_ssize_t n, dtype):
@@ -444,10 +443,10 @@ cdef _natural_activations(const float[:, ::1] x, int nt):
 
 cdef _amx(q, const uint16_t[:, ::1] d, const int16_t[::1] xv, const float[::1] dv, Py_ssize_t n, Py_ssize_t T,
           float[:, ::1] yv, int nt, int bits):
-    """Y = X W^T by the AMX kernel, 16 tokens per pass, for the rows in whole groups of 16; the rest by the portable
-    C, which adds the same terms in the same order."""
-    cdef Py_ssize_t rows = yv.shape[1], nb = n // 32, groups = rows // BCNP_AMX_ROWS, t0, k, g0, g1
-    cdef int i, tc, na = max(1, min(nt, groups))
+    """Y = X W^T by the AMX kernel (T <= BCNP_AMX_TOKENS: one pass) for the rows in whole groups of 16; the rest by
+    the portable C, which adds the same terms in the same order."""
+    cdef Py_ssize_t rows = yv.shape[1], nb = n // 32, groups = rows // BCNP_AMX_ROWS, k, g0, g1
+    cdef int i, na = max(1, min(nt, groups))
     cdef const int8_t[:, ::1] q8
     cdef const uint8_t[:, ::1] q4
     cdef const int8_t *p8 = NULL
@@ -458,21 +457,19 @@ cdef _amx(q, const uint16_t[:, ::1] d, const int16_t[::1] xv, const float[::1] d
     else:
         q4 = q
         p4 = &q4[0, 0]
-    cdef uint8_t[::1] tiles = _aligned_empty(BCNP_AMX_TILE_BYTES * nb, np.uint8)
+    cdef uint8_t[::1] tiles = _aligned_empty(BCNP_AMX_PAIR_BYTES * ((nb + 1) // 2), np.uint8)
     cdef float[::1] dxp = _aligned_empty(16 * BCNP_AMX_TOKENS * nb, np.float32)
     cdef int32_t[::1] ridx = _aligned_empty(16 * BCNP_AMX_TOKENS, np.int32)
+    cdef int32_t[::1] pick = _aligned_empty(32, np.int32)
     cdef bcnp_amx_tokens xt
     with nogil:
-        t0 = 0
-        while t0 < T and groups:
-            tc = <int>min(BCNP_AMX_TOKENS, T - t0)
-            bcnp_amx_prepare(&xv[t0 * n], &dv[t0 * nb], n, tc, bits, &tiles[0], &dxp[0], &ridx[0])
-            xt.tiles, xt.dxp, xt.ridx, xt.T = &tiles[0], &dxp[0], &ridx[0], tc
+        if groups:
+            bcnp_amx_prepare(&xv[0], &dv[0], n, <int>T, &tiles[0], &dxp[0], &ridx[0], &pick[0])
+            xt.tiles, xt.dxp, xt.ridx, xt.pick, xt.T, xt.P = &tiles[0], &dxp[0], &ridx[0], &pick[0], T, bcnp_amx_padded(T)
             for i in prange(na, num_threads=na, schedule="static", chunksize=1):
                 g0 = groups * i // na
                 g1 = groups * (i + 1) // na
-                bcnp_amx_rows(p8, p4, &d[0, 0], nb, g0, g1, &xt, &yv[t0, 0], rows)
-            t0 += tc
+                bcnp_amx_rows(p8, p4, &d[0, 0], nb, g0, g1, &xt, &yv[0, 0], rows)
         k = groups * BCNP_AMX_ROWS
         if k < rows:
             if bits == 8:
@@ -489,7 +486,7 @@ cdef _gemm(q, const uint16_t[:, ::1] d, const float[:, ::1] x, float[:, ::1] yv,
     xq, dx = _natural_activations(x, nt)
     cdef int16_t[::1] xv = xq
     cdef float[::1] dv = dx
-    if simd and AMX and _AMX_GRANTED and T <= AMX_PREFILL_TOKENS:
+    if simd and AMX and _AMX_GRANTED and T <= BCNP_AMX_TOKENS:
         _amx(q, d, xv, dv, n, T, yv, nt, bits)
         return
     cdef const int8_t[:, ::1] q8
