@@ -394,16 +394,19 @@ cdef _token_by_token(q, const uint16_t[:, ::1] d, const float[:, ::1] x, float[:
                         yv[t, r] = bcnp_dot_q4_0_scalar(&q4[r, 0], &d[r, 0], &xq[t * n], &dx[t * nb], nb)
 
 
-def _batch(q, const uint16_t[:, ::1] d, const float[:, ::1] x, out, int threads, bint simd, int bits):
+def _tokens(q, const uint16_t[:, ::1] d, const float[:, ::1] x, out, int threads, bint simd, int bits, str kind):
+    """matmul_* (kind "matmul": a batch, the matvec's kernels or the GEMM's where those give the same bits) and
+    prefill_* (kind "prefill": the GEMM)."""
     cdef Py_ssize_t rows = q.shape[0], n = q.shape[1] * (1 if bits == 8 else 2), T = x.shape[0]
-    cdef str what = f"matmul_q{bits}_0"
+    cdef str what = f"{kind}_q{bits}_0"
     _check_batch(q, d, x, n, what)
     y = _batch_output(out, T, rows, what)
     if T == 0 or rows == 0:
         return np.asarray(y)
     cdef int nt = resolve_threads(threads)
-    if simd and GROUPS and T > (GROUP_TOKENS if AMX and _AMX_GRANTED else GROUP_TOKENS_WITHOUT_AMX):
-        _gemm(q, d, x, y, nt, bits)
+    if kind == "prefill" or (simd and GROUPS and
+                             T > (GROUP_TOKENS if AMX and _AMX_GRANTED else GROUP_TOKENS_WITHOUT_AMX)):
+        _gemm(q, d, x, y, nt, bits, simd)
     else:
         _token_by_token(q, d, x, y, nt, simd, bits)
     return np.asarray(y)
@@ -414,13 +417,13 @@ def matmul_q8_0(const int8_t[:, ::1] q not None, const uint16_t[:, ::1] d not No
     """Y (T, rows) = X W^T for W = Q8_0 blocks (as matvec_q8_0), X float32 (T, n), a few tokens: every block of W is
     read from memory once for all T tokens, and Y[t] equals matvec_q8_0(q, d, X[t]) bit for bit.
     simd=False: the portable kernel per token."""
-    return _batch(q, d, x, out, threads, simd, 8)
+    return _tokens(q, d, x, out, threads, simd, 8, "matmul")
 
 
 def matmul_q4_0(const uint8_t[:, ::1] q not None, const uint16_t[:, ::1] d not None, const float[:, ::1] x not None,
                 float[:, ::1] out=None, int threads=0, bint simd=True):
     """matmul_q8_0 for Q4_0 blocks (q uint8 packed (rows, n/2))."""
-    return _batch(q, d, x, out, threads, simd, 4)
+    return _tokens(q, d, x, out, threads, simd, 4, "matmul")
 
 
 # ---- prefill: Y = X W^T for many tokens, integer block sums of int16 activations -----------------------------------
@@ -441,22 +444,14 @@ cdef _natural_activations(const float[:, ::1] x, int nt):
     return xq, dx
 
 
-cdef _amx(q, const uint16_t[:, ::1] d, const int16_t[::1] xv, const float[::1] dv, Py_ssize_t n, Py_ssize_t T,
-          float[:, ::1] yv, int nt, int bits):
+cdef _amx(const int8_t[:, ::1] q8, const uint8_t[:, ::1] q4, const uint16_t[:, ::1] d, const int16_t[::1] xv,
+          const float[::1] dv, Py_ssize_t n, Py_ssize_t T, float[:, ::1] yv, int nt, int bits):
     """Y = X W^T by the AMX kernel (T <= BCNP_AMX_TOKENS: one pass) for the rows in whole groups of 16; the rest by
     the portable C, which adds the same terms in the same order."""
     cdef Py_ssize_t rows = yv.shape[1], nb = n // 32, groups = rows // BCNP_AMX_ROWS, k, g0, g1
     cdef int i, na = max(1, min(nt, groups))
-    cdef const int8_t[:, ::1] q8
-    cdef const uint8_t[:, ::1] q4
-    cdef const int8_t *p8 = NULL
-    cdef const uint8_t *p4 = NULL
-    if bits == 8:
-        q8 = q
-        p8 = &q8[0, 0]
-    else:
-        q4 = q
-        p4 = &q4[0, 0]
+    cdef const int8_t *p8 = &q8[0, 0] if bits == 8 else NULL
+    cdef const uint8_t *p4 = &q4[0, 0] if bits == 4 else NULL
     cdef uint8_t[::1] tiles = _aligned_empty(BCNP_AMX_PAIR_BYTES * ((nb + 1) // 2), np.uint8)
     cdef float[::1] dxp = _aligned_empty(16 * BCNP_AMX_TOKENS * nb, np.float32)
     cdef int32_t[::1] ridx = _aligned_empty(16 * BCNP_AMX_TOKENS, np.int32)
@@ -486,15 +481,11 @@ cdef _gemm(q, const uint16_t[:, ::1] d, const float[:, ::1] x, float[:, ::1] yv,
     xq, dx = _natural_activations(x, nt)
     cdef int16_t[::1] xv = xq
     cdef float[::1] dv = dx
+    cdef const int8_t[:, ::1] q8 = q if bits == 8 else None
+    cdef const uint8_t[:, ::1] q4 = q if bits == 4 else None
     if simd and AMX and _AMX_GRANTED and T <= BCNP_AMX_TOKENS:
-        _amx(q, d, xv, dv, n, T, yv, nt, bits)
+        _amx(q8, q4, d, xv, dv, n, T, yv, nt, bits)
         return
-    cdef const int8_t[:, ::1] q8
-    cdef const uint8_t[:, ::1] q4
-    if bits == 8:
-        q8 = q
-    else:
-        q4 = q
     cdef Py_ssize_t panels = (rows + BCNP_PANEL_ROWS - 1) // BCNP_PANEL_ROWS, words = bcnp_panel_words(nb)
     cdef bint gemm = simd and BCNP_GEMM
     cdef int32_t[::1] packed = _aligned_empty(nt * words if gemm else 1, np.int32)
@@ -519,30 +510,19 @@ cdef _gemm(q, const uint16_t[:, ::1] d, const float[:, ::1] x, float[:, ::1] yv,
                 bcnp_gemm_q4_0_scalar(&q4[r0, 0], &d[r0, 0], k, nb, &xv[0], &dv[0], T, &yv[0, r0], rows)
 
 
-def _prefill(q, const uint16_t[:, ::1] d, const float[:, ::1] x, out, int threads, bint simd, int bits):
-    cdef Py_ssize_t rows = q.shape[0], n = q.shape[1] * (1 if bits == 8 else 2), T = x.shape[0]
-    cdef str what = f"prefill_q{bits}_0"
-    _check_batch(q, d, x, n, what)
-    y = _batch_output(out, T, rows, what)
-    if T == 0 or rows == 0:
-        return np.asarray(y)
-    _gemm(q, d, x, y, resolve_threads(threads), bits, simd)
-    return np.asarray(y)
-
-
 def prefill_q8_0(const int8_t[:, ::1] q not None, const uint16_t[:, ::1] d not None, const float[:, ::1] x not None,
                  float[:, ::1] out=None, int threads=0, bint simd=True):
     """Y (T, rows) = X W^T for W = Q8_0 blocks, X float32 (T, n), many tokens: X rounded per token and block to
     int16 as matvec_q8_0 does, exact integer block sums, one float32 sum over the blocks per output in block order
     (on AVX-512 builds the matvec's own sums; elsewhere within its error bound).  simd=False: the portable kernel,
     bit-identical to the SIMD one."""
-    return _prefill(q, d, x, out, threads, simd, 8)
+    return _tokens(q, d, x, out, threads, simd, 8, "prefill")
 
 
 def prefill_q4_0(const uint8_t[:, ::1] q not None, const uint16_t[:, ::1] d not None, const float[:, ::1] x not None,
                  float[:, ::1] out=None, int threads=0, bint simd=True):
     """prefill_q8_0 for Q4_0 blocks (q uint8 packed (rows, n/2))."""
-    return _prefill(q, d, x, out, threads, simd, 4)
+    return _tokens(q, d, x, out, threads, simd, 4, "prefill")
 
 
 # ---- helpers for tests and benchmarks ------------------------------------------------------------------------
