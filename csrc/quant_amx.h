@@ -208,7 +208,9 @@ static void bcnp_amx_rows(const int8_t *q8, const uint8_t *q4, const uint16_t *d
     int32_t *cbuf = (int32_t *)aligned_alloc(64, 3 * 512 * sizeof(int32_t));
     float out[16 * BCNP_AMX_TOKENS];
     memset(tail, 0, 16 * 64);
-    memset(scratch, 0, 16 * 32 * BCNP_AMX_CHUNK + 64);  /* an odd last block's partner: zeros, times zeros in B */
+    /* an odd last block's partner in the scratch holds zeros here or an earlier chunk's codes: either way it meets
+       the zeros of B's second half */
+    memset(scratch, 0, 16 * 32 * BCNP_AMX_CHUNK + 64);
     bcnp_amx_configure(P);
     for (int64_t g = g0; g < g1; g++) {
         const int64_t r0 = 16 * g;
