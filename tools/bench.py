@@ -28,7 +28,8 @@ Whole-13B figures are extrapolated from the layers measured: t(13B) = 40 t(layer
 --cache-dtype sets Model.cache_dtype (default: what the model picks); the report says which dtype the cache had.
 
 `batch` runs bcnp.engine on a `--layers`-layer model of 13B width: B = 1, 2, 4, 8, 16 sequences decode together
-after a 16-token prompt each, and it reports the aggregate decode tokens/s per weight kind ({"int4": {"1": tok/s,
+after a 16-token prompt each (the widths take turns, one engine step each, best of 8 per width), and it reports
+the aggregate decode tokens/s per weight kind ({"int4": {"1": tok/s,
 ...}, ...} with --json, plus "vs_b1" ratios and the chat turn below); then a chat turn after a 512-token history
 (--quick: 256): the time to its first token, reusing the history's cache, against the same turn's new tokens alone
 on a fresh engine.
@@ -357,21 +358,27 @@ def batch_report():
 
 # --- batch: the engine ----------------------------------------------------------------------------------------------
 
-def engine_decode_rate(model, batch, steps):
-    """Aggregate tokens/s of `batch` sequences decoding together (timed once all have their first token)."""
+def engine_decode_rates(model, batches, steps):
+    """{B: aggregate tokens/s of B sequences decoding together} for every B in `batches`, each the best of `steps`
+    engine steps timed once all its sequences have their first token. The widths take turns, one step each: the
+    machine's speed drifts by tens of percent over a minute (a neighbour's load, even on the tile unit), and
+    interleaving lets every width see the same drift, so the ratios to B = 1 hold even where the rates move."""
     from bcnp.engine import Engine
-    rng = np.random.default_rng(batch)
-    engine = Engine(model, max_batch=batch)
-    seqs = [engine.submit(rng.integers(0, model.config.vocab_size, 16), max_new_tokens=steps + 2, do_sample=False,
-                          repetition_penalty=1.0, stop_ids=[]) for _ in range(batch)]
-    while any(len(s.generated) == 0 for s in seqs):
-        engine.step()
-    best = float("inf")
+    engines, best = {}, {}
+    for batch in batches:
+        rng = np.random.default_rng(batch)
+        engine = engines[batch] = Engine(model, max_batch=batch)
+        seqs = [engine.submit(rng.integers(0, model.config.vocab_size, 16), max_new_tokens=steps + 2,
+                              do_sample=False, repetition_penalty=1.0, stop_ids=[]) for _ in range(batch)]
+        while any(len(s.generated) == 0 for s in seqs):
+            engine.step()
+        best[batch] = float("inf")
     for _ in range(steps):
-        start = time.perf_counter()
-        engine.step()
-        best = min(best, time.perf_counter() - start)
-    return batch / best
+        for batch, engine in engines.items():
+            start = time.perf_counter()
+            engine.step()
+            best[batch] = min(best[batch], time.perf_counter() - start)
+    return {batch: batch / best[batch] for batch in batches}
 
 
 def chat_turn_ttft(model, history):
@@ -400,11 +407,11 @@ def chat_turn_ttft(model, history):
 def engine_report():
     config, pool = model_config(args.layers, args.smoke), RandomPool()
     # best of 8 steps per width: with 4, B = 1 moved by 20% from run to run on this shared machine, and every ratio
-    # to it with it
+    # to it with it (engine_decode_rates interleaves the widths for the same reason)
     report, steps = {"threads": THREADS, "layers": args.layers}, 2 if args.quick else 8
     for kind, bits in KINDS.items():
         model = random_model(config, pool, bits)
-        rates = {b: engine_decode_rate(model, b, steps) for b in BATCHES}
+        rates = engine_decode_rates(model, BATCHES, steps)
         report[kind] = {str(b): r for b, r in rates.items()}
         report[kind + "_vs_b1"] = {str(b): r / rates[1] for b, r in rates.items()}
         say(f"{kind:8} " + "  ".join(f"B={b}: {r:6.1f} tok/s ({r / rates[1]:4.1f}x)" for b, r in rates.items()))
