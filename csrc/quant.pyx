@@ -54,7 +54,7 @@ cdef extern from "quant_gemm.h" nogil:
                                const float *dx, int64_t T, float *y, int64_t ys)
 
 cdef extern from "quant_amx.h" nogil:
-    int BCNP_AMX_BUILT, BCNP_AMX_TOKENS, BCNP_AMX_ROWS, BCNP_AMX_PAIR_BYTES
+    int BCNP_AMX_BUILT, BCNP_AMX_TOKENS, BCNP_AMX_PASSES, BCNP_AMX_ROWS, BCNP_AMX_PAIR_BYTES
     ctypedef struct bcnp_amx_tokens:
         const uint8_t *tiles
         const float *dxp
@@ -64,7 +64,7 @@ cdef extern from "quant_amx.h" nogil:
     int bcnp_amx_enable()
     int bcnp_amx_padded(int T)
     void bcnp_amx_rows(const int8_t *q8, const uint8_t *q4, const uint16_t *d, int64_t nb, int64_t g0, int64_t g1,
-                       const bcnp_amx_tokens *x, float *y, int64_t ys)
+                       const bcnp_amx_tokens *x, int passes, float *y, int64_t ys)
     void bcnp_amx_prepare(const int16_t *xq, const float *dx, int64_t n, int T, uint8_t *tiles, float *dxp,
                           int32_t *ridx, int32_t *pick)
 
@@ -229,8 +229,11 @@ AMX = bool(_AMX_GRANTED)
 # 8 tokens - / 5.3 / 9.6; int8 2 tokens 4.0 / - / 5.7, 4 tokens 6.7 / 2.8 / 6.0, 8 tokens - / 4.8 / 8.2.
 GROUP_TOKENS = 2
 GROUP_TOKENS_WITHOUT_AMX = 4
-# Past BCNP_AMX_TOKENS (8, one pass of the AMX kernel) tokens go through the panel GEMM (the same bits): two AMX
-# passes measured no faster in the engine at B = 16 (int4 76.9 against 76.0 tok/s, int8 72.3 against 78.8).
+# Up to BCNP_AMX_PASSES * BCNP_AMX_TOKENS (16) tokens go through the AMX kernel, past that through the panel GEMM
+# (the same bits).  Two passes as two calls measured no faster than the GEMM in the engine at B = 16 (int4 76.9
+# against 76.0 tok/s, int8 72.3 against 78.8), as each read the weights from memory; both passes over one group of
+# rows at a time (the second from L2) did: int4 139 and 143 against 92-102 tok/s, int8 113 and 125 against 77-95
+# (`tools/bench.py batch`, alternated with the previous build; docs/performance.md).
 
 
 def _aligned_empty(Py_ssize_t n, dtype):
@@ -446,25 +449,35 @@ cdef _natural_activations(const float[:, ::1] x, int nt):
 
 cdef _amx(const int8_t[:, ::1] q8, const uint8_t[:, ::1] q4, const uint16_t[:, ::1] d, const int16_t[::1] xv,
           const float[::1] dv, Py_ssize_t n, Py_ssize_t T, float[:, ::1] yv, int nt, int bits):
-    """Y = X W^T by the AMX kernel (T <= BCNP_AMX_TOKENS: one pass) for the rows in whole groups of 16; the rest by
-    the portable C, which adds the same terms in the same order."""
+    """Y = X W^T by the AMX kernel (T <= BCNP_AMX_PASSES * BCNP_AMX_TOKENS: 8 tokens a pass, each row group through
+    every pass before the next) for the rows in whole groups of 16; the rest by the portable C, which adds the same
+    terms in the same order."""
     cdef Py_ssize_t rows = yv.shape[1], nb = n // 32, groups = rows // BCNP_AMX_ROWS, k, g0, g1
     cdef int i, na = max(1, min(nt, groups))
+    cdef int passes = <int>((T + BCNP_AMX_TOKENS - 1) // BCNP_AMX_TOKENS)
     cdef const int8_t *p8 = &q8[0, 0] if bits == 8 else NULL
     cdef const uint8_t *p4 = &q4[0, 0] if bits == 4 else NULL
-    cdef uint8_t[::1] tiles = _aligned_empty(BCNP_AMX_PAIR_BYTES * ((nb + 1) // 2), np.uint8)
-    cdef float[::1] dxp = _aligned_empty(16 * BCNP_AMX_TOKENS * nb, np.float32)
-    cdef int32_t[::1] ridx = _aligned_empty(16 * BCNP_AMX_TOKENS, np.int32)
-    cdef int32_t[::1] pick = _aligned_empty(32, np.int32)
-    cdef bcnp_amx_tokens xt
+    cdef Py_ssize_t tile_bytes = BCNP_AMX_PAIR_BYTES * ((nb + 1) // 2), lanes = 16 * BCNP_AMX_TOKENS
+    cdef uint8_t[::1] tiles = _aligned_empty(passes * tile_bytes, np.uint8)
+    cdef float[::1] dxp = _aligned_empty(passes * lanes * nb, np.float32)
+    cdef int32_t[::1] ridx = _aligned_empty(passes * lanes, np.int32)
+    cdef int32_t[::1] pick = _aligned_empty(passes * 32, np.int32)
+    cdef bcnp_amx_tokens xt[2]               # BCNP_AMX_PASSES
+    cdef int t0, tk
     with nogil:
         if groups:
-            bcnp_amx_prepare(&xv[0], &dv[0], n, <int>T, &tiles[0], &dxp[0], &ridx[0], &pick[0])
-            xt.tiles, xt.dxp, xt.ridx, xt.pick, xt.T, xt.P = &tiles[0], &dxp[0], &ridx[0], &pick[0], T, bcnp_amx_padded(T)
+            for i in range(passes):
+                t0 = i * BCNP_AMX_TOKENS
+                tk = <int>min(T - t0, BCNP_AMX_TOKENS)
+                bcnp_amx_prepare(&xv[t0 * n], &dv[t0 * nb], n, tk, &tiles[i * tile_bytes], &dxp[i * lanes * nb],
+                                 &ridx[i * lanes], &pick[i * 32])
+                xt[i].tiles, xt[i].dxp, xt[i].ridx, xt[i].pick = &tiles[i * tile_bytes], &dxp[i * lanes * nb], \
+                    &ridx[i * lanes], &pick[i * 32]
+                xt[i].T, xt[i].P = tk, bcnp_amx_padded(tk)
             for i in prange(na, num_threads=na, schedule="static", chunksize=1):
                 g0 = groups * i // na
                 g1 = groups * (i + 1) // na
-                bcnp_amx_rows(p8, p4, &d[0, 0], nb, g0, g1, &xt, &yv[0, 0], rows)
+                bcnp_amx_rows(p8, p4, &d[0, 0], nb, g0, g1, xt, passes, &yv[0, 0], rows)
         k = groups * BCNP_AMX_ROWS
         if k < rows:
             if bits == 8:
@@ -483,7 +496,7 @@ cdef _gemm(q, const uint16_t[:, ::1] d, const float[:, ::1] x, float[:, ::1] yv,
     cdef float[::1] dv = dx
     cdef const int8_t[:, ::1] q8 = q if bits == 8 else None
     cdef const uint8_t[:, ::1] q4 = q if bits == 4 else None
-    if simd and AMX and _AMX_GRANTED and T <= BCNP_AMX_TOKENS:
+    if simd and AMX and _AMX_GRANTED and T <= BCNP_AMX_PASSES * BCNP_AMX_TOKENS:
         _amx(q8, q4, d, xv, dv, n, T, yv, nt, bits)
         return
     cdef Py_ssize_t panels = (rows + BCNP_PANEL_ROWS - 1) // BCNP_PANEL_ROWS, words = bcnp_panel_words(nb)
