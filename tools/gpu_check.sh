@@ -6,7 +6,7 @@
 #      NumPy fallback bcnp warns about);
 #   3. time the cold compile of the CUDA kernels (CuPy's kernel cache starts empty) and of CuPy's own kernels in a
 #      first forward pass;
-#   4. the GPU tests (pytest -m gpu tests/test_backend.py: golden fixtures on CuPy, kernels against their twins, ...),
+#   4. the GPU tests (pytest -m gpu tests/test_gpu_*.py: golden fixtures on CuPy, kernels against their twins, ...),
 #      stopping at the first failure;
 #   5. Baichuan-13B-width decode at fp16 / int8 / int4 against the memory roofline (tools/gpu_bench.py);
 #   6. the backend's CPU tests (strict module, twins, NumPy fallback) on this Python and NumPy, if time is left;
@@ -127,10 +127,10 @@ main() {
     fi
     step "cold compile" 120 cold_compile
     step "GPU tests (pytest -m gpu)" 170 "$PY" -m pytest -x -q -m gpu --tb=short --durations=15 \
-        -p no:cacheprovider tests/test_backend.py
+        -p no:cacheprovider tests/test_gpu_*.py
     step "decode benchmark (tools/gpu_bench.py)" 170 "$PY" tools/gpu_bench.py "$@"
     step "backend CPU tests (pytest -m 'not gpu')" 120 "$PY" -m pytest -x -q -m "not gpu" --tb=short \
-        --durations=5 -p no:cacheprovider tests/test_backend.py tests/test_numpy_fallback.py
+        --durations=5 -p no:cacheprovider tests/test_gpu_*.py tests/test_numpy_fallback.py
 
     echo
     echo "=== summary (full log: $LOG) ==="
