@@ -1,4 +1,5 @@
-"""Shared test helpers: where the fixtures are; for the GPU tests (tests/test_gpu_*.py) the fixture models with their
+"""Shared test helpers: where the fixtures are; for the quantized kernels bit-for-bit comparison, the weights' codes
+and the matvec's error bound; for the GPU tests (tests/test_gpu_*.py) the fixture models with their
 golden logits, SPEC's error measure, the cached decode, random quantized weights and the twins' matvec, and fake
 CUDA kernels that check every launch against the CUDA signatures before running the NumPy twin."""
 import pathlib
@@ -11,8 +12,9 @@ import pytest
 import strict_xp
 from bcnp import Model
 from bcnp.gpu import kernels as gpu_kernels
+from bcnp import quant
 from bcnp.gpu.cache import clamp_to_float16
-from bcnp.quant import quantize
+from bcnp.quant import quantize, unpack_nibbles
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 MODELS = ["b13-alibi-h8-l4-bf16", "b7-rope-h4-l3-fp16"]     # tiny seeded Baichuan-13B / 7B (SPEC §8)
@@ -22,6 +24,46 @@ MODELS = ["b13-alibi-h8-l4-bf16", "b7-rope-h4-l3-fp16"]     # tiny seeded Baichu
 def model_fixture(request):
     """Each fixture model's directory: hf/ (.bin shards), hf-safetensors/, golden.npz, meta.json."""
     return FIXTURES / request.param
+
+
+# --- the quantized kernels (tests/test_quant*.py, tests/test_matvec.py) -----------------------------------------
+
+def signed_codes(qweight, bits):
+    """The integer each weight decodes from, (out, n_blocks, 32): q for 8 bits, c - 8 for 4."""
+    q = np.asarray(qweight).astype(np.int64) if bits == 8 else unpack_nibbles(qweight).astype(np.int64) - 8
+    return q.reshape(q.shape[0], -1, 32)
+
+
+def same_bits(a, b):
+    a, b = np.asarray(a), np.asarray(b)
+    return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
+
+
+def padded(w):
+    return np.pad(w, ((0, 0), (0, -w.shape[1] % 32)))
+
+
+def activation_scales(x):
+    """The kernels' dx per block of 32 of x, exactly: max |x_b| / 32767 in float32."""
+    xb = padded(x[None].astype(np.float32))[0].reshape(-1, 32)
+    return np.abs(xb).max(-1) / np.float32(32767)
+
+
+def matvec_bound(q, s, bits, x):
+    """SPEC's decode bound: x is rounded per block to int16 (dx = max|x_b| / 32767, error <= dx (1/2 + 2^-9)), so
+    |y - W^ x| <= sum_b |d_b| dx_b sum_i |q_bi| (1/2 + 2^-9 + float32 rounding of the block products and their sum).
+    Returns (the whole bound, its float32 rounding part) per row."""
+    codes = np.abs(signed_codes(q, bits)).sum(-1)                        # (out, nb)
+    per_block = np.abs(s.astype(np.float64)) * activation_scales(x).astype(np.float64) * codes
+    nb = s.shape[1]
+    rounding = (per_block * (nb + 4) * 32767 * 2.0**-24).sum(-1)
+    return (per_block * (0.5 + 2.0**-9)).sum(-1) + rounding, rounding
+
+
+def scalar_matvec(layer, x):
+    """The portable C kernel (the specification of the SIMD ones), whatever the build compiled in."""
+    kernel = quant._quant.matvec_q8_0 if layer.bits == 8 else quant._quant.matvec_q4_0
+    return kernel(layer.qweight, layer.scales.view(np.uint16), layer._padded(x), None, 0, False)
 
 
 # --- the GPU tests -------------------------------------------------------------------------------------------------

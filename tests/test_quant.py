@@ -1,5 +1,5 @@
-"""Block quantization (SPEC §4): GGML Q8_0 / Q4_0 to the bit, round-trip bounds, the compiled kernels against the
-NumPy specification, and the fused decode matvec (int16 activations) within its documented bound."""
+"""Block quantization (SPEC §4): GGML Q8_0 / Q4_0 to the bit, round-trip bounds, and the compiled kernels against the
+NumPy specification (the matvec itself: tests/test_matvec.py)."""
 import importlib
 import sys
 import warnings
@@ -13,6 +13,7 @@ from hypothesis.extra import numpy as hnp
 from bcnp import quant
 from bcnp.quant import (QuantizedWeight, dequantize, dequantize_fast, pack_nibbles, quantize, quantize_fast,
                         unpack_nibbles)
+from conftest import padded, same_bits, scalar_matvec, signed_codes
 
 SETTINGS = settings(deadline=None, max_examples=40)
 GGML_TYPE = {8: gguf.GGMLQuantizationType.Q8_0, 4: gguf.GGMLQuantizationType.Q4_0}
@@ -35,17 +36,6 @@ def gguf_layout(qweight, scales, bits):
     return np.concatenate([d, q], axis=-1).reshape(rows, -1)
 
 
-def signed_codes(qweight, bits):
-    """The integer each weight decodes from, (out, n_blocks, 32): q for 8 bits, c - 8 for 4."""
-    q = np.asarray(qweight).astype(np.int64) if bits == 8 else unpack_nibbles(qweight).astype(np.int64) - 8
-    return q.reshape(q.shape[0], -1, 32)
-
-
-def same_bits(a, b):
-    a, b = np.asarray(a), np.asarray(b)
-    return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
-
-
 def block_scale(w, bits):
     """The scale d per block of w (already a multiple of 32 wide), exactly (float64: GGML's float32 d is this
     rounded, which matters only where d is a float32 subnormal -- and there the float16 scale is 0 anyway)."""
@@ -60,10 +50,6 @@ def defined_for_ggml(w):
     """w with magnitudes below 1e-36 set to 0: below that a block's d can be under 2^-128, where 1/d overflows and
     GGML's result is undefined (the gguf package casts nan to integers)."""
     return np.where(np.abs(w) < 1e-36, np.float32(0), w).astype(np.float32)
-
-
-def padded(w):
-    return np.pad(w, ((0, 0), (0, -w.shape[1] % 32)))
 
 
 def readonly_memmap(tmp_path, name, a):
@@ -369,154 +355,3 @@ def test_memory_mapped_read_only_inputs(bits, tmp_path):
     assert same_bits(layer.matvec(x[0]), QuantizedWeight(q, s, bits).matvec(x[0]))
     assert same_bits(scalar_matvec(layer, x[0]), scalar_matvec(QuantizedWeight(q, s, bits), x[0]))
     assert same_bits(layer.matmul(x), np.stack([QuantizedWeight(q, s, bits).matvec(xt) for xt in x]))
-
-
-# --- padding: rows not a multiple of 32 -------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("bits", [8, 4])
-@pytest.mark.parametrize("width", [1, 20, 33, 100])
-def test_padding_decodes_to_zero_and_kernels_ignore_it(bits, width):
-    rng = np.random.default_rng(width)
-    w = rng.standard_normal((5, width)).astype(np.float32)
-    q, s = quantize(w, bits)
-    assert q.shape == (5, -(-width // 32) * 32 // (1 if bits == 8 else 2))
-    full = dequantize(q, s, bits)
-    assert np.all(full[:, width:] == 0) and same_bits(full[:, :width], dequantize(q, s, bits, width))
-    layer = QuantizedWeight.from_float(w, bits)
-    assert layer.shape == (5, width)
-    # the same weight written out with explicit zero columns gives the same products
-    wide = QuantizedWeight.from_float(padded(w), bits)
-    x = rng.standard_normal((4, width)).astype(np.float32)
-    xp = padded(x)
-    assert same_bits(layer.matvec(x[0]), wide.matvec(xp[0]))
-    assert same_bits(scalar_matvec(layer, x[0]), scalar_matvec(wide, xp[0]))
-    assert same_bits(layer.matmul(x), wide.matmul(xp))
-    want = x.astype(np.float64) @ dequantize(q, s, bits, width).T.astype(np.float64)
-    assert all(np.all(np.abs(y - want[t]) <= matvec_bound(q, s, bits, x[t])[0]) for t, y in enumerate(layer.matmul(x)))
-
-
-# --- the decode matvec and the prefill matmul ----------------------------------------------------------------------------
-
-def activation_scales(x):
-    """The kernels' dx per block of 32 of x, exactly: max |x_b| / 32767 in float32."""
-    xb = padded(x[None].astype(np.float32))[0].reshape(-1, 32)
-    return np.abs(xb).max(-1) / np.float32(32767)
-
-
-def matvec_bound(q, s, bits, x):
-    """SPEC's decode bound: x is rounded per block to int16 (dx = max|x_b| / 32767, error <= dx (1/2 + 2^-9)), so
-    |y - W^ x| <= sum_b |d_b| dx_b sum_i |q_bi| (1/2 + 2^-9 + float32 rounding of the block products and their sum).
-    Returns (the whole bound, its float32 rounding part) per row."""
-    codes = np.abs(signed_codes(q, bits)).sum(-1)                        # (out, nb)
-    per_block = np.abs(s.astype(np.float64)) * activation_scales(x).astype(np.float64) * codes
-    nb = s.shape[1]
-    rounding = (per_block * (nb + 4) * 32767 * 2.0**-24).sum(-1)
-    return (per_block * (0.5 + 2.0**-9)).sum(-1) + rounding, rounding
-
-
-@st.composite
-def layer_and_input(draw, bits):
-    # n_blocks covers the SIMD chunking: groups of 2 / 4 blocks, chunks of 8 / 16, and every tail
-    rows, nb = draw(st.integers(1, 9)), draw(st.integers(1, 40))
-    width = 32 * nb - draw(st.integers(0, 31))
-    seed = draw(st.integers(0, 2**32 - 1))
-    rng = np.random.default_rng(seed)
-    w = (rng.standard_normal((rows, width)) * 10.0 ** rng.uniform(-3, 1, (rows, 1))).astype(np.float32)
-    x = (rng.standard_normal(width) * 10.0 ** rng.uniform(-2, 2, width)).astype(np.float32)
-    x[rng.random(width) < 0.1] = 0
-    return QuantizedWeight.from_float(w, bits), x
-
-
-def scalar_matvec(layer, x):
-    """The portable C kernel (the specification of the SIMD ones), whatever the build compiled in."""
-    kernel = quant._quant.matvec_q8_0 if layer.bits == 8 else quant._quant.matvec_q4_0
-    return kernel(layer.qweight, layer.scales.view(np.uint16), layer._padded(x), None, 0, False)
-
-
-@pytest.mark.parametrize("bits", [8, 4])
-@settings(deadline=None, max_examples=80)
-@given(data=st.data())
-def test_matvec_within_its_bound_of_the_float_product(bits, data):
-    layer, x = data.draw(layer_and_input(bits))
-    want = dequantize(layer.qweight, layer.scales, bits, layer.in_features).astype(np.float64) @ x
-    got = layer.matvec(x)
-    assert got.dtype == np.float32 and got.shape == (layer.out_features,)
-    bound, rounding = matvec_bound(layer.qweight, layer.scales, bits, x)
-    assert np.all(np.abs(got - want) <= bound)
-    # the SIMD kernel adds the same integer block products as the portable one, only in another order
-    assert np.all(np.abs(got - scalar_matvec(layer, x)) <= 2 * rounding)
-    assert np.all(np.abs(scalar_matvec(layer, x) - want) <= bound)
-    assert same_bits(layer.matvec(x, threads=1), layer.matvec(x, threads=2))
-    assert same_bits(layer.matmul(x[None])[0], got)
-
-
-@pytest.mark.parametrize("bits", [8, 4])
-def test_matvec_error_is_float32_sized(bits):
-    """At 13B width the bound is a few 2^-24 of sum |W^| |x|: 256 times tighter than with llama.cpp's int8 x."""
-    rng = np.random.default_rng(bits)
-    layer = QuantizedWeight.from_float(rng.standard_normal((64, 5120)).astype(np.float32), bits)
-    x = rng.standard_normal(5120).astype(np.float32)
-    w_hat = layer.dequantize().astype(np.float64)
-    scale = np.abs(w_hat) @ np.abs(x)
-    assert np.all(np.abs(layer.matvec(x) - w_hat @ x) <= 2.0**-16 * scale)
-    assert np.all(matvec_bound(layer.qweight, layer.scales, bits, x)[0] <= 2.0**-9 * scale)
-
-
-@pytest.mark.parametrize("bits", [8, 4])
-@pytest.mark.parametrize("n_blocks", [1, 2, 3, 4, 5, 7, 8, 9, 16, 17, 20, 35, 160, 428])
-def test_matvec_is_exact_up_to_the_float_sum_when_x_is_on_the_int16_grid(bits, n_blocks):
-    """x = integers times 2^-k with a block maximum of 32767 * 2^-k is its own int16 rounding: then the integer
-    block dot products are exact and only float32 rounding separates the kernels from W^ x."""
-    rng = np.random.default_rng(n_blocks)
-    w = rng.standard_normal((33, 32 * n_blocks)).astype(np.float32)
-    layer = QuantizedWeight.from_float(w, bits)
-    ints = rng.integers(-32767, 32768, (n_blocks, 32))
-    ints[:, 0] = 32767
-    x = (ints * 2.0 ** rng.integers(-16, 4, (n_blocks, 1))).astype(np.float32).ravel()
-    w_hat = layer.dequantize().astype(np.float64)
-    want = w_hat @ x
-    bound = (n_blocks + 4) * 2.0**-23 * (np.abs(w_hat) @ np.abs(x))
-    assert np.all(np.abs(layer.matvec(x) - want) <= bound)
-    assert np.all(np.abs(scalar_matvec(layer, x) - want) <= bound)
-
-
-@pytest.mark.parametrize("bits", [8, 4])
-@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
-def test_matvec_propagates_non_finite_inputs(bits, bad):
-    """A non-finite element makes its block's scale nan: every output is nan, rows of zeros included."""
-    w = np.ones((3, 100), np.float32)
-    w[1] = 0
-    layer = QuantizedWeight.from_float(w, bits)
-    x = np.ones(100, np.float32)
-    x[40] = bad
-    assert np.isnan(layer.matvec(x)).all() and np.isnan(scalar_matvec(layer, x)).all()
-
-
-@pytest.mark.parametrize("bits", [8, 4])
-def test_blas_fallback_multiplies_dequantized_tiles(bits, monkeypatch):
-    rng = np.random.default_rng(bits)
-    w = rng.standard_normal((70, 100)).astype(np.float32)
-    layer = QuantizedWeight.from_float(w, bits)
-    x = rng.standard_normal((quant.BATCH_TOKENS + 6, 100)).astype(np.float32)
-    want = x @ layer.dequantize().T
-    assert np.allclose(quant.dequantized_matmul(layer, layer._padded(x)), want, rtol=1e-5, atol=1e-5)
-    monkeypatch.setattr(QuantizedWeight, "TILE_BYTES", 4 * 128 * 16)       # tiles of 16 rows, the last one short
-    assert np.allclose(quant.dequantized_matmul(layer, layer._padded(x)), want, rtol=1e-5, atol=1e-5)
-    monkeypatch.setattr(quant._quant, "GEMM", False)                       # a build without the VNNI GEMM
-    assert np.allclose(layer.matmul(x), want, rtol=1e-5, atol=1e-5)
-    assert layer.matmul(x).shape == (len(x), 70) and layer.matmul(x[:1]).shape == (1, 70)
-
-
-def test_thread_count_comes_from_the_argument_or_omp_num_threads(monkeypatch):
-    monkeypatch.setenv("OMP_NUM_THREADS", "3")
-    assert quant._quant.resolve_threads() == 3
-    assert quant._quant.resolve_threads(5) == 5
-    monkeypatch.delenv("OMP_NUM_THREADS")
-    assert quant._quant.resolve_threads() >= 1
-
-
-@pytest.mark.parametrize("bits", [8, 4])
-def test_nbytes_counts_codes_and_scales(bits):
-    layer = QuantizedWeight.from_float(np.ones((64, 5120 // 8), np.float32), bits)
-    per_block = 34 if bits == 8 else 18                     # GGML's Q8_0 / Q4_0 block sizes
-    assert layer.nbytes == 64 * (5120 // 8 // 32) * per_block

@@ -11,15 +11,10 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from bcnp import quant
 from bcnp.quant import QuantizedWeight, dequantize
-from test_quant import matvec_bound
+from conftest import matvec_bound, same_bits, scalar_matvec
 
 SETTINGS = settings(deadline=None, max_examples=60)
 BATCHED = {8: "matmul_q8_0", 4: "matmul_q4_0"}
-
-
-def same_bits(a, b):
-    a, b = np.asarray(a), np.asarray(b)
-    return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
 
 
 def batched(layer, x, threads=0, simd=True):
@@ -32,11 +27,6 @@ def gemm(layer, x, threads=0, simd=True):
     """The compiled prefill kernel itself (simd=False: its portable C)."""
     kernel = quant._quant.prefill_q8_0 if layer.bits == 8 else quant._quant.prefill_q4_0
     return kernel(layer.qweight, layer.scales.view(np.uint16), layer._padded(x), None, threads, simd)
-
-
-def scalar_matvec(layer, x):
-    kernel = quant._quant.matvec_q8_0 if layer.bits == 8 else quant._quant.matvec_q4_0
-    return kernel(layer.qweight, layer.scales.view(np.uint16), layer._padded(x), None, 0, False)
 
 
 @st.composite
