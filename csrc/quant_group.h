@@ -16,10 +16,10 @@
 #include "quant_gemm.h"
 
 #define BCNP_GROUP_ROWS 16
-/* How far ahead in each of the 16 rows the matvec fetches into L1.  The 16 rows' lines in flight are what the
-   L1's fill buffers hold: 1024 bytes ahead (the first choice) measured 10-25% slower than 192-384 from memory on
-   2 threads (the 10 int4 linears of 2 13B layers, min / median of 6 alternated rounds: 1024 18.6 / 21.8 ms, 256
-   15.3 / 17.3; int8 lm_head and two linears 18.5 / 22.1 against 16.5 / 19.5). */
+/* How far ahead in each of the 16 rows the matvec asks for lines into L1: measured, from memory on 2 threads,
+   1024 bytes (the first choice) was 10-25% slower than 192-384 (the 10 int4 linears of 2 13B layers, min / median
+   of 6 alternated rounds: 1024 18.6 / 21.8 ms, 256 15.3 / 17.3; the int8 lm_head and two linears 18.5 / 22.1
+   against 16.5 / 19.5), most likely as 16 rows x 16 lines ahead are more than L1's fill buffers keep in flight. */
 #define BCNP_GROUP_AHEAD 256
 #if defined(BCNP_AVX512)
 #define BCNP_GROUPS 1
