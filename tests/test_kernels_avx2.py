@@ -2,7 +2,7 @@
 
 bcnp compiles csrc/ for the machine it is installed on (-march=native), so on an AVX-512 machine the AVX2 paths of
 the decode kernels are never built. This test builds bcnp._quant again with AVX-512 turned off, into a copy of the
-package, and runs tests/test_quant.py and tests/test_quant_batch.py against that copy."""
+package, and runs tests/test_quant.py, tests/test_matvec.py and tests/test_quant_batch.py against that copy."""
 import os
 import shutil
 import subprocess
@@ -47,7 +47,8 @@ def test_the_avx2_kernels_pass_the_kernel_tests(tmp_path):
     assert simd.stdout.split() == [str(tmp_path / "bcnp" / "__init__.py"), "avx2"], simd.stdout + simd.stderr
 
     tests = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
-                            str(ROOT / "tests" / "test_quant.py"), str(ROOT / "tests" / "test_quant_batch.py")],
+                            str(ROOT / "tests" / "test_quant.py"), str(ROOT / "tests" / "test_matvec.py"),
+                            str(ROOT / "tests" / "test_quant_batch.py")],
                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert tests.returncode == 0, tests.stdout[-3000:] + tests.stderr[-2000:]
     assert " passed" in tests.stdout.splitlines()[-1]
