@@ -314,6 +314,7 @@ static inline float bcnp_dot_q8_0(const int8_t *w, const uint16_t *d, const int1
     for (; b + 8 <= nb; ) {
         const __m256 s = bcnp_block_scales8(d + b, dx + b);
         for (int k = 0; k < 8; k++, b++) {
+            if (k & 1) _mm_prefetch((const char *)(w + 32 * b + 1024), _MM_HINT_T0);       /* see bcnp_dot_q4_0 */
             const __m256i lo = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(w + 32 * b)));
             const __m256i hi = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(w + 32 * b + 16)));
             const __m256i dot = _mm256_add_epi32(_mm256_madd_epi16(lo, _mm256_loadu_si256((const __m256i *)(xq + 32 * b))),
@@ -373,7 +374,9 @@ static float bcnp_dot_q4_0(const uint8_t *w, const uint16_t *d, const int16_t *x
     sum = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
 #elif defined(BCNP_AVX2)
     /* Two blocks (32 bytes) per step, half a group of four: its 16 words meet words 16h..16h+15 of each run of x;
-       lanes 0-3 block b, 4-7 block b+1. */
+       lanes 0-3 block b, 4-7 block b+1.  The software prefetch 1 KiB ahead, as in the AVX-512 loop: an AVX2 build
+       on this Xeon, the 10 int4 linears of 2 13B layers on 2 threads, 24-36 ms with it against 31-42 ms without
+       (three alternated rounds; the int8 lm_head 17-21 against 21.5-26 ms). */
     __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
     const __m256i nibble = _mm256_set1_epi16(0x0F);
     const __m256i half = _mm256_set_epi32(1, 1, 1, 1, 0, 0, 0, 0);
@@ -381,6 +384,7 @@ static float bcnp_dot_q4_0(const uint8_t *w, const uint16_t *d, const int16_t *x
         const __m256 s = bcnp_block_scales8(d + b, dx + b);
         for (int k = 0; k < 8; k += 2, b += 2) {
             const int16_t *xg = xq + 128 * (b / 4) + 16 * (b % 4 / 2);
+            if (k % 4 == 0) _mm_prefetch((const char *)(w + 16 * b + 1024), _MM_HINT_T0);     /* as AVX-512 */
             const __m256i wv = _mm256_loadu_si256((const __m256i *)(w + 16 * b));
             __m256i dot = _mm256_loadu_si256((const __m256i *)(bias + 4 * b));
             dot = _mm256_add_epi32(dot, _mm256_madd_epi16(_mm256_and_si256(wv, nibble),
