@@ -38,6 +38,9 @@ cdef extern from "quant_group.h" nogil:
     void bcnp_group_q8_0(const int8_t *w, const uint16_t *d, int64_t nb, const int16_t *xq, const float *dx, float *y)
     void bcnp_group_q4_0(const uint8_t *w, const uint16_t *d, int64_t nb, const int16_t *xq, const float *dx,
                          const int32_t *bias, float *y)
+    void bcnp_group2_q4_0(const uint8_t *w, const uint16_t *d, int64_t nb, const int16_t *xq0, const float *dx0,
+                          const int32_t *bias0, const int16_t *xq1, const float *dx1, const int32_t *bias1,
+                          float *y0, float *y1)
     float bcnp_sums_q8_0(const int8_t *w, const uint16_t *d, const int16_t *xq, const float *dx, int64_t nb)
     float bcnp_sums_q4_0(const uint8_t *w, const uint16_t *d, const int16_t *xq, const float *dx, int64_t nb)
 
@@ -354,7 +357,9 @@ def _check_batch(q, d, x, Py_ssize_t n, str what):
 cdef _token_by_token(q, const uint16_t[:, ::1] d, const float[:, ::1] x, float[:, ::1] yv, int nt, bint simd,
                      int bits):
     """Each token through the matvec's kernels: on AVX-512 the group matvec, one group of rows for all tokens
-    before the next (the group stays in L2), else one row for all tokens (the row stays in L1)."""
+    before the next (the group stays in L2; Q4_0 tokens two at a time, sharing the unpacking of the codes: the 10
+    int4 linears of 2 13B layers at 2 tokens took 19-24 ms against 32-44 one token after the other, one token
+    15-26), else one row for all tokens (the row stays in L1)."""
     cdef Py_ssize_t T = x.shape[0], n = x.shape[1], nb = n // 32, rows = yv.shape[1], g, r, t, bs
     cdef bint grouped = simd and BCNP_GROUPS, q4_layout = bits == 4
     cdef Py_ssize_t groups = rows // BCNP_GROUP_ROWS if grouped else 0, start = groups * BCNP_GROUP_ROWS
@@ -372,13 +377,20 @@ cdef _token_by_token(q, const uint16_t[:, ::1] d, const float[:, ::1] x, float[:
         for t in range(T):
             bcnp_quantize_activation(&x[t, 0], n, q4_layout, &xq[t * n], &dx[t * nb], &bias[t * bs])
         for g in prange(groups, num_threads=nt, schedule="static"):
-            for t in range(T):
+            t = 0
+            while bits == 4 and t + 2 <= T:         # Q4_0: two tokens share each unpacking of the codes
+                bcnp_group2_q4_0(&q4[g * BCNP_GROUP_ROWS, 0], &d[g * BCNP_GROUP_ROWS, 0], nb, &xq[t * n],
+                                 &dx[t * nb], &bias[t * bs], &xq[(t + 1) * n], &dx[(t + 1) * nb],
+                                 &bias[(t + 1) * bs], &yv[t, g * BCNP_GROUP_ROWS], &yv[t + 1, g * BCNP_GROUP_ROWS])
+                t = t + 2
+            while t < T:
                 if bits == 8:
                     bcnp_group_q8_0(&q8[g * BCNP_GROUP_ROWS, 0], &d[g * BCNP_GROUP_ROWS, 0], nb, &xq[t * n],
                                     &dx[t * nb], &yv[t, g * BCNP_GROUP_ROWS])
                 else:
                     bcnp_group_q4_0(&q4[g * BCNP_GROUP_ROWS, 0], &d[g * BCNP_GROUP_ROWS, 0], nb, &xq[t * n],
                                     &dx[t * nb], &bias[t * bs], &yv[t, g * BCNP_GROUP_ROWS])
+                t = t + 1
         for r in prange(start, rows, num_threads=nt, schedule="static"):
             for t in range(T):
                 if bits == 8:

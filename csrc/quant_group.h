@@ -102,60 +102,95 @@ static void bcnp_group_q8_0(const int8_t *w, const uint16_t *d, int64_t nb, cons
     _mm512_storeu_ps(y, acc);
 }
 
-/* y[r], r < 16: the Q4_0 rows at w (row stride 16 nb) against x in the matvec's Q4_0 layout, with its bias. */
-static void bcnp_group_q4_0(const uint8_t *w, const uint16_t *d, int64_t nb, const int16_t *xq, const float *dx,
-                            const int32_t *bias, float *y)
+/* y[t][r], r < 16, t < NT (1 or 2): the Q4_0 rows at w (row stride 16 nb) against NT tokens x[t] in the matvec's
+   Q4_0 layout (xq[t], dx[t], bias[t]).  Each token's sums are the one-token kernel's, term for term; two tokens
+   share each load and unpacking of the codes, which is most of the work once the rows are in cache. */
+static inline __attribute__((always_inline))
+void bcnp_group_tokens_q4_0(const uint8_t *w, const uint16_t *d, int64_t nb, const int16_t *const *xq,
+                            const float *const *dx, const int32_t *const *bias, float *const *y, const int NT)
 {
     __attribute__((aligned(64))) float dw[16 * 16];
     const __m512i nibble = _mm512_set1_epi16(0x0F);
     const int64_t grouped = nb - nb % 4;            /* blocks in groups of four (see bcnp_quantize_activation) */
-    __m512 acc = _mm512_setzero_ps();
+    __m512 acc[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
     for (int64_t b0 = 0; b0 < nb; b0 += 16) {
         const int64_t count = nb - b0 < 16 ? nb - b0 : 16;
         int64_t k = 0;
         bcnp_group_scales(d, nb, b0, count, dw);
         for (; k + 4 <= count && b0 + k + 4 <= grouped; k += 4) {
             const int64_t b = b0 + k;
-            const int16_t *xg = xq + 32 * b;
-            const __m512i x0 = _mm512_load_si512(xg), x1 = _mm512_load_si512(xg + 32);
-            const __m512i x2 = _mm512_load_si512(xg + 64), x3 = _mm512_load_si512(xg + 96);
-            const __m512i start = _mm512_loadu_si512(bias + 4 * b);
-            __m512i p[16], x[4], s[4];
+            __m512i xv[2][4], start[2], p[2][16];
+            for (int t = 0; t < NT; t++) {
+                for (int q = 0; q < 4; q++) xv[t][q] = _mm512_load_si512(xq[t] + 32 * b + 32 * q);
+                start[t] = _mm512_loadu_si512(bias[t] + 4 * b);
+            }
             for (int r = 0; r < 16; r++) {
                 const uint8_t *wr = w + r * 16 * nb + 16 * b;
                 _mm_prefetch((const char *)(wr + BCNP_GROUP_AHEAD), _MM_HINT_T0);
                 const __m512i wv = _mm512_loadu_si512(wr);
-                __m512i dot = _mm512_dpwssd_epi32(start, _mm512_and_si512(wv, nibble), x0);
-                dot = _mm512_dpwssd_epi32(dot, _mm512_and_si512(_mm512_srli_epi16(wv, 4), nibble), x1);
-                dot = _mm512_dpwssd_epi32(dot, _mm512_and_si512(_mm512_srli_epi16(wv, 8), nibble), x2);
-                p[r] = _mm512_dpwssd_epi32(dot, _mm512_srli_epi16(wv, 12), x3);
+                const __m512i c0 = _mm512_and_si512(wv, nibble), c1 = _mm512_and_si512(_mm512_srli_epi16(wv, 4), nibble);
+                const __m512i c2 = _mm512_and_si512(_mm512_srli_epi16(wv, 8), nibble), c3 = _mm512_srli_epi16(wv, 12);
+                for (int t = 0; t < NT; t++) {
+                    __m512i dot = _mm512_dpwssd_epi32(start[t], c0, xv[t][0]);
+                    dot = _mm512_dpwssd_epi32(dot, c1, xv[t][1]);
+                    dot = _mm512_dpwssd_epi32(dot, c2, xv[t][2]);
+                    p[t][r] = _mm512_dpwssd_epi32(dot, c3, xv[t][3]);
+                }
             }
-            bcnp_fold_rows(p, x);           /* 128-bit lane c of x[i]: block b + c of rows 4i .. 4i+3 */
-            const __m512i t0 = _mm512_shuffle_i32x4(x[0], x[1], 0x44), t1 = _mm512_shuffle_i32x4(x[0], x[1], 0xEE);
-            const __m512i t2 = _mm512_shuffle_i32x4(x[2], x[3], 0x44), t3 = _mm512_shuffle_i32x4(x[2], x[3], 0xEE);
-            s[0] = _mm512_shuffle_i32x4(t0, t2, 0x88);
-            s[1] = _mm512_shuffle_i32x4(t0, t2, 0xDD);
-            s[2] = _mm512_shuffle_i32x4(t1, t3, 0x88);
-            s[3] = _mm512_shuffle_i32x4(t1, t3, 0xDD);
-            for (int j = 0; j < 4; j++)
-                acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[j]),
-                                      _mm512_mul_ps(_mm512_load_ps(dw + 16 * (k + j)), _mm512_set1_ps(dx[b + j])), acc);
+            for (int t = 0; t < NT; t++) {
+                __m512i x[4], s[4];
+                bcnp_fold_rows(p[t], x);    /* 128-bit lane c of x[i]: block b + c of rows 4i .. 4i+3 */
+                const __m512i t0 = _mm512_shuffle_i32x4(x[0], x[1], 0x44), t1 = _mm512_shuffle_i32x4(x[0], x[1], 0xEE);
+                const __m512i t2 = _mm512_shuffle_i32x4(x[2], x[3], 0x44), t3 = _mm512_shuffle_i32x4(x[2], x[3], 0xEE);
+                s[0] = _mm512_shuffle_i32x4(t0, t2, 0x88);
+                s[1] = _mm512_shuffle_i32x4(t0, t2, 0xDD);
+                s[2] = _mm512_shuffle_i32x4(t1, t3, 0x88);
+                s[3] = _mm512_shuffle_i32x4(t1, t3, 0xDD);
+                for (int j = 0; j < 4; j++)
+                    acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[j]),
+                                             _mm512_mul_ps(_mm512_load_ps(dw + 16 * (k + j)), _mm512_set1_ps(dx[t][b + j])),
+                                             acc[t]);
+            }
         }
         for (; k < count; k++) {                     /* the last nb % 4 blocks, in natural order */
             const int64_t b = b0 + k;
-            __attribute__((aligned(64))) int32_t isum[16];
-            for (int r = 0; r < 16; r++) isum[r] = bcnp_block_dot_q4_0(w + r * 16 * nb + 16 * b, xq, b, nb);
-            acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512(isum)),
-                                  _mm512_mul_ps(_mm512_load_ps(dw + 16 * k), _mm512_set1_ps(dx[b])), acc);
+            for (int t = 0; t < NT; t++) {
+                __attribute__((aligned(64))) int32_t isum[16];
+                for (int r = 0; r < 16; r++) isum[r] = bcnp_block_dot_q4_0(w + r * 16 * nb + 16 * b, xq[t], b, nb);
+                acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512(isum)),
+                                         _mm512_mul_ps(_mm512_load_ps(dw + 16 * k), _mm512_set1_ps(dx[t][b])), acc[t]);
+            }
         }
     }
-    _mm512_storeu_ps(y, acc);
+    for (int t = 0; t < NT; t++) _mm512_storeu_ps(y[t], acc[t]);
+}
+
+/* y[r], r < 16: the Q4_0 rows at w (row stride 16 nb) against x in the matvec's Q4_0 layout, with its bias. */
+static void bcnp_group_q4_0(const uint8_t *w, const uint16_t *d, int64_t nb, const int16_t *xq, const float *dx,
+                            const int32_t *bias, float *y)
+{
+    bcnp_group_tokens_q4_0(w, d, nb, &xq, &dx, &bias, &y, 1);
+}
+
+/* The same for two tokens at once: y0 against (xq0, dx0, bias0), y1 against (xq1, dx1, bias1). */
+static void bcnp_group2_q4_0(const uint8_t *w, const uint16_t *d, int64_t nb, const int16_t *xq0, const float *dx0,
+                             const int32_t *bias0, const int16_t *xq1, const float *dx1, const int32_t *bias1,
+                             float *y0, float *y1)
+{
+    const int16_t *xq[2] = {xq0, xq1};
+    const float *dx[2] = {dx0, dx1};
+    const int32_t *bias[2] = {bias0, bias1};
+    float *y[2] = {y0, y1};
+    bcnp_group_tokens_q4_0(w, d, nb, xq, dx, bias, y, 2);
 }
 #else
 static void bcnp_group_q8_0(const int8_t *w, const uint16_t *d, int64_t nb, const int16_t *xq, const float *dx,
                             float *y) {}
 static void bcnp_group_q4_0(const uint8_t *w, const uint16_t *d, int64_t nb, const int16_t *xq, const float *dx,
                             const int32_t *bias, float *y) {}
+static void bcnp_group2_q4_0(const uint8_t *w, const uint16_t *d, int64_t nb, const int16_t *xq0, const float *dx0,
+                             const int32_t *bias0, const int16_t *xq1, const float *dx1, const int32_t *bias1,
+                             float *y0, float *y1) {}
 #endif
 
 #endif
