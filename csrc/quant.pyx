@@ -230,11 +230,12 @@ AMX = bool(_AMX_GRANTED)
 # between tokens), larger ones through the AMX kernel, or without it the panel GEMM.  One 13696 x 5120 weight,
 # 2 threads, token by token / AMX / panel GEMM: int4 2 tokens 2.8 / 3.4 / 8.5 ms, 4 tokens 7.0 / 3.4 / 9.0,
 # 8 tokens - / 5.3 / 9.6; int8 2 tokens 4.0 / - / 5.7, 4 tokens 6.7 / 2.8 / 6.0, 8 tokens - / 4.8 / 8.2.
-# Without AMX, int4 tokens go two at a time through bcnp_group2_q4_0, which beat the panel GEMM up to 8 tokens:
-# the 10 int4 linears of 2 13B layers, 6 tokens 44.5-54.0 against 70.7-85.6 ms, 8 tokens 58.3-58.5 against
-# 78.1-83.7.
-GROUP_TOKENS = 2
-GROUP_TOKENS_WITHOUT_AMX = {8: 4, 4: 8}             # by bits
+# Since then int4 tokens go two at a time through bcnp_group2_q4_0.  The 10 int4 linears of 2 13B layers, two at a
+# time / AMX: 3 tokens 39.5-41.0 / 50.6-51.5 ms, 4 tokens 45.4-46.7 / 51.2-53.8, 5 and 6 tokens even, 8 tokens
+# 74.8-80.6 / 61.6-65.2; without AMX, two at a time / panel GEMM: 6 tokens 44.5-54.0 / 70.7-85.6 ms, 8 tokens
+# 58.3-58.5 / 78.1-83.7.
+GROUP_TOKENS = {8: 2, 4: 4}                         # by bits
+GROUP_TOKENS_WITHOUT_AMX = {8: 4, 4: 8}
 # Up to BCNP_AMX_PASSES * BCNP_AMX_TOKENS (16) tokens go through the AMX kernel, past that through the panel GEMM
 # (the same bits).  Two passes as two calls measured no faster than the GEMM in the engine at B = 16 (int4 76.9
 # against 76.0 tok/s, int8 72.3 against 78.8), as each read the weights from memory; both passes over one group of
@@ -423,7 +424,7 @@ def _tokens(q, const uint16_t[:, ::1] d, const float[:, ::1] x, out, int threads
         return np.asarray(y)
     cdef int nt = resolve_threads(threads)
     if kind == "prefill" or (simd and GROUPS and
-                             T > (GROUP_TOKENS if AMX and _AMX_GRANTED else GROUP_TOKENS_WITHOUT_AMX[bits])):
+                             T > (GROUP_TOKENS if AMX and _AMX_GRANTED else GROUP_TOKENS_WITHOUT_AMX)[bits]):
         _gemm(q, d, x, y, nt, bits, simd)
     else:
         _token_by_token(q, d, x, y, nt, simd, bits)
