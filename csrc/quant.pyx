@@ -226,14 +226,14 @@ GROUPS = bool(BCNP_GROUPS)                # the AVX-512 group matvec is compiled
 # turns it off; setting it True where it was not granted changes nothing (the tile instructions would trap).
 cdef bint _AMX_GRANTED = BCNP_AMX_BUILT and os.environ.get("BCNP_AMX", "1") != "0" and bcnp_amx_enable()
 AMX = bool(_AMX_GRANTED)
-# Batches of up to this many tokens go through the group matvec token by token (each 16-row group stays in L2
-# between tokens), larger ones through the AMX kernel, or without it the panel GEMM.  One 13696 x 5120 weight,
-# 2 threads, token by token / AMX / panel GEMM: int4 2 tokens 2.8 / 3.4 / 8.5 ms, 4 tokens 7.0 / 3.4 / 9.0,
-# 8 tokens - / 5.3 / 9.6; int8 2 tokens 4.0 / - / 5.7, 4 tokens 6.7 / 2.8 / 6.0, 8 tokens - / 4.8 / 8.2.
-# Since then int4 tokens go two at a time through bcnp_group2_q4_0.  The 10 int4 linears of 2 13B layers, two at a
-# time / AMX: 3 tokens 39.5-41.0 / 50.6-51.5 ms, 4 tokens 45.4-46.7 / 51.2-53.8, 5 and 6 tokens even, 8 tokens
-# 74.8-80.6 / 61.6-65.2; without AMX, two at a time / panel GEMM: 6 tokens 44.5-54.0 / 70.7-85.6 ms, 8 tokens
-# 58.3-58.5 / 78.1-83.7.
+# Batches of up to this many tokens go through the group matvec (int8 token by token, int4 two at a time; each
+# 16-row group stays in L2 between them), larger ones through the AMX kernel, or without it the panel GEMM.
+# One 13696 x 5120 weight, 2 threads, token by token (int4 one token at a time then) / AMX / panel GEMM: int4
+# 2 tokens 2.8 / 3.4 / 8.5 ms, 4 tokens 7.0 / 3.4 / 9.0, 8 tokens - / 5.3 / 9.6; int8 2 tokens 4.0 / - / 5.7,
+# 4 tokens 6.7 / 2.8 / 6.0, 8 tokens - / 4.8 / 8.2.  With int4 two at a time (bcnp_group2_q4_0), the 10 int4
+# linears of 2 13B layers, two at a time / AMX: 3 tokens 39.5-41.0 / 50.6-51.5 ms, 4 tokens 45.4-46.7 /
+# 51.2-53.8, 5 and 6 tokens even, 8 tokens 74.8-80.6 / 61.6-65.2; without AMX, two at a time / panel GEMM:
+# 6 tokens 44.5-54.0 / 70.7-85.6 ms, 8 tokens 58.3-58.5 / 78.1-83.7.
 GROUP_TOKENS = {8: 2, 4: 4}                         # by bits
 GROUP_TOKENS_WITHOUT_AMX = {8: 4, 4: 8}
 # Up to BCNP_AMX_PASSES * BCNP_AMX_TOKENS (16) tokens go through the AMX kernel, past that through the panel GEMM
