@@ -20,13 +20,14 @@ Two implementations of the same functions:
   where they are not built).
 
 `QuantizedWeight.matmul(x)` multiplies one token (decode) with the fused kernel, which never expands W to float: it
-rounds x per block of 32 to int16 (llama.cpp's int8 is 256 times coarser) and sums exact integer block products (see
-`matvec` for the error bound); up to BATCH_TOKENS = 8 tokens (a batched decode step) go through the batched kernel,
-which reads each block once for all of them and gives each token exactly its matvec; longer prompts through the
-prefill GEMM, which rounds x the same way and so keeps the same bound (BLAS on dequantized tiles where that kernel
-is not built). On AVX-512 builds all three add the block products in block order into one float32 sum per output
-(the AMX tile unit does a batch's integer products where the CPU has one), so a token gets the same bits at every
-token count: alone, in a batch, or next to a prompt chunk.
+rounds x per block of 32 to integers (`round_activation`: int16 for 8-bit weights, int8 like llama.cpp for 4-bit
+ones) and sums exact integer block products (see `matvec` for the error bound); up to BATCH_TOKENS = 8 tokens (a
+batched decode step) go through the batched kernel, which reads each block once for all of them and gives each
+token exactly its matvec; longer prompts through the prefill GEMM, which rounds x the same way and so keeps the same
+bound (BLAS on dequantized tiles, times the rounded x, where that kernel is not built). On AVX-512 builds all
+three add the block products in block order into one float32 sum per output (the AMX tile unit does a batch's
+integer products where the CPU has one), so a token gets the same bits at every token count: alone, in a batch,
+or next to a prompt chunk.
 
 Threads: an explicit `threads` argument, else $OMP_NUM_THREADS, else all cores.
 """
@@ -144,6 +145,38 @@ def dequantize(qweight, scales, bits, in_features=None):
     return w if in_features is None else w[:, :in_features]
 
 
+# The fused kernels round x per block of 32 to integers before the block products (csrc/quant_kernels.h): to int16
+# for 8-bit weights, to int8 (llama.cpp's choice) for 4-bit weights. Measured on the fixture b13 (RMS of the logits'
+# difference from float32 over its 33-token prompt): int8 x took the 8-bit model from 0.0031 to 0.0040, worse than
+# the original's own int8, and left the 4-bit model at 0.0485 (0.0484), whose weights' rounding is 16 times coarser
+# than int8 x's; int8 x is one AMX product where int16 is two (docs/performance.md).
+ACTIVATION_LIMIT = {8: 32767, 4: 127}
+
+
+def round_activation(x, bits):
+    """x float32 (..., n), n % 32 == 0 -> (xq (..., n) integers, dx float32 (..., n/32)) with dx = max|x_b| / L and
+    xq = round(x / dx) (half away from zero, float32 division) in [-L, L], L = ACTIVATION_LIMIT[bits]: dx * xq is
+    the x that the fused kernels multiply by the `bits`-bit weights. A block of zeros has dx = 0 and xq = 0; a block
+    holding inf or nan has dx = nan."""
+    _check_bits(bits)
+    limit = ACTIVATION_LIMIT[bits]
+    x = np.asarray(x, np.float32)
+    blocks = x.reshape(*x.shape[:-1], -1, BLOCK)
+    amax = np.abs(blocks).max(axis=-1)
+    dx = np.where(np.isfinite(amax), amax / np.float32(limit), np.float32(np.nan)).astype(np.float32)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        v = blocks / dx[..., None]
+    xq = np.where(dx[..., None] > 0, np.clip(_round_half_away(v), -limit, limit), np.float32(0))
+    return xq.reshape(x.shape), dx
+
+
+def rounded_activation(x, bits):
+    """dx * xq of `round_activation`, as float32 (..., n): exact, since |xq| < 2^24."""
+    xq, dx = round_activation(x, bits)
+    x = xq.reshape(*xq.shape[:-1], -1, BLOCK) * dx[..., None]
+    return x.reshape(xq.shape).astype(np.float32)
+
+
 def pack_nibbles(q):
     """codes (..., 32k) uint8 in 0..15 -> (..., 16k): byte j of a block = code j | code j+16 << 4."""
     q = np.asarray(q)
@@ -162,8 +195,9 @@ def unpack_nibbles(packed):
 
 class NumpyKernels:
     """What bcnp.quant calls in the compiled bcnp._quant, answered by the specification above when the module is
-    not built (same arguments, same results; scales as float16 bits). The one difference: `matvec_*` multiplies the
-    dequantized weight by x in float32, where the compiled kernel rounds x to int16 per block first."""
+    not built (same arguments, same results; scales as float16 bits). The one difference: `matvec_*` and
+    `matmul_*` multiply the dequantized weight by the rounded x in float32 (NumPy's order of additions), where the
+    compiled kernels add exact integer block products."""
     SIMD = "numpy"
 
     @staticmethod
@@ -190,19 +224,19 @@ class NumpyKernels:
 
     @staticmethod
     def matvec_q8_0(q, d, x, out=None, threads=0):
-        return _into(out, NumpyKernels.dequantize_q8_0(q, d) @ np.asarray(x, np.float32))
+        return _into(out, NumpyKernels.dequantize_q8_0(q, d) @ rounded_activation(x, 8))
 
     @staticmethod
     def matvec_q4_0(q, d, x, out=None, threads=0):
-        return _into(out, NumpyKernels.dequantize_q4_0(q, d) @ np.asarray(x, np.float32))
+        return _into(out, NumpyKernels.dequantize_q4_0(q, d) @ rounded_activation(x, 4))
 
     @staticmethod
     def matmul_q8_0(q, d, x, out=None, threads=0):
-        return _into(out, np.asarray(x, np.float32) @ NumpyKernels.dequantize_q8_0(q, d).T)
+        return _into(out, rounded_activation(x, 8) @ NumpyKernels.dequantize_q8_0(q, d).T)
 
     @staticmethod
     def matmul_q4_0(q, d, x, out=None, threads=0):
-        return _into(out, np.asarray(x, np.float32) @ NumpyKernels.dequantize_q4_0(q, d).T)
+        return _into(out, rounded_activation(x, 4) @ NumpyKernels.dequantize_q4_0(q, d).T)
 
     GEMM = False                                    # prefill: dequantized tiles and BLAS
 
@@ -325,11 +359,13 @@ class QuantizedWeight:
 
     def matvec(self, x, threads=None):
         """y = W x for one token x (in_features,) -> (out_features,), fused: W is never expanded to float.
-        x is quantized per block of 32 to int16 (scale dx = max|x_b| / 32767, error <= dx (1/2 + 2^-9) per
-        element: 2^-16 of the block's largest |x|) and every block contributes its exact integer dot product times
-        d_w * dx, so |y - dequantize() @ x| <= sum_b |d_w,b| dx_b sum_i |q_i| (1/2 + 2^-9 + (n_blocks + 4) 32767
-        2^-24) with q the weight codes: the rounding of x, then the float32 rounding of the block products and
-        their sum -- the same size as float32 summation error at Baichuan widths (n_blocks = 160 or 428)."""
+        x is rounded per block of 32 by `round_activation` (dx = max|x_b| / L, L = 32767 for 8-bit weights and 127
+        for 4-bit ones; error <= dx (1/2 + (L + 1) 2^-24) per element: 2^-16, or 2^-8, of the block's largest |x|)
+        and every block contributes its exact integer dot product times d_w * dx, so
+        |y - dequantize() @ x| <= sum_b |d_w,b| dx_b sum_i |q_i| (1/2 + (L + 1) 2^-24 + (n_blocks + 4) L 2^-24)
+        with q the weight codes: the rounding of x, then the float32 rounding of the block products and their sum.
+        For 8-bit weights that is the size of float32 summation error at Baichuan widths (n_blocks = 160 or 428);
+        for 4-bit ones a sixteenth of the weights' own rounding."""
         x = self._padded(x)
         if x.ndim != 1:
             raise ValueError(f"QuantizedWeight.matvec: x must be 1-D, got shape {x.shape}")
@@ -356,18 +392,19 @@ class QuantizedWeight:
 
 
 # Tokens the batched decode kernel takes in one call: the engine's default widest decode step (max_batch 8). On
-# AVX-512 builds a batch from 3 tokens on (int4 from 5; without AMX: int8 from 5, int4 from 9) goes through the kernels
+# AVX-512 builds a batch from 3 tokens on (without AMX: int8 from 5, int4 from 9) goes through the kernels
 # `prefill` uses, with the same sums, so the line matters only elsewhere, where it keeps a decode step's sums the
 # matvec's.
 BATCH_TOKENS = 8
 
 
 def prefill(weight, x, threads=None):
-    """x (T, in_padded) float32 @ W.T for a long prompt, from the blocks: x rounded per token and block of 32 to
-    int16 exactly as `matvec` rounds it, exact integer block sums, one float32 sum over the blocks per output (on
-    AVX-512 builds the matvec's own sums, bit for bit): the error bound of `matvec` holds (about 2^-16 of
-    sum |W^| |x| at 13B width; tests/test_quant_batch.py checks it).
-    Builds with neither the AVX-512 VNNI nor the AVX2 kernel multiply dequantized tiles with BLAS instead.
+    """x (T, in_padded) float32 @ W.T for a long prompt, from the blocks: x rounded per token and block of 32
+    exactly as `matvec` rounds it, exact integer block sums, one float32 sum over the blocks per output (on
+    AVX-512 builds the matvec's own sums, bit for bit): the error bound of `matvec` holds
+    (tests/test_quant_batch.py checks it).
+    Builds with neither the AVX-512 VNNI nor the AVX2 kernel multiply dequantized tiles by the rounded x with BLAS
+    instead.
     Measured on 2 shared Sapphire Rapids cores (`python tools/bench.py kernels --quick --threads 2`, the five linears
     of a 13B layer): at 16, 128 and 512 tokens the GEMM reached 1.4-6x the GFLOP/s of a float32 BLAS GEMM of the
     same layer in the same run (dequantize + BLAS is slower than that GEMM), both bit widths, int8 within 1.15x of
@@ -380,8 +417,9 @@ def prefill(weight, x, threads=None):
 
 
 def dequantized_matmul(weight, x):
-    """x (T, in_padded) float32 @ W.T by BLAS on float32 tiles of W's rows dequantized in turn: exact up to the
-    float32 rounding of the GEMM."""
+    """x (T, in_padded) float32, rounded as `matvec` rounds it, @ W.T by BLAS on float32 tiles of W's rows
+    dequantized in turn: exact up to the float32 rounding of the GEMM."""
+    x = rounded_activation(x, weight.bits)
     y = np.empty((x.shape[0], weight.out_features), np.float32)
     rows = max(1, min(weight.out_features, weight.TILE_BYTES // (4 * weight.in_padded)))
     scratch = np.empty((rows, weight.in_padded), np.float32)

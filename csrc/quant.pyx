@@ -25,7 +25,9 @@ cdef extern from "quant_kernels.h" nogil:
     int bcnp_quantize_row_q4_0(const float *x, int64_t n, uint8_t *q, uint16_t *d, int64_t *bad)
     void bcnp_dequantize_row_q8_0(const int8_t *q, const uint16_t *d, int64_t n, float *y)
     void bcnp_dequantize_row_q4_0(const uint8_t *q, const uint16_t *d, int64_t n, float *y)
-    void bcnp_quantize_activation(const float *x, int64_t n, int q4_layout, int16_t *xq, float *dx, int32_t *bias)
+    int bcnp_activation_limit(int bits)
+    void bcnp_quantize_activation(const float *x, int64_t n, int limit, int q4_layout, int16_t *xq, float *dx,
+                                  int32_t *bias)
     float bcnp_dot_q8_0(const int8_t *w, const uint16_t *d, const int16_t *xq, const float *dx, int64_t nb)
     float bcnp_dot_q4_0(const uint8_t *w, const uint16_t *d, const int16_t *xq, const float *dx,
                         const int32_t *bias, int64_t nb)
@@ -68,7 +70,7 @@ cdef extern from "quant_amx.h" nogil:
     int bcnp_amx_padded(int T)
     void bcnp_amx_rows(const int8_t *q8, const uint8_t *q4, const uint16_t *d, int64_t nb, int64_t g0, int64_t g1,
                        const bcnp_amx_tokens *x, int passes, float *y, int64_t ys)
-    void bcnp_amx_prepare(const int16_t *xq, const float *dx, int64_t n, int T, uint8_t *tiles, float *dxp,
+    void bcnp_amx_prepare(const int16_t *xq, const float *dx, int64_t n, int T, int planes, uint8_t *tiles, float *dxp,
                           int32_t *ridx, int32_t *pick)
 
 SIMD = bcnp_simd_name().decode()          # which dot-product implementation was compiled in
@@ -233,8 +235,10 @@ AMX = bool(_AMX_GRANTED)
 # 4 tokens 6.7 / 2.8 / 6.0, 8 tokens - / 4.8 / 8.2.  With int4 two at a time (bcnp_group2_q4_0), the 10 int4
 # linears of 2 13B layers, two at a time / AMX: 3 tokens 39.5-41.0 / 50.6-51.5 ms, 4 tokens 45.4-46.7 /
 # 51.2-53.8, 5 and 6 tokens even, 8 tokens 74.8-80.6 / 61.6-65.2; without AMX, two at a time / panel GEMM:
-# 6 tokens 44.5-54.0 / 70.7-85.6 ms, 8 tokens 58.3-58.5 / 78.1-83.7.
-GROUP_TOKENS = {8: 2, 4: 4}                         # by bits
+# 6 tokens 44.5-54.0 / 70.7-85.6 ms, 8 tokens 58.3-58.5 / 78.1-83.7.  Since int4 weights meet an int8 x (one AMX
+# product instead of two), AMX takes int4 from 3 tokens too: two at a time / AMX, min and median of 6 alternated
+# rounds, 2 tokens 27.6, 29.5 / 31.4, 31.9 ms; 3 tokens 43.5, 44.9 / 33.7, 34.5; 4 tokens 49.1, 49.6 / 32.8, 35.3.
+GROUP_TOKENS = {8: 2, 4: 2}                         # by bits
 GROUP_TOKENS_WITHOUT_AMX = {8: 4, 4: 8}
 # Up to BCNP_AMX_PASSES * BCNP_AMX_TOKENS (16) tokens go through the AMX kernel, past that through the panel GEMM
 # (the same bits).  Two passes as two calls measured no faster than the GEMM in the engine at B = 16 (int4 76.9
@@ -313,7 +317,7 @@ def matvec_q8_0(const int8_t[:, ::1] q not None, const uint16_t[:, ::1] d not No
     cdef float[::1] dx = _aligned_empty(nb, np.float32)
     cdef int nt = resolve_threads(threads)
     with nogil:
-        bcnp_quantize_activation(&x[0], n, 0, &xq[0], &dx[0], NULL)
+        bcnp_quantize_activation(&x[0], n, bcnp_activation_limit(8), 0, &xq[0], &dx[0], NULL)
         _rows_q8_0(q, d, &xq[0], &dx[0], &yv[0], nt, simd)
     return np.asarray(y)
 
@@ -336,7 +340,7 @@ def matvec_q4_0(const uint8_t[:, ::1] q not None, const uint16_t[:, ::1] d not N
     cdef int32_t[::1] bias = _aligned_empty(16 * (nb // 4) + 1, np.int32)
     cdef int nt = resolve_threads(threads)
     with nogil:
-        bcnp_quantize_activation(&x[0], n, 1, &xq[0], &dx[0], &bias[0])
+        bcnp_quantize_activation(&x[0], n, bcnp_activation_limit(4), 1, &xq[0], &dx[0], &bias[0])
         _rows_q4_0(q, d, &xq[0], &dx[0], &bias[0], &yv[0], nt, simd)
     return np.asarray(y)
 
@@ -379,7 +383,8 @@ cdef _token_by_token(q, const uint16_t[:, ::1] d, const float[:, ::1] x, float[:
         q4 = q
     with nogil:
         for t in range(T):
-            bcnp_quantize_activation(&x[t, 0], n, q4_layout, &xq[t * n], &dx[t * nb], &bias[t * bs])
+            bcnp_quantize_activation(&x[t, 0], n, bcnp_activation_limit(bits), q4_layout, &xq[t * n], &dx[t * nb],
+                                     &bias[t * bs])
         for g in prange(groups, num_threads=nt, schedule="static"):
             t = 0
             while bits == 4 and t + 2 <= T:         # Q4_0: two tokens share each unpacking of the codes
@@ -445,21 +450,23 @@ def matmul_q4_0(const uint8_t[:, ::1] q not None, const uint16_t[:, ::1] d not N
     return _tokens(q, d, x, out, threads, simd, 4, "matmul")
 
 
-# ---- prefill: Y = X W^T for many tokens, integer block sums of int16 activations -----------------------------------
+# ---- prefill: Y = X W^T for many tokens, integer block sums of the rounded activations ----------------------------
 
 GEMM = bool(BCNP_GEMM)                    # a SIMD prefill kernel is compiled in (else only the portable C)
 
 
-cdef _natural_activations(const float[:, ::1] x, int nt):
-    """X (T, n) -> (xq int16 (T, n), dx float32 (T, n/32)), as the matvec rounds it, natural layout."""
+cdef _natural_activations(const float[:, ::1] x, int nt, int bits):
+    """X (T, n) -> (xq int16 (T, n), dx float32 (T, n/32)), as the matvec for `bits`-bit weights rounds it, natural
+    layout."""
     cdef Py_ssize_t T = x.shape[0], n = x.shape[1], nb = n // 32, t
+    cdef int limit = bcnp_activation_limit(bits)
     xq = _aligned_empty(T * n, np.int16)
     dx = _aligned_empty(T * nb + 1, np.float32)
     cdef int16_t[::1] xv = xq
     cdef float[::1] dv = dx
     with nogil:
         for t in prange(T, num_threads=nt, schedule="static"):
-            bcnp_quantize_activation(&x[t, 0], n, 0, &xv[t * n], &dv[t * nb], NULL)
+            bcnp_quantize_activation(&x[t, 0], n, limit, 0, &xv[t * n], &dv[t * nb], NULL)
     return xq, dx
 
 
@@ -485,8 +492,8 @@ cdef _amx(const int8_t[:, ::1] q8, const uint8_t[:, ::1] q4, const uint16_t[:, :
             for i in range(passes):
                 t0 = i * BCNP_AMX_TOKENS
                 tk = <int>min(T - t0, BCNP_AMX_TOKENS)
-                bcnp_amx_prepare(&xv[t0 * n], &dv[t0 * nb], n, tk, &tiles[i * tile_bytes], &dxp[i * lanes * nb],
-                                 &ridx[i * lanes], &pick[i * 32])
+                bcnp_amx_prepare(&xv[t0 * n], &dv[t0 * nb], n, tk, 2 if bits == 8 else 1, &tiles[i * tile_bytes],
+                                 &dxp[i * lanes * nb], &ridx[i * lanes], &pick[i * 32])
                 xt[i].tiles, xt[i].dxp, xt[i].ridx, xt[i].pick = &tiles[i * tile_bytes], &dxp[i * lanes * nb], \
                     &ridx[i * lanes], &pick[i * 32]
                 xt[i].T, xt[i].P = tk, bcnp_amx_padded(tk)
@@ -507,7 +514,7 @@ cdef _gemm(q, const uint16_t[:, ::1] d, const float[:, ::1] x, float[:, ::1] yv,
     compiled in)."""
     cdef Py_ssize_t rows = q.shape[0], n = x.shape[1], nb = n // 32, T = x.shape[0]
     cdef Py_ssize_t panel, r0, k
-    xq, dx = _natural_activations(x, nt)
+    xq, dx = _natural_activations(x, nt, bits)
     cdef int16_t[::1] xv = xq
     cdef float[::1] dv = dx
     cdef const int8_t[:, ::1] q8 = q if bits == 8 else None
@@ -541,8 +548,9 @@ cdef _gemm(q, const uint16_t[:, ::1] d, const float[:, ::1] x, float[:, ::1] yv,
 
 def prefill_q8_0(const int8_t[:, ::1] q not None, const uint16_t[:, ::1] d not None, const float[:, ::1] x not None,
                  float[:, ::1] out=None, int threads=0, bint simd=True):
-    """Y (T, rows) = X W^T for W = Q8_0 blocks, X float32 (T, n), many tokens: X rounded per token and block to
-    int16 as matvec_q8_0 does, exact integer block sums, one float32 sum over the blocks per output in block order
+    """Y (T, rows) = X W^T for W = Q8_0 blocks, X float32 (T, n), many tokens: X rounded per token and block
+    as matvec_q8_0 does (int16; int8 for prefill_q4_0, as matvec_q4_0), exact integer block sums, one float32
+    sum over the blocks per output in block order
     (on AVX-512 builds the matvec's own sums; elsewhere within its error bound).  simd=False: the portable kernel,
     bit-identical to the SIMD one."""
     return _tokens(q, d, x, out, threads, simd, 8, "prefill")
@@ -555,6 +563,11 @@ def prefill_q4_0(const uint8_t[:, ::1] q not None, const uint16_t[:, ::1] d not 
 
 
 # ---- helpers for tests and benchmarks ------------------------------------------------------------------------
+
+def activation_limit(int bits):
+    """L of the activation's rounding for `bits`-bit weights (dx = max|x_b| / L; bcnp.quant.ACTIVATION_LIMIT)."""
+    return bcnp_activation_limit(bits)
+
 
 def f32_to_f16_bits(const float[::1] x not None):
     """float32 -> float16 bits, nearest even: the conversion the quantizers use for scales."""

@@ -1,14 +1,16 @@
 /* AMX kernel for bcnp._quant: Y = X W^T for a few tokens, straight from Q8_0 / Q4_0 blocks, computing exactly what
  * the GEMM's specification (bcnp_gemm_q8_0_scalar, quant_gemm.h) computes:
  *   y[t, r] = sum over blocks b, in order, of  float(isum) * (d[r, b] * dx[t, b])       (float32, one accumulator)
- * with isum the exact integer dot product of the block's codes with the int16 activation: the matvec's sums too
- * (quant_group.h), so a token gets the same bits in a batch as alone.
+ * with isum the exact integer dot product of the block's codes with the rounded activation (int16 for Q8_0, int8
+ * for Q4_0: bcnp_quantize_activation): the matvec's sums too (quant_group.h), so a token gets the same bits in a
+ * batch as alone.
  *
  * Why AMX: the AVX-512 batched kernels paid a convert and an FMA for every (row, token, block) and were
  * compute-bound at 8 tokens; the tile unit does the integer products of 16 rows x 16 columns x 64 bytes in one
- * instruction.  It multiplies bytes, so the int16 activation goes in as two byte planes, x = 256 hi + lo (hi
- * signed, lo unsigned: tdpbssd and tdpbsud against the int8 codes, Q4_0 codes - 8 unpacked to a scratch), two int32
- * tiles recombined exactly (|256 hi-sum| <= 2^27).
+ * instruction.  It multiplies bytes, so for Q8_0 weights the int16 activation goes in as two byte planes,
+ * x = 256 hi + lo (hi signed, lo unsigned: tdpbssd and tdpbsud against the int8 codes), two int32 tiles recombined
+ * exactly (|256 hi-sum| <= 2^27); for Q4_0 (codes - 8 unpacked to a scratch) the int8 activation is one plane,
+ * one tdpbssd, one C tile.
  *
  * Two blocks per instruction: the per-block scales need each block's sum on its own, but a tile row holds 64 bytes,
  * two blocks of codes.  So A = 16 weight rows x blocks b, b + 1, and B is block-diagonal: columns 0 .. P-1 hold
@@ -37,12 +39,12 @@
 #define BCNP_AMX_PASSES 2       /* passes per call: up to 16 tokens */
 #define BCNP_AMX_ROWS 16        /* weight rows per group: an A tile's rows */
 #define BCNP_AMX_CHUNK 16       /* Q4_0 blocks unpacked at a time (16 rows x 16 blocks x 32 bytes = 8 KiB, in L1) */
-#define BCNP_AMX_PAIR_BYTES 2048        /* per pair of blocks: the B tiles of the high and the low bytes */
+#define BCNP_AMX_PAIR_BYTES 2048        /* per pair of blocks: the B tiles of the high and the low bytes (Q8_0) */
 
 /* One pass's tokens, prepared once for all row groups (bcnp_amx_prepare). */
 typedef struct {
     const uint8_t *tiles;       /* (nb + 1) / 2 x BCNP_AMX_PAIR_BYTES: per pair of blocks the B tile of the high
-                                   bytes, then of the low */
+                                   bytes, then of the low (Q8_0), or the one of the int8 activation (Q4_0) */
     const float *dxp;           /* nb x P x 16: dx of the token of each flat output lane (0 for padding) */
     const int32_t *ridx;        /* P x 16: the row (0..15) of each flat output lane */
     const int32_t *pick;        /* 2 x 16: the lanes of two C vectors that hold block b's, block b + 1's sums */
@@ -105,17 +107,17 @@ static inline void bcnp_amx_unpack_q4_0(const uint8_t *w, int64_t nb, int64_t b,
 }
 
 /* The float work of the pair of blocks k, k + 1 (k + 1 only if two): its C tiles at c (high then low, 32 P int32
-   each) into the accumulators. */
+   each; one tile where planes = 1) into the accumulators. */
+#define BCNP_AMX_SUMS(c, i) (planes == 2 ? _mm512_add_epi32(_mm512_slli_epi32(_mm512_load_si512((c) + (i)), 8),        \
+                                                            _mm512_load_si512((c) + 32 * P + (i)))                 \
+                                         : _mm512_load_si512((c) + (i)))
 #define BCNP_AMX_FINISH(c, k, two)                                                                                  \
     do {                                                                                                            \
         const __m512i first = _mm512_load_si512(x->pick), second = _mm512_load_si512(x->pick + 16);                \
         const __m512 dw0 = _mm512_load_ps(dw + 16 * ((k) % 32)), dw1 = _mm512_load_ps(dw + 16 * (((k) + 1) % 32));  \
         const float *dx0 = x->dxp + 16 * P * (k), *dx1 = dx0 + 16 * P;                                              \
         for (int v = 0; v < P; v++) {                                                                               \
-            const __m512i s0 = _mm512_add_epi32(_mm512_slli_epi32(_mm512_load_si512((c) + 32 * v), 8),              \
-                                                _mm512_load_si512((c) + 32 * P + 32 * v));                          \
-            const __m512i s1 = _mm512_add_epi32(_mm512_slli_epi32(_mm512_load_si512((c) + 32 * v + 16), 8),         \
-                                                _mm512_load_si512((c) + 32 * P + 32 * v + 16));                     \
+            const __m512i s0 = BCNP_AMX_SUMS(c, 32 * v), s1 = BCNP_AMX_SUMS(c, 32 * v + 16);                        \
             const __m512i rows = _mm512_load_si512(x->ridx + 16 * v);                                               \
             acc[v] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_permutex2var_epi32(s0, first, s1)),                  \
                                      _mm512_mul_ps(_mm512_permutexvar_ps(rows, dw0), _mm512_load_ps(dx0 + 16 * v)), \
@@ -127,22 +129,26 @@ static inline void bcnp_amx_unpack_q4_0(const uint8_t *w, int64_t nb, int64_t b,
         }                                                                                                           \
     } while (0)
 
-/* One pair's products: A tile a (loaded) with the B tiles 1 (high bytes) and 2 (low) into C tiles ch, cl. */
+/* One pair's products: A tile a (loaded) with the B tiles 1 (high bytes, or the int8 activation) and 2 (low) into
+   C tiles ch, cl. */
 #define BCNP_AMX_PRODUCTS(a, ch, cl)                                                                                \
     do {                                                                                                            \
         _tile_zero(ch);                                                                                             \
-        _tile_zero(cl);                                                                                             \
         _tile_dpbssd(ch, a, 1);                                                                                     \
-        _tile_dpbsud(cl, a, 2);                                                                                     \
+        if (planes == 2) {                                                                                          \
+            _tile_zero(cl);                                                                                         \
+            _tile_dpbsud(cl, a, 2);                                                                                 \
+        }                                                                                                           \
     } while (0)
 
-/* 16 rows (Q8_0 codes at q8, row stride 32 nb, or Q4_0 at q4) against x: out[P * r + t].
+/* 16 rows (Q8_0 codes at q8, row stride 32 nb, planes = 2; or Q4_0 at q4, planes = 1) against x: out[P * r + t].
    A software pipeline three pairs deep, because a tile store takes as long as the products and the vector loads
    after it wait for it: step p multiplies pair p (A tiles and C tiles alternate between even and odd pairs, so that
    pair p + 1 need not wait for pair p), stores pair p - 1's C tiles and adds up pair p - 2. */
 static inline __attribute__((always_inline))
 void bcnp_amx_group(const int8_t *q8, const uint8_t *q4, const uint16_t *d, int64_t nb, const bcnp_amx_tokens *x,
-                    const int P, const char *next, float *dw, int8_t *scratch, int8_t *tail, int32_t *cbuf, float *out)
+                    const int P, const int planes, const char *next, float *dw, int8_t *scratch, int8_t *tail,
+                    int32_t *cbuf, float *out)
 {
     const int64_t pairs = (nb + 1) / 2;
     /* The next group's 16 rows are one contiguous run of memory: fetched into L2 a slice per step, in order, while
@@ -172,7 +178,7 @@ void bcnp_amx_group(const int8_t *q8, const uint8_t *q4, const uint16_t *d, int6
                 a = scratch + 32 * (b % BCNP_AMX_CHUNK), stride = 32 * BCNP_AMX_CHUNK;
             }
             _tile_loadd(1, x->tiles + BCNP_AMX_PAIR_BYTES * p, 64);
-            _tile_loadd(2, x->tiles + BCNP_AMX_PAIR_BYTES * p + BCNP_AMX_PAIR_BYTES / 2, 64);
+            if (planes == 2) _tile_loadd(2, x->tiles + BCNP_AMX_PAIR_BYTES * p + BCNP_AMX_PAIR_BYTES / 2, 64);
             if (p & 1) {
                 _tile_loadd(7, a, stride);
                 BCNP_AMX_PRODUCTS(7, 5, 6);
@@ -185,10 +191,10 @@ void bcnp_amx_group(const int8_t *q8, const uint8_t *q4, const uint16_t *d, int6
             int32_t *c = cbuf + 512 * ((p - 1) % 3);
             if ((p - 1) & 1) {
                 _tile_stored(5, c, 8 * P);
-                _tile_stored(6, c + 32 * P, 8 * P);
+                if (planes == 2) _tile_stored(6, c + 32 * P, 8 * P);
             } else {
                 _tile_stored(3, c, 8 * P);
-                _tile_stored(4, c + 32 * P, 8 * P);
+                if (planes == 2) _tile_stored(4, c + 32 * P, 8 * P);
             }
         }
         if (p >= 2) {                               /* pair p - 2, stored last time round */
@@ -226,12 +232,23 @@ static void bcnp_amx_rows(const int8_t *q8, const uint8_t *q4, const uint16_t *d
                                : q8 ? (const char *)(w8 + 16 * 32 * nb) : (const char *)(w4 + 16 * 16 * nb);
             float *yk = y + (int64_t)BCNP_AMX_TOKENS * k * ys;
             if (P != configured) bcnp_amx_configure(P), configured = P;
-            switch (P) {
-            case 1: bcnp_amx_group(w8, w4, d + r0 * nb, nb, &x[k], 1, next, dw, scratch, tail, cbuf, out); break;
-            case 2: bcnp_amx_group(w8, w4, d + r0 * nb, nb, &x[k], 2, next, dw, scratch, tail, cbuf, out); break;
-            case 4: bcnp_amx_group(w8, w4, d + r0 * nb, nb, &x[k], 4, next, dw, scratch, tail, cbuf, out); break;
-            default: bcnp_amx_group(w8, w4, d + r0 * nb, nb, &x[k], 8, next, dw, scratch, tail, cbuf, out); break;
-            }
+#define BCNP_AMX_GROUP(P, planes) \
+    bcnp_amx_group(w8, w4, d + r0 * nb, nb, &x[k], P, planes, next, dw, scratch, tail, cbuf, out)
+            if (q8)
+                switch (P) {
+                case 1: BCNP_AMX_GROUP(1, 2); break;
+                case 2: BCNP_AMX_GROUP(2, 2); break;
+                case 4: BCNP_AMX_GROUP(4, 2); break;
+                default: BCNP_AMX_GROUP(8, 2); break;
+                }
+            else
+                switch (P) {
+                case 1: BCNP_AMX_GROUP(1, 1); break;
+                case 2: BCNP_AMX_GROUP(2, 1); break;
+                case 4: BCNP_AMX_GROUP(4, 1); break;
+                default: BCNP_AMX_GROUP(8, 1); break;
+                }
+#undef BCNP_AMX_GROUP
             for (int i = 0; i < 16 * P; i++)
                 if (i % P < T) yk[(i % P) * ys + r0 + i / P] = out[i];
         }
@@ -244,11 +261,12 @@ static void bcnp_amx_rows(const int8_t *q8, const uint8_t *q4, const uint16_t *d
 }
 
 /* The B tiles and lane tables of T <= 8 tokens (xq, dx as bcnp_quantize_activation, natural layout, token t at
-   xq + t n, dx + t nb), padded to P: for block b = 2 p + h (h = 0, 1) and token t, byte e (0: the high one, signed;
-   1: the low, unsigned) of x[t][32 b + 4 g + i] is at tiles[2048 p + 1024 e + 64 (8 h + g) + 4 (h P + t) + i];
-   everything else is zero.  `tiles` holds (nb + 1) / 2 x 2048 bytes. */
-static void bcnp_amx_prepare(const int16_t *xq, const float *dx, int64_t n, int T, uint8_t *tiles, float *dxp,
-                             int32_t *ridx, int32_t *pick)
+   xq + t n, dx + t nb), padded to P: for block b = 2 p + h (h = 0, 1) and token t, byte e (planes = 2, Q8_0's int16
+   activation: 0 the high one, signed, 1 the low, unsigned; planes = 1, Q4_0's int8 activation: e = 0, the value)
+   of x[t][32 b + 4 g + i] is at tiles[2048 p + 1024 e + 64 (8 h + g) + 4 (h P + t) + i]; everything else is zero.
+   `tiles` holds (nb + 1) / 2 x 2048 bytes. */
+static void bcnp_amx_prepare(const int16_t *xq, const float *dx, int64_t n, int T, int planes, uint8_t *tiles,
+                             float *dxp, int32_t *ridx, int32_t *pick)
 {
     const int64_t nb = n / 32;
     const int P = bcnp_amx_padded(T);
@@ -259,8 +277,11 @@ static void bcnp_amx_prepare(const int16_t *xq, const float *dx, int64_t n, int 
             const __m512i v = _mm512_loadu_si512(xq + t * n + 32 * b);
             const int h = (int)(b & 1);
             uint8_t *tile = tiles + BCNP_AMX_PAIR_BYTES * (b / 2) + 64 * 8 * h + 4 * (h * P + t);
-            _mm256_i32scatter_epi32(tile, rows, _mm512_cvtepi16_epi8(_mm512_srai_epi16(v, 8)), 4);
-            _mm256_i32scatter_epi32(tile + 1024, rows, _mm512_cvtepi16_epi8(v), 4);
+            if (planes == 2) {
+                _mm256_i32scatter_epi32(tile, rows, _mm512_cvtepi16_epi8(_mm512_srai_epi16(v, 8)), 4);
+                _mm256_i32scatter_epi32(tile + 1024, rows, _mm512_cvtepi16_epi8(v), 4);
+            } else
+                _mm256_i32scatter_epi32(tile, rows, _mm512_cvtepi16_epi8(v), 4);      /* |x| <= 127: exact */
         }
     for (int v = 0; v < P; v++)
         for (int j = 0; j < 16; j++) ridx[16 * v + j] = (16 * v + j) / P;
@@ -278,8 +299,8 @@ static void bcnp_amx_prepare(const int16_t *xq, const float *dx, int64_t n, int 
 static int bcnp_amx_enable(void) { return 0; }
 static void bcnp_amx_rows(const int8_t *q8, const uint8_t *q4, const uint16_t *d, int64_t nb, int64_t g0, int64_t g1,
                           const bcnp_amx_tokens *x, int passes, float *y, int64_t ys) {}
-static void bcnp_amx_prepare(const int16_t *xq, const float *dx, int64_t n, int T, uint8_t *tiles, float *dxp,
-                             int32_t *ridx, int32_t *pick) {}
+static void bcnp_amx_prepare(const int16_t *xq, const float *dx, int64_t n, int T, int planes, uint8_t *tiles,
+                             float *dxp, int32_t *ridx, int32_t *pick) {}
 #endif
 
 #endif

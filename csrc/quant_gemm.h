@@ -1,7 +1,8 @@
 /* Prefill GEMM for bcnp._quant: Y = X W^T for many tokens straight from Q8_0 / Q4_0 blocks.
  *
- * The activation is rounded per token and per block of 32 to int16 exactly as for the decode matvec
- * (bcnp_quantize_activation, natural layout), every (row, token, block) gets its exact integer dot product, and
+ * The activation is rounded per token and per block of 32 exactly as for the decode matvec (int16 for Q8_0, int8
+ * for Q4_0: bcnp_quantize_activation, natural layout), every (row, token, block) gets its exact integer dot
+ * product, and
  *   y[t, r] = sum over blocks b, in order, of  float(isum) * (d[r, b] * dx[t, b])       (float32, one accumulator)
  * so the error bound of the matvec holds unchanged (see quant_kernels.h): the rounding of x, then float32 rounding
  * of at most nb + 4 steps.  The float sums are not the matvec's (which keeps 16 partial sums per block and two

@@ -4,15 +4,22 @@
  *   Q8_0: int8 q[32*b + j],                            weight = q * d
  *   Q4_0: uint8 byte q[16*b + j] = c_j | c_{j+16} << 4,  weight = (c - 8) * d,  c in 0..15
  *
- * The decode matvec y = W x quantizes x itself per 32-block to int16 with a float32 scale dx = max|x_b| / 32767
- * (quantize_activation); every block contributes the exact integer dot product of its codes with the int16
- * activation, times d_w * dx, and the float32 products are summed.  llama.cpp rounds x to int8 instead, 256 times
- * coarser: measurably worse logits.  The result differs from dequantize(W) @ x by the rounding of x (at most
- * dx (1/2 + 2^-9) per element, about 2^-16 of the block's largest |x|) and float32 rounding:
- *   |y - W^ x| <= sum_b |d_b| dx_b sum_i |q_bi| (1/2 + 2^-9 + (n_blocks + 4) 32767 2^-24)
+ * The decode matvec y = W x quantizes x itself per 32-block with a float32 scale dx = max|x_b| / L
+ * (quantize_activation): to int16 (L = 32767) for Q8_0 weights, to int8 (L = 127, llama.cpp's choice) for Q4_0.
+ * Every block contributes the exact integer dot product of its codes with the rounded activation, times d_w * dx,
+ * and the float32 products are summed.  The result differs from dequantize(W) @ x by the rounding of x (at most
+ * dx (1/2 + (L + 1) 2^-24) per element: 2^-16 of the block's largest |x| for Q8_0, 2^-8 for Q4_0) and float32
+ * rounding:
+ *   |y - W^ x| <= sum_b |d_b| dx_b sum_i |q_bi| (1/2 + (L + 1) 2^-24 + (n_blocks + 4) L 2^-24)
  * with q the weight codes (q - 8 for Q4_0); the last term bounds the float32 rounding of the block products
- * (each at most 32767 dx_b |d_b| sum_i |q_bi|) and of their sum.  A float32 loop (codes converted to float, FMA
- * with x) would be exact up to the float sum, but measured at half the memory bandwidth for Q4_0 on Zen 4.
+ * (each at most L dx_b |d_b| sum_i |q_bi|) and of their sum.  Why two ranges, measured on the fixture b13 (RMS of
+ * the logits' difference from float32 over its 33-token prompt): int8 x took the Q8_0 model from 0.0031 to 0.0040,
+ * worse than the original's own int8, while the Q4_0 model stayed at 0.0485 (0.0484): a Q4_0 weight's own rounding
+ * is 16 times coarser than int8 x's.  And the AMX kernel multiplies bytes, so int8 x is one product where int16 is
+ * two and their recombination: in the engine's step of 8 sequences, the 10 Q4_0 linears of two 13B layers took
+ * 35-48 ms against 55-71 (alternated builds, a busy hour; docs/performance.md).
+ * A float32 loop (codes converted to float, FMA with x) would be exact up to the float sum, but measured at half
+ * the memory bandwidth for Q4_0 on Zen 4.
  *
  * Three implementations of the dot products: AVX-512 VNNI (vpdpwssd: 32 int16 products summed in pairs per
  * instruction), AVX2 (vpmaddwd) and portable C (the specification).  The compiler flags pick one
@@ -175,11 +182,11 @@ static void bcnp_dequantize_row_q4_0(const uint8_t *q, const uint16_t *d, int64_
 
 /* ---- the activation, quantized for the decode matvec ----------------------------------------------------------- */
 
-/* x (n) -> xq int16 (n), dx (n/32): every block of 32 as integers times a float32 scale, dx = max|x_b| / 32767 and
-   xq = round(x / dx) (ties away from zero), so |x - dx * xq| <= dx (1/2 + 2^-9): the 2^-9 covers the float32
-   rounding of x / dx, at most 32768 * 2^-24.  (Where dx is a float32 subnormal, max|x_b| < 2^-111, xq is clamped
-   to 32767 and the error can reach 2^-134 more; a block with dx = 0 becomes zeros.)  A block holding inf or nan gets
-   dx = nan, so the matvec answers nan.
+/* x (n) -> xq int16 (n), dx (n/32): every block of 32 as integers times a float32 scale, dx = max|x_b| / limit
+   (bcnp_activation_limit: 32767 or 127) and xq = round(x / dx) (ties away from zero), so
+   |x - dx * xq| <= dx (1/2 + (limit + 1) 2^-24): the second term covers the float32 rounding of x / dx.  (Where
+   dx is a float32 subnormal, max|x_b| < limit 2^-126, xq is clamped to the limit and the error can reach 2^-134 more; a
+   block with dx = 0 becomes zeros.)  A block holding inf or nan gets dx = nan, so the matvec answers nan.
    For Q4_0 weights (q4_layout = 1) the blocks are grouped by four, and the group's 128 values are stored as four
    runs of 32 in the order the SIMD kernels take the 4-bit codes out of the group's 64 weight bytes read as 32
    little-endian 16-bit words: bits 0-3, 4-7, 8-11, 12-15 of word m are codes j, j + 16, j + 1, j + 17 of block m/8,
@@ -192,7 +199,10 @@ static inline int64_t bcnp_q4_x_index(int64_t b, int j, int64_t nb)
     return 128 * (b / 4) + 32 * ((j >> 4) + 2 * (j & 1)) + 8 * (b % 4) + ((j & 15) >> 1);
 }
 
-static void bcnp_quantize_activation(const float *x, int64_t n, int q4_layout, int16_t *xq, float *dx, int32_t *bias)
+static inline int bcnp_activation_limit(int bits) { return bits == 4 ? 127 : 32767; }
+
+static void bcnp_quantize_activation(const float *x, int64_t n, int limit, int q4_layout, int16_t *xq, float *dx,
+                                     int32_t *bias)
 {
     const int64_t nb = n / 32;
     for (int64_t b = 0; b < nb; b++) {
@@ -206,13 +216,13 @@ static void bcnp_quantize_activation(const float *x, int64_t n, int q4_layout, i
             amax_bits = u > amax_bits ? u : amax_bits;
         }
         memcpy(&amax, &amax_bits, 4);
-        dx[b] = amax_bits < 0x7F800000 ? amax / 32767.0f : NAN;
+        dx[b] = amax_bits < 0x7F800000 ? amax / (float)limit : NAN;
         if (dx[b] > 0.0f) {
             const float db = dx[b];
             for (int j = 0; j < 32; j++) {     /* roundf (half away from zero), in a form the compiler vectorizes */
-                const float v = xb[j] / db, t = (float)(int)v;      /* |v| <= 32767 + 1/2^9 where db is normal */
+                const float v = xb[j] / db, t = (float)(int)v;      /* |v| <= limit (1 + 2^-23) where db is normal */
                 const int r = (int)(t + copysignf((float)(fabsf(v - t) >= 0.5f), v));
-                qb[j] = (int16_t)(r > 32767 ? 32767 : r < -32767 ? -32767 : r);
+                qb[j] = (int16_t)(r > limit ? limit : r < -limit ? -limit : r);
             }
         } else
             memset(qb, 0, sizeof qb);

@@ -43,21 +43,23 @@ def padded(w):
     return np.pad(w, ((0, 0), (0, -w.shape[1] % 32)))
 
 
-def activation_scales(x):
-    """The kernels' dx per block of 32 of x, exactly: max |x_b| / 32767 in float32."""
+def activation_scales(x, bits):
+    """The kernels' dx per block of 32 of x, exactly: max |x_b| / L in float32 (L = 32767 for 8-bit weights, 127
+    for 4-bit)."""
     xb = padded(x[None].astype(np.float32))[0].reshape(-1, 32)
-    return np.abs(xb).max(-1) / np.float32(32767)
+    return np.abs(xb).max(-1) / np.float32(quant.ACTIVATION_LIMIT[bits])
 
 
 def matvec_bound(q, s, bits, x):
-    """SPEC's decode bound: x is rounded per block to int16 (dx = max|x_b| / 32767, error <= dx (1/2 + 2^-9)), so
-    |y - W^ x| <= sum_b |d_b| dx_b sum_i |q_bi| (1/2 + 2^-9 + float32 rounding of the block products and their sum).
-    Returns (the whole bound, its float32 rounding part) per row."""
+    """The decode bound (QuantizedWeight.matvec): x is rounded per block (dx = max|x_b| / L, error <=
+    dx (1/2 + (L + 1) 2^-24)), so |y - W^ x| <= sum_b |d_b| dx_b sum_i |q_bi| (1/2 + (L + 1) 2^-24 + float32
+    rounding of the block products and their sum). Returns (the whole bound, its float32 rounding part) per row."""
+    limit = quant.ACTIVATION_LIMIT[bits]
     codes = np.abs(signed_codes(q, bits)).sum(-1)                        # (out, nb)
-    per_block = np.abs(s.astype(np.float64)) * activation_scales(x).astype(np.float64) * codes
+    per_block = np.abs(s.astype(np.float64)) * activation_scales(x, bits).astype(np.float64) * codes
     nb = s.shape[1]
-    rounding = (per_block * (nb + 4) * 32767 * 2.0**-24).sum(-1)
-    return (per_block * (0.5 + 2.0**-9)).sum(-1) + rounding, rounding
+    rounding = (per_block * (nb + 4) * limit * 2.0**-24).sum(-1)
+    return (per_block * (0.5 + (limit + 1) * 2.0**-24)).sum(-1) + rounding, rounding
 
 
 def scalar_matvec(layer, x):

@@ -76,7 +76,7 @@ def test_quantized_forward_on_the_strict_module_matches_the_cpu_quantized_model(
     want = Model(cpu.config, dequantized).logits(prompt)   # dequantized float32 weights, BLAS: the exact reference
     device = to_device(cpu, xp=strict_xp, dtype="float32")
     assert scaled_error(device.logits(prompt), want) <= 1e-5
-    # one token at a time runs the matvec twins (the CPU's own kernels round x to int16: not the reference here)
+    # one token at a time runs the matvec twins (the CPU's own kernels round x per block: not the reference here)
     assert scaled_error(prefill_then_decode(device, prompt), want) <= 1e-5
     half = to_device(cpu, xp=strict_xp)
     assert scaled_error(half.logits(prompt), want) <= 1e-2

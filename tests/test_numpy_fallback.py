@@ -6,7 +6,6 @@ import sys
 import numpy as np
 
 from bcnp import Model
-from bcnp.quant import QuantizedWeight
 from conftest import FIXTURES, MODELS
 
 HIDE_COMPILED = ("import sys; sys.modules['bcnp._quant'] = sys.modules['bcnp._dtypes'] = "
@@ -48,13 +47,13 @@ def test_without_compiled_modules_bcnp_warns_once_and_computes_the_same_logits(t
     scale = max(1.0, float(np.abs(want).max()))
     assert np.abs(out["float"] - want).max() <= 1e-4 * scale
     compiled = Model.from_pretrained(fixture / "hf").quantize(8)
-    dequantized = Model(compiled.config, {k: v.dequantize() if isinstance(v, QuantizedWeight) else v
-                                          for k, v in compiled.w.items()})      # float32 cache, as the child's
-    # quantizing is bit-identical and the fallback's prefill dequantizes: equal up to BLAS summation order (the
-    # compiled prefill rounds x to int16 per block first, so it is not the reference here)
-    np.testing.assert_allclose(out["q8"], dequantized.logits(golden["prompt_2"]), rtol=0, atol=1e-5 * scale)
-    # decode multiplies the dequantized weight by x in float32 (the compiled kernel rounds x to int16 first)
-    assert np.abs(out["q8_decode"] - out["q8"]).max() <= 1e-5 * scale
+    compiled.cache_dtype = np.dtype(np.float32)                                 # as the child's
+    # quantizing is bit-identical and the fallback rounds x as the kernels do (bcnp.quant.round_activation), then
+    # multiplies the dequantized weight in float32: equal up to the order of the float32 sums -- and to where such
+    # a last-bit difference moves an element of x across one of its rounding steps (2^-16 of its block's largest),
+    # which measured up to 4.3e-5 here; SPEC's tolerance against the original holds
+    np.testing.assert_allclose(out["q8"], compiled.logits(golden["prompt_2"]), rtol=0, atol=1e-4 * scale)
+    assert np.abs(out["q8_decode"] - out["q8"]).max() <= 1e-4 * scale
 
 
 def test_the_fallback_answers_the_compiled_modules_calls_with_its_results():
@@ -73,4 +72,5 @@ def test_the_fallback_answers_the_compiled_modules_calls_with_its_results():
         out = np.empty((5, 64), np.float32)
         assert dequantize(q, d, out, 1) is out
         y = getattr(quant.NumpyKernels, f"matvec_q{bits}_0")(q, d, x, None, 0)
-        np.testing.assert_allclose(y, dequantize(q, d).astype(np.float64) @ x, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(y, dequantize(q, d).astype(np.float64) @ quant.rounded_activation(x, bits),
+                                   rtol=1e-5, atol=1e-5)

@@ -81,8 +81,8 @@ def test_quantized_logits_stay_close_to_float(b13, bits, max_error, min_top1):
 
 
 def test_quantized_decode_agrees_with_quantized_prefill(quantized_b13):
-    """Decode multiplies with the activation rounded to int16 per block, prefill with dequantized weights and
-    BLAS: the two agree to float32-summation size."""
+    """Decode and prefill round the activation alike and add the same integer block products (on AVX-512 builds
+    the same sums, bit for bit; elsewhere in another order), through another attention: they agree closely."""
     bits, q, golden = quantized_b13
     prompt = golden["prompt_2"]
     full = q.logits(prompt)
