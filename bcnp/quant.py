@@ -161,6 +161,8 @@ def round_activation(x, bits):
     _check_bits(bits)
     limit = ACTIVATION_LIMIT[bits]
     x = np.asarray(x, np.float32)
+    if x.ndim == 0 or x.shape[-1] % BLOCK:
+        raise ValueError(f"round_activation: x has shape {x.shape}, expected rows of a multiple of {BLOCK} elements")
     blocks = x.reshape(*x.shape[:-1], -1, BLOCK)
     amax = np.abs(blocks).max(axis=-1)
     dx = np.where(np.isfinite(amax), amax / np.float32(limit), np.float32(np.nan)).astype(np.float32)

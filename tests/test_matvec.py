@@ -115,6 +115,11 @@ def test_the_kernels_multiply_the_x_of_round_activation(bits, data):
     assert same_bits(quant.prefill(layer, x), want)
 
 
+def test_round_activation_refuses_rows_of_partial_blocks():
+    with pytest.raises(ValueError, match=r"round_activation: x has shape \(2, 33\), expected rows of a multiple of 32"):
+        quant.round_activation(np.zeros((2, 33), np.float32), 4)
+
+
 def test_the_activation_limits_are_the_kernels():
     assert {bits: quant._quant.activation_limit(bits) for bits in (8, 4)} == ACTIVATION_LIMIT == {8: 32767, 4: 127}
 
