@@ -173,7 +173,8 @@ def round_activation(x, bits):
 
 
 def rounded_activation(x, bits):
-    """dx * xq of `round_activation`, as float32 (..., n): exact, since |xq| < 2^24."""
+    """dx * xq of `round_activation`, float32 (..., n): the x the kernels multiply, to one float32 rounding of each
+    product."""
     xq, dx = round_activation(x, bits)
     x = xq.reshape(*xq.shape[:-1], -1, BLOCK) * dx[..., None]
     return x.reshape(xq.shape).astype(np.float32)
