@@ -240,12 +240,16 @@ AMX = bool(_AMX_GRANTED)
 # rounds, 2 tokens 27.6, 29.5 / 31.4, 31.9 ms; 3 tokens 43.5, 44.9 / 33.7, 34.5; 4 tokens 49.1, 49.6 / 32.8, 35.3.
 GROUP_TOKENS = {8: 2, 4: 2}                         # by bits
 GROUP_TOKENS_WITHOUT_AMX = {8: 4, 4: 8}
-# Up to BCNP_AMX_PASSES * BCNP_AMX_TOKENS (16) tokens go through the AMX kernel, past that int8 through the panel
-# GEMM (the same bits), int4 through the AMX kernel again, 16 tokens a call: with int4's one byte plane it beat the
-# GEMM at every prompt length, the 5 int4 linears of a 13B layer, best and median of 4 alternated rounds, GFLOP/s:
-# 17 tokens 311, 255 against 206, 182; 32 tokens 393, 298 against 220, 209; 64 379, 286 against 312, 263; 128 294,
-# 280 against 275, 247; 512 438, 271 against 358, 310.  (int8, two planes: 236 against 262 at 32 tokens, 174 against
-# 356 at 128.)  Two passes as two calls measured no faster than the GEMM in the engine at B = 16 (int4 76.9
+# Up to BCNP_AMX_PASSES * BCNP_AMX_TOKENS (16) tokens go through the AMX kernel, past that through the panel GEMM
+# (the same bits) -- but int4 up to AMX_INT4_TOKENS through the AMX kernel again, 16 tokens a call.  With int4's one
+# byte plane it beat the GEMM up to 64 tokens, the 5 int4 linears of a 13B layer, best and median of 4 alternated
+# rounds, GFLOP/s: 17 tokens 311, 255 against 206, 182; 32 tokens 393, 298 against 220, 209; 64 379, 286 against
+# 312, 263.  Past that it was even (128 tokens 294, 280 against 275, 247; 512 438, 271 against 358, 310), and every
+# call of 16 tokens reads the weights again, which a machine whose memory is busy punishes: in one server run its
+# step of 125 prompt tokens took 0.98-1.20 s against the GEMM's 0.93-0.98 (a later run, quieter, 0.76-0.89).  (int8,
+# two planes: 236 against 262 GFLOP/s at 32 tokens, 174 against 356 at 128.)
+AMX_INT4_TOKENS = 64
+# Two passes as two calls measured no faster than the GEMM in the engine at B = 16 (int4 76.9
 # against 76.0 tok/s, int8 72.3 against 78.8), as each read the weights from memory; both passes over one group of
 # rows at a time (the second from L2) did: int4 139 and 143 against 92-102 tok/s, int8 113 and 125 against 77-95
 # (`tools/bench.py batch`, alternated with the previous build; docs/performance.md).
@@ -524,7 +528,7 @@ cdef _gemm(q, const uint16_t[:, ::1] d, const float[:, ::1] x, float[:, ::1] yv,
     cdef const int8_t[:, ::1] q8 = q if bits == 8 else None
     cdef const uint8_t[:, ::1] q4 = q if bits == 4 else None
     cdef Py_ssize_t chunk = BCNP_AMX_PASSES * BCNP_AMX_TOKENS, t0
-    if simd and AMX and _AMX_GRANTED and (T <= chunk or bits == 4):
+    if simd and AMX and _AMX_GRANTED and (T <= chunk or (bits == 4 and T <= AMX_INT4_TOKENS)):
         for t0 in range(0, T, chunk):
             _amx(q8, q4, d, xv[t0 * n:], dv[t0 * nb:], n, min(chunk, T - t0), yv[t0:], nt, bits)
         return
