@@ -75,6 +75,14 @@ def scaled_error(got, want):
     return float(np.abs(got - want).max() / max(1.0, float(np.abs(want).max())))
 
 
+def dequantized(model):
+    """A quantized model with its weights dequantized to float32: the exact reference of a device that multiplies
+    the dequantized weights in float (the GPU path), where bcnp's CPU kernels round x per block first (int8 x for
+    int4 weights: 0.01-sized differences in the logits)."""
+    return Model(model.config, {k: v.dequantize() if isinstance(v, quant.QuantizedWeight) else v
+                                for k, v in model.w.items()})
+
+
 def prefill_then_decode(model, prompt, split=26):
     """Logits of `split` tokens at once, then one token at a time (the cached path)."""
     cache = model.new_cache()

@@ -11,8 +11,8 @@ from bcnp.gpu.cache import DeviceKVCache, GraphKVCache
 from bcnp.gpu.graphs import DecodeGraphs
 from bcnp.gpu.kernels import BackendError
 from bcnp.gpu.weights import DeviceQuantizedWeight
-from conftest import (decode_one_at_a_time, prefill_then_decode, random_weight, scaled_error, twin_matvec,
-                      with_huge_attention_inputs)
+from conftest import (decode_one_at_a_time, dequantized, prefill_then_decode, random_weight, scaled_error,
+                      twin_matvec, with_huge_attention_inputs)
 
 
 # --- on a GPU ------------------------------------------------------------------------------------------------------
@@ -58,7 +58,7 @@ def test_gpu_quantized_decode_matches_prefill_and_the_cpu(cupy, fixture_model, b
     model, golden = fixture_model
     prompt = golden["prompt_2"]
     cpu = model.quantize(bits)
-    want = cpu.logits(prompt)
+    want = dequantized(cpu).logits(prompt)     # the device multiplies the dequantized weights by x in float
     exact = to_device(cpu, dtype="float32")
     assert scaled_error(exact.logits(prompt), want) <= 1e-5
     assert scaled_error(prefill_then_decode(exact, prompt), want) <= 1e-5
@@ -116,7 +116,8 @@ def test_gpu_graph_decode_replays_what_eager_decode_computes(cupy, fixture_model
         replayed = decode_one_at_a_time(graphs, prompt, 5, cache)
     assert graphs.graphs and len(cache.decoder.graphs) == -(-len(prompt) // 8)
     np.testing.assert_array_equal(replayed, decode_one_at_a_time(eager, prompt, 5, eager.new_cache(len(prompt) + 3)))
-    assert scaled_error(replayed, cpu.logits(prompt)) <= (1e-5 if dtype == "float32" else 1e-2)
+    reference = cpu if bits == 16 else dequantized(cpu)     # the device multiplies in float: no rounding of x
+    assert scaled_error(replayed, reference.logits(prompt)) <= (1e-5 if dtype == "float32" else 1e-2)
 
 
 @pytest.mark.gpu

@@ -15,7 +15,7 @@ from bcnp.gpu.kernels import BackendError
 from bcnp.gpu.weights import DeviceQuantizedWeight
 from bcnp.tensor import Tensor
 from bcnp.quant import QuantizedWeight
-from conftest import FIXTURES, MODELS, prefill_then_decode, scaled_error, with_huge_attention_inputs
+from conftest import FIXTURES, MODELS, dequantized, prefill_then_decode, scaled_error, with_huge_attention_inputs
 
 # --- the strict array module ---------------------------------------------------------------------------------------
 
@@ -72,8 +72,7 @@ def test_quantized_forward_on_the_strict_module_matches_the_cpu_quantized_model(
     model, golden = fixture_model
     prompt = golden["prompt_2"]
     cpu = model.quantize(bits)
-    dequantized = {k: v.dequantize() if isinstance(v, QuantizedWeight) else v for k, v in cpu.w.items()}
-    want = Model(cpu.config, dequantized).logits(prompt)   # dequantized float32 weights, BLAS: the exact reference
+    want = dequantized(cpu).logits(prompt)               # dequantized float32 weights, BLAS: the exact reference
     device = to_device(cpu, xp=strict_xp, dtype="float32")
     assert scaled_error(device.logits(prompt), want) <= 1e-5
     # one token at a time runs the matvec twins (the CPU's own kernels round x per block: not the reference here)
