@@ -257,7 +257,8 @@ def to_device(model, xp=None, dtype="float16"):
 
     dtype "float16": float weights stored as float16, prefill in float16 with float32 accumulation, float16
     KV cache. "float32": float32 weights, prefill and cache (the CPU's numbers; twice the memory).
-    Quantized weights move as they are. One tensor at a time: a memory-mapped checkpoint is read tensor by
+    Quantized weights move as they are; the device multiplies them, dequantized, by x in float, where the CPU's
+    kernels round x per block first (bcnp.quant.round_activation). One tensor at a time: a memory-mapped checkpoint is read tensor by
     tensor (bcnp.weights.materialised) and no host copy is kept."""
     if dtype not in ("float16", "float32"):
         raise ValueError(f"to_device: dtype must be 'float16' or 'float32', got {dtype!r}")
