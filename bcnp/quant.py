@@ -176,8 +176,8 @@ def rounded_activation(x, bits):
     """dx * xq of `round_activation`, float32 (..., n): the x the kernels multiply, to one float32 rounding of each
     product."""
     xq, dx = round_activation(x, bits)
-    x = xq.reshape(*xq.shape[:-1], -1, BLOCK) * dx[..., None]
-    return x.reshape(xq.shape).astype(np.float32)
+    x = xq.reshape(*xq.shape[:-1], -1, BLOCK) * dx[..., None]             # float32 times float32
+    return x.reshape(xq.shape)
 
 
 def pack_nibbles(q):
