@@ -60,6 +60,12 @@ class KVCache:
     def store(self, i, k, v):
         """Layer i's keys and values (T, nh, hd) of the new tokens."""
         start, end = self.length, self.length + k.shape[0]
+        if self.k.dtype == np.float16 and isinstance(self.k, np.ndarray) and _attention is not None:
+            # the same bits as the two lines below, which cost 100 us a token and layer at 13B width (NumPy's
+            # float16 cast), 1.6 ms of an 8-sequence decode step of 2 layers
+            _attention.store_f16(k, self.k[i].view(np.uint16), start)
+            _attention.store_f16(v, self.v[i].view(np.uint16), start)
+            return
         if self.k.dtype == np.float16:
             k, v = k.clip(-FLOAT16_MAX, FLOAT16_MAX), v.clip(-FLOAT16_MAX, FLOAT16_MAX)
         self.k[i, :, start:end] = k.transpose(1, 0, 2)                      # (nh, T, hd)

@@ -1,5 +1,5 @@
 # cython: language_level=3
-"""Compiled attention over a float16 KV cache; the C lives in attention.h.
+"""Compiled attention over a float16 KV cache, and the cache's store; the C lives in attention.h.
 
 bcnp/attention.py holds the NumPy specification and is the module to call; this wrapper checks shapes and splits
 the heads across OpenMP threads (each thread owns whole heads, so it reads each head's keys and values once per
@@ -20,6 +20,7 @@ cdef extern from "attention.h" nogil:
     int bcnp_attention_paths()
     void bcnp_attend_row(int path, const float *q, const uint16_t *k, const uint16_t *v, const float *bias,
                          int64_t S, int64_t hd, float sqrt_hd, float *e, float *out)
+    void bcnp_store_f16(const float *src, int64_t n, uint16_t *dst)
 
 _PATH_IDS = {"avx512": BCNP_ATTENTION_AVX512_PATH, "avx2": BCNP_ATTENTION_AVX2_PATH, "scalar": BCNP_ATTENTION_SCALAR}
 PATHS = tuple(name for name, bit in _PATH_IDS.items() if bcnp_attention_paths() & (1 << bit))   # best first
@@ -72,3 +73,27 @@ def attend_f16(const float[:, :, :] q not None, const uint16_t[:, :, ::1] k not 
                 bcnp_attend_row(p, &q[h, t, 0], &k[h, 0, 0], &v[h, 0, 0], &bias[hb, t, 0], S, hd, sqrt_hd,
                                 &scores[openmp.omp_get_thread_num(), 0], &o[h, t, 0])
     return out
+
+
+def store_f16(src not None, uint16_t[:, :, ::1] dst not None, Py_ssize_t start):
+    """dst[h, start + t] = src[t, h] as float16 bits, limited to float16's finite range, nearest even (NaN stays
+    NaN): new keys or values src (T, nh, hd) float32 (any strides; rows with contiguous elements are read in
+    place) into one layer of a float16 cache, dst (nh, max_len, hd) (`k.view(np.uint16)`)."""
+    src = np.asarray(src, np.float32)
+    if src.ndim != 3:
+        raise ValueError(f"store_f16: src must be (T, heads, head_dim), got shape {src.shape}")
+    if src.shape[2] > 1 and src.strides[2] != 4:
+        src = np.ascontiguousarray(src)
+    cdef const float[:, :, :] s = src
+    cdef Py_ssize_t T = s.shape[0], nh = s.shape[1], hd = s.shape[2], t, h
+    if dst.shape[0] != nh or dst.shape[2] != hd:
+        raise ValueError(f"store_f16: src {tuple(src.shape)} (T, heads, head_dim) does not fit the cache's "
+                         f"{tuple(dst.shape)[:3]} (heads, positions, head_dim)")
+    if start < 0 or start + T > dst.shape[1]:
+        raise ValueError(f"store_f16: positions {start} to {start + T} are outside the cache's {dst.shape[1]}")
+    if T == 0 or nh == 0 or hd == 0:
+        return
+    with nogil:
+        for t in range(T):
+            for h in range(nh):
+                bcnp_store_f16(&s[t, h, 0], hd, &dst[h, start + t, 0])

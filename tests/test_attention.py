@@ -1,6 +1,7 @@
 """The compiled attention over a float16 cache (csrc/attention.pyx) against its specification: the forward's own
 `attention` on the keys and values widened to float32 (exact). Every path this build has is checked (AVX-512,
-AVX2, portable C), and without the module bcnp falls back to the specification, saying so once."""
+AVX2, portable C), and without the module bcnp falls back to the specification, saying so once. The module also
+stores new keys and values into the cache: the bits of NumPy's clip to float16's range and cast."""
 import subprocess
 import sys
 
@@ -110,6 +111,56 @@ def test_the_kernel_refuses_what_does_not_fit():
         kernel(q, k, v, bias, out=np.empty((2, 2, 8), np.float32))
     out = np.empty(q.shape, np.float32)
     assert kernel(q, k, v, bias, out=out) is out
+
+
+# --- storing into the cache -------------------------------------------------------------------------------------
+
+SPECIAL = np.array([0.0, -0.0, np.inf, -np.inf, np.nan, 65504.0, 65519.99, 65520.0, -1e30, 1e-8, 2.0**-25,
+                    2.0**-24 * 1.5, 6.1e-5], np.float32)
+
+
+def float32s(rng, n):
+    """Any float32 bits, float16's edges and specials, and ordinary values, mixed."""
+    kind = rng.integers(0, 3, n)
+    return np.where(kind == 0, rng.integers(0, 2**32, n, dtype=np.uint32).view(np.float32),
+                    np.where(kind == 1, rng.choice(SPECIAL, n), rng.uniform(-7e4, 7e4, n).astype(np.float32)))
+
+
+@settings(max_examples=80, deadline=None)
+@given(T=st.integers(1, 5), heads=st.integers(1, 6), hd=st.sampled_from([1, 7, 16, 24, 40, 128]),
+       start=st.integers(0, 9), seed=st.integers(0, 2**16))
+def test_the_store_writes_the_bits_of_clip_and_cast_and_nothing_else(T, heads, hd, start, seed):
+    qkv = float32s(np.random.default_rng(seed), T * 3 * heads * hd).reshape(T, 3 * heads * hd)
+    k = qkv[:, heads * hd:2 * heads * hd].reshape(T, heads, hd)          # a strided view, as the forward's
+    cache = np.full((heads, start + T + 2, hd), 0x1234, np.uint16)
+    _attention.store_f16(k, cache, start)
+    with np.errstate(invalid="ignore"):
+        want = k.clip(-65504, 65504).astype(np.float16).transpose(1, 0, 2)
+    got = cache[:, start:start + T].view(np.float16)
+    assert (np.isnan(got) == np.isnan(want)).all()
+    finite = ~np.isnan(want)
+    assert (got.view(np.uint16)[finite] == want.view(np.uint16)[finite]).all()
+    assert (cache[:, :start] == 0x1234).all() and (cache[:, start + T:] == 0x1234).all()
+
+
+def test_the_store_refuses_what_does_not_fit():
+    k = np.zeros((2, 3, 8), np.float32)
+    with pytest.raises(ValueError, match="does not fit the cache"):
+        _attention.store_f16(k, np.zeros((4, 10, 8), np.uint16), 0)
+    with pytest.raises(ValueError, match="positions 9 to 11 are outside the cache's 10"):
+        _attention.store_f16(k, np.zeros((3, 10, 8), np.uint16), 9)
+    with pytest.raises(ValueError, match="outside"):
+        _attention.store_f16(k, np.zeros((3, 10, 8), np.uint16), -1)
+    with pytest.raises(ValueError, match=r"must be \(T, heads, head_dim\)"):
+        _attention.store_f16(np.zeros((3, 8), np.float32), np.zeros((3, 10, 8), np.uint16), 0)
+
+
+def test_the_store_takes_any_layout():
+    src = np.random.default_rng(0).standard_normal((3, 8, 2, 5), dtype=np.float32)
+    for k in (src[:, :, 0, :3], src.transpose(1, 0, 3, 2)[:4, :3, 1], np.asfortranarray(src[:, :, 1, :3])):
+        cache = np.zeros((k.shape[1], 6, k.shape[2]), np.uint16)
+        _attention.store_f16(k, cache, 1)
+        assert (cache[:, 1:1 + k.shape[0]] == k.astype(np.float16).transpose(1, 0, 2).view(np.uint16)).all()
 
 
 # --- without the compiled module ---------------------------------------------------------------------------------
