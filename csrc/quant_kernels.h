@@ -201,6 +201,35 @@ static inline int64_t bcnp_q4_x_index(int64_t b, int j, int64_t nb)
 
 static inline int bcnp_activation_limit(int bits) { return bits == 4 ? 127 : 32767; }
 
+#if defined(BCNP_AVX512)
+/* One block of bcnp_quantize_activation, 32 lanes at a time: the same operations as the portable loop below
+   (an IEEE division, truncation, the same half-away-from-zero step), so the same bits.  The portable loop took
+   23 us for a 13B row of 5120 (4.5 ns a value, 56% of a 16-row matvec call); this one 4.6 us. */
+static inline void bcnp_round_block(const float *xb, float db, int limit, int16_t *qb)
+{
+    const __m512 d = _mm512_set1_ps(db), half = _mm512_set1_ps(0.5f), one = _mm512_set1_ps(1.0f);
+    const __m512 sign = _mm512_castsi512_ps(_mm512_set1_epi32((int)0x80000000u));
+    const __m512i hi = _mm512_set1_epi32(limit), lo = _mm512_set1_epi32(-limit);
+    for (int h = 0; h < 2; h++) {
+        const __m512 v = _mm512_div_ps(_mm512_loadu_ps(xb + 16 * h), d);
+        const __m512 t = _mm512_cvtepi32_ps(_mm512_cvttps_epi32(v));
+        const __mmask16 up = _mm512_cmp_ps_mask(_mm512_abs_ps(_mm512_sub_ps(v, t)), half, _CMP_GE_OQ);
+        const __m512 step = _mm512_or_ps(_mm512_maskz_mov_ps(up, one), _mm512_and_ps(v, sign));
+        const __m512i r = _mm512_min_epi32(_mm512_max_epi32(_mm512_cvttps_epi32(_mm512_add_ps(t, step)), lo), hi);
+        _mm256_storeu_si256((__m256i *)(qb + 16 * h), _mm512_cvtepi32_epi16(r));
+    }
+}
+#else
+static inline void bcnp_round_block(const float *xb, float db, int limit, int16_t *qb)
+{
+    for (int j = 0; j < 32; j++) {     /* roundf (half away from zero), in a form the compiler vectorizes */
+        const float v = xb[j] / db, t = (float)(int)v;      /* |v| <= limit (1 + 2^-23) where db is normal */
+        const int r = (int)(t + copysignf((float)(fabsf(v - t) >= 0.5f), v));
+        qb[j] = (int16_t)(r > limit ? limit : r < -limit ? -limit : r);
+    }
+}
+#endif
+
 static void bcnp_quantize_activation(const float *x, int64_t n, int limit, int q4_layout, int16_t *xq, float *dx,
                                      int32_t *bias)
 {
@@ -217,17 +246,26 @@ static void bcnp_quantize_activation(const float *x, int64_t n, int limit, int q
         }
         memcpy(&amax, &amax_bits, 4);
         dx[b] = amax_bits < 0x7F800000 ? amax / (float)limit : NAN;
-        if (dx[b] > 0.0f) {
-            const float db = dx[b];
-            for (int j = 0; j < 32; j++) {     /* roundf (half away from zero), in a form the compiler vectorizes */
-                const float v = xb[j] / db, t = (float)(int)v;      /* |v| <= limit (1 + 2^-23) where db is normal */
-                const int r = (int)(t + copysignf((float)(fabsf(v - t) >= 0.5f), v));
-                qb[j] = (int16_t)(r > limit ? limit : r < -limit ? -limit : r);
-            }
-        } else
+        if (dx[b] > 0.0f)
+            bcnp_round_block(xb, dx[b], limit, qb);
+        else
             memset(qb, 0, sizeof qb);
-        for (int j = 0; j < 32; j++)
-            xq[q4_layout ? bcnp_q4_x_index(b, j, nb) : 32 * b + j] = qb[j];
+        if (q4_layout && b < nb - nb % 4) {
+#if defined(BCNP_AVX512)
+            /* codes 0, 2 .. 14 | 16 .. 30 | 1 .. 15 | 17 .. 31: a 16-byte piece of each of the group's four runs */
+            const __m512i order = _mm512_set_epi16(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1,
+                                                   30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+            const __m512i runs = _mm512_permutexvar_epi16(order, _mm512_loadu_si512(qb));
+            int16_t *dst = xq + 128 * (b / 4) + 8 * (b % 4);
+            _mm_storeu_si128((__m128i *)dst, _mm512_castsi512_si128(runs));
+            _mm_storeu_si128((__m128i *)(dst + 32), _mm512_extracti32x4_epi32(runs, 1));
+            _mm_storeu_si128((__m128i *)(dst + 64), _mm512_extracti32x4_epi32(runs, 2));
+            _mm_storeu_si128((__m128i *)(dst + 96), _mm512_extracti32x4_epi32(runs, 3));
+#else
+            for (int j = 0; j < 32; j++) xq[bcnp_q4_x_index(b, j, nb)] = qb[j];
+#endif
+        } else
+            memcpy(xq + 32 * b, qb, sizeof qb);
     }
     if (q4_layout)
         for (int64_t g = 0; g < nb / 4; g++)
