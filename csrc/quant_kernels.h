@@ -204,7 +204,8 @@ static inline int bcnp_activation_limit(int bits) { return bits == 4 ? 127 : 327
 #if defined(BCNP_AVX512)
 /* One block of bcnp_quantize_activation, 32 lanes at a time: the same operations as the portable loop below
    (an IEEE division, truncation, the same half-away-from-zero step), so the same bits.  The portable loop took
-   23 us for a 13B row of 5120 (4.5 ns a value, 56% of a 16-row matvec call); this one 4.6 us. */
+   23 us for a 13B row of 5120 (4.5 ns a value, 56% of a 16-row matvec call); with this one and the run layout
+   below by one permute, that call went from 41 to 16 us. */
 static inline void bcnp_round_block(const float *xb, float db, int limit, int16_t *qb)
 {
     const __m512 d = _mm512_set1_ps(db), half = _mm512_set1_ps(0.5f), one = _mm512_set1_ps(1.0f);
