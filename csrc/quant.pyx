@@ -59,7 +59,7 @@ cdef extern from "quant_gemm.h" nogil:
                                const float *dx, int64_t T, float *y, int64_t ys)
 
 cdef extern from "quant_amx.h" nogil:
-    int BCNP_AMX_BUILT, BCNP_AMX_TOKENS, BCNP_AMX_PASSES, BCNP_AMX_ROWS, BCNP_AMX_PAIR_BYTES
+    int BCNP_AMX_BUILT, BCNP_AMX_TOKENS, BCNP_AMX_MAX_TOKENS, BCNP_AMX_ROWS, BCNP_AMX_PAIR_BYTES
     ctypedef struct bcnp_amx_tokens:
         const uint8_t *tiles
         const float *dxp
@@ -69,9 +69,11 @@ cdef extern from "quant_amx.h" nogil:
     int bcnp_amx_enable()
     int bcnp_amx_padded(int T)
     void bcnp_amx_rows(const int8_t *q8, const uint8_t *q4, const uint16_t *d, int64_t nb, int64_t g0, int64_t g1,
-                       const bcnp_amx_tokens *x, int passes, float *y, int64_t ys)
+                       const bcnp_amx_tokens *x, float *y, int64_t ys)
     void bcnp_amx_prepare(const int16_t *xq, const float *dx, int64_t n, int T, int planes, uint8_t *tiles, float *dxp,
                           int32_t *ridx, int32_t *pick)
+    void bcnp_amx_prepare16(const int16_t *xq, const float *dx, int64_t n, int T, int planes, uint8_t *tiles,
+                            float *dxp)
 
 SIMD = bcnp_simd_name().decode()          # which dot-product implementation was compiled in
 
@@ -240,18 +242,18 @@ AMX = bool(_AMX_GRANTED)
 # rounds, 2 tokens 27.6, 29.5 / 31.4, 31.9 ms; 3 tokens 43.5, 44.9 / 33.7, 34.5; 4 tokens 49.1, 49.6 / 32.8, 35.3.
 GROUP_TOKENS = {8: 2, 4: 2}                         # by bits
 GROUP_TOKENS_WITHOUT_AMX = {8: 4, 4: 8}
-# Up to BCNP_AMX_PASSES * BCNP_AMX_TOKENS (16) tokens go through the AMX kernel, past that through the panel GEMM
-# (the same bits) -- but int4 up to AMX_INT4_TOKENS through the AMX kernel again, 16 tokens a call.  With int4's one
-# byte plane it beat the GEMM up to 64 tokens, the 5 int4 linears of a 13B layer, best and median of 4 alternated
-# rounds, GFLOP/s: 17 tokens 311, 255 against 206, 182; 32 tokens 393, 298 against 220, 209; 64 379, 286 against
-# 312, 263.  Past that it was even (128 tokens 294, 280 against 275, 247; 512 438, 271 against 358, 310), and every
-# call of 16 tokens reads the weights again, which a machine whose memory is busy punishes: in one server run its
-# step of 125 prompt tokens took 0.98-1.20 s against the GEMM's 0.93-0.98 (a later run, quieter, 0.76-0.89).  (int8,
-# two planes: 236 against 262 GFLOP/s at 32 tokens, 174 against 356 at 128.)
-AMX_INT4_TOKENS = 64
-# Two passes as two calls measured no faster than the GEMM in the engine at B = 16 (int4 76.9
-# against 76.0 tok/s, int8 72.3 against 78.8), as each read the weights from memory; both passes over one group of
-# rows at a time (the second from L2) did: int4 139 and 143 against 92-102 tok/s, int8 113 and 125 against 77-95
+# AMX_PROMPT_TOKENS: up to how many tokens a call goes through the AMX kernel (16 tokens at a time), past that
+# through the panel GEMM (the same bits).  int4 always: since 9 to 16 tokens take one pass, one block an
+# instruction (bcnp_amx_group16; before, two passes of 8 over each group of rows, each unpacking the codes and
+# moving lanes), the 5 int4 linears of a 13B layer ran at 393-482 GFLOP/s best from 16 to 512 tokens against the
+# panel GEMM's 186-248 in the same runs, and against 245-271 for the two passes (best of 4 alternated rounds; the
+# two passes had beaten the GEMM only up to 64 tokens, so int4 prompts past 64 went to the GEMM then).  int8
+# (two byte planes) stays at 16: the same measurement gave 200-210 against 174-211 from 32 to 64 tokens, 253
+# against 285 at 512.
+AMX_PROMPT_TOKENS = {8: 16, 4: 2**62}
+# Before the one-pass kernel: two passes as two calls measured no faster than the GEMM in the engine at B = 16 (int4
+# 76.9 against 76.0 tok/s, int8 72.3 against 78.8), as each read the weights from memory; both passes over one group
+# of rows at a time (the second from L2) did: int4 139 and 143 against 92-102 tok/s, int8 113 and 125 against 77-95
 # (`tools/bench.py batch`, alternated with the previous build; docs/performance.md).
 
 
@@ -480,35 +482,33 @@ cdef _natural_activations(const float[:, ::1] x, int nt, int bits):
 
 cdef _amx(const int8_t[:, ::1] q8, const uint8_t[:, ::1] q4, const uint16_t[:, ::1] d, const int16_t[::1] xv,
           const float[::1] dv, Py_ssize_t n, Py_ssize_t T, float[:, ::1] yv, int nt, int bits):
-    """Y = X W^T by the AMX kernel (T <= BCNP_AMX_PASSES * BCNP_AMX_TOKENS: 8 tokens a pass, each row group through
-    every pass before the next) for the rows in whole groups of 16; the rest by the portable C, which adds the same
-    terms in the same order."""
+    """Y = X W^T by the AMX kernel (T <= 16: up to 8 tokens two blocks an instruction, 9 to 16 one block an
+    instruction) for the rows in whole groups of 16; the rest by the portable C, which adds the same terms in the
+    same order."""
     cdef Py_ssize_t rows = yv.shape[1], nb = n // 32, groups = rows // BCNP_AMX_ROWS, k, g0, g1
-    cdef int i, na = max(1, min(nt, groups))
-    cdef int passes = <int>((T + BCNP_AMX_TOKENS - 1) // BCNP_AMX_TOKENS)
+    cdef int i, na = max(1, min(nt, groups)), planes = 2 if bits == 8 else 1
+    cdef bint wide = T > BCNP_AMX_TOKENS
     cdef const int8_t *p8 = &q8[0, 0] if bits == 8 else NULL
     cdef const uint8_t *p4 = &q4[0, 0] if bits == 4 else NULL
-    cdef Py_ssize_t tile_bytes = BCNP_AMX_PAIR_BYTES * ((nb + 1) // 2), lanes = 16 * BCNP_AMX_TOKENS
-    cdef uint8_t[::1] tiles = _aligned_empty(passes * tile_bytes, np.uint8)
-    cdef float[::1] dxp = _aligned_empty(passes * lanes * nb, np.float32)
-    cdef int32_t[::1] ridx = _aligned_empty(passes * lanes, np.int32)
-    cdef int32_t[::1] pick = _aligned_empty(passes * 32, np.int32)
-    cdef bcnp_amx_tokens xt[2]               # BCNP_AMX_PASSES
-    cdef int t0, tk
+    cdef Py_ssize_t tile_bytes = 512 * planes * nb if wide else BCNP_AMX_PAIR_BYTES * ((nb + 1) // 2)
+    cdef uint8_t[::1] tiles = _aligned_empty(tile_bytes, np.uint8)
+    cdef float[::1] dxp = _aligned_empty(16 * (1 if wide else BCNP_AMX_TOKENS) * nb, np.float32)
+    cdef int32_t[::1] ridx = _aligned_empty(16 * BCNP_AMX_TOKENS, np.int32)
+    cdef int32_t[::1] pick = _aligned_empty(32, np.int32)
+    cdef bcnp_amx_tokens xt
     with nogil:
         if groups:
-            for i in range(passes):
-                t0 = i * BCNP_AMX_TOKENS
-                tk = <int>min(T - t0, BCNP_AMX_TOKENS)
-                bcnp_amx_prepare(&xv[t0 * n], &dv[t0 * nb], n, tk, 2 if bits == 8 else 1, &tiles[i * tile_bytes],
-                                 &dxp[i * lanes * nb], &ridx[i * lanes], &pick[i * 32])
-                xt[i].tiles, xt[i].dxp, xt[i].ridx, xt[i].pick = &tiles[i * tile_bytes], &dxp[i * lanes * nb], \
-                    &ridx[i * lanes], &pick[i * 32]
-                xt[i].T, xt[i].P = tk, bcnp_amx_padded(tk)
+            if wide:
+                bcnp_amx_prepare16(&xv[0], &dv[0], n, <int>T, planes, &tiles[0], &dxp[0])
+                xt.P = 16
+            else:
+                bcnp_amx_prepare(&xv[0], &dv[0], n, <int>T, planes, &tiles[0], &dxp[0], &ridx[0], &pick[0])
+                xt.P = bcnp_amx_padded(<int>T)
+            xt.tiles, xt.dxp, xt.ridx, xt.pick, xt.T = &tiles[0], &dxp[0], &ridx[0], &pick[0], <int>T
             for i in prange(na, num_threads=na, schedule="static", chunksize=1):
                 g0 = groups * i // na
                 g1 = groups * (i + 1) // na
-                bcnp_amx_rows(p8, p4, &d[0, 0], nb, g0, g1, xt, passes, &yv[0, 0], rows)
+                bcnp_amx_rows(p8, p4, &d[0, 0], nb, g0, g1, &xt, &yv[0, 0], rows)
         k = groups * BCNP_AMX_ROWS
         if k < rows:
             if bits == 8:
@@ -527,8 +527,8 @@ cdef _gemm(q, const uint16_t[:, ::1] d, const float[:, ::1] x, float[:, ::1] yv,
     cdef float[::1] dv = dx
     cdef const int8_t[:, ::1] q8 = q if bits == 8 else None
     cdef const uint8_t[:, ::1] q4 = q if bits == 4 else None
-    cdef Py_ssize_t chunk = BCNP_AMX_PASSES * BCNP_AMX_TOKENS, t0
-    if simd and AMX and _AMX_GRANTED and (T <= chunk or (bits == 4 and T <= AMX_INT4_TOKENS)):
+    cdef Py_ssize_t chunk = BCNP_AMX_MAX_TOKENS, t0
+    if simd and AMX and _AMX_GRANTED and T <= AMX_PROMPT_TOKENS[bits]:
         for t0 in range(0, T, chunk):
             _amx(q8, q4, d, xv[t0 * n:], dv[t0 * nb:], n, min(chunk, T - t0), yv[t0:], nt, bits)
         return

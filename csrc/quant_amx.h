@@ -12,19 +12,24 @@
  * exactly (|256 hi-sum| <= 2^27); for Q4_0 (codes - 8 unpacked to a scratch) the int8 activation is one plane,
  * one tdpbssd, one C tile.
  *
- * Two blocks per instruction: the per-block scales need each block's sum on its own, but a tile row holds 64 bytes,
- * two blocks of codes.  So A = 16 weight rows x blocks b, b + 1, and B is block-diagonal: columns 0 .. P-1 hold
- * the P tokens' bytes of block b in B's first 8 rows (zeros below), columns P .. 2P-1 those of block b + 1 in its
- * last 8 rows; C = 16 rows x (block b's P sums, block b + 1's).  That halves the tile unit's work per block,
- * whose slowest step is the store of C (measured, one 16-row step: 2 blocks in 29 ns against 1 in 24), and it
- * caps a pass at P = 8 tokens.  P is the pass's token count rounded up to 1, 2, 4 or 8 (the lanes of the float work
- * repeat every 16); padded tokens have zero bytes and scales.  A call takes up to two passes (16 tokens), each group
- * of rows through both before the next, so that the second reads the rows from L2: B = 16 in the engine went from
- * 92-102 tok/s (int4, through the panel GEMM) to 139-143 (bcnp._quant sends more than 16 tokens to that GEMM).
+ * Up to 8 tokens, two blocks per instruction (bcnp_amx_group): the per-block scales need each block's sum on its
+ * own, but a tile row holds 64 bytes, two blocks of codes.  So A = 16 weight rows x blocks b, b + 1, and B is
+ * block-diagonal: columns 0 .. P-1 hold the P tokens' bytes of block b in B's first 8 rows (zeros below), columns
+ * P .. 2P-1 those of block b + 1 in its last 8 rows; C = 16 rows x (block b's P sums, block b + 1's).  That halves
+ * the tile unit's work per block, whose slowest step is the store of C (measured, one 16-row step: 2 blocks in
+ * 29 ns against 1 in 24).  P is the token count rounded up to 1, 2, 4 or 8 (the lanes of the float work repeat
+ * every 16); padded tokens have zero bytes and scales.  The C tiles go to memory and come back as vectors;
+ * accumulator vector v holds flat outputs 16 v .. 16 v + 15, output i = (row i / P, token i % P), whose C entries
+ * are two vectors of C: a lane permute picks block b's, another block b + 1's, each meets its scales (the row's d
+ * by a permute, the token's dx) in one FMA, b first.
  *
- * The C tiles go to memory and come back as vectors; accumulator vector v holds flat outputs 16 v .. 16 v + 15,
- * output i = (row i / P, token i % P), whose C entries are two vectors of C: a lane permute picks block b's, another
- * block b + 1's, each meets its scales (the row's d by a permute, the token's dx) in one FMA, b first.
+ * 9 to 16 tokens, one block per instruction (bcnp_amx_group16): A = 16 rows x block b (32 bytes), B = the 16
+ * tokens' bytes of block b, C = 16 rows x 16 tokens, whose row r is row r's accumulator as it stands: no lane moves,
+ * the scale is one broadcast times one vector.  Before, such a call made two passes of 8 tokens over each group of
+ * rows (the second from L2), unpacking int4's codes and moving lanes twice: the 10 int4 linears of 2 13B layers at
+ * 16 tokens took 47.1 and 73.5 ms against 80.6 and 103.9 (two runs), the int8 lm_head 42.0 against 65.1, the 10
+ * int8 linears 98.0 against 135.5 (best of 4-5 alternated rounds); and int4 prompts now take AMX at any length
+ * (csrc/quant.pyx).
  *
  * Linux only: the kernel must be asked for the tile state (arch_prctl ARCH_REQ_XCOMP_PERM), once per process;
  * bcnp_amx_enable says whether that worked.
@@ -35,20 +40,22 @@
 #include <stdlib.h>
 #include "quant_group.h"
 
-#define BCNP_AMX_TOKENS 8       /* tokens per pass: two blocks' sums fill a C tile's 16 columns */
-#define BCNP_AMX_PASSES 2       /* passes per call: up to 16 tokens */
+#define BCNP_AMX_TOKENS 8       /* tokens two blocks at a time: two blocks' sums fill a C tile's 16 columns */
+#define BCNP_AMX_MAX_TOKENS 16  /* tokens per call */
 #define BCNP_AMX_ROWS 16        /* weight rows per group: an A tile's rows */
 #define BCNP_AMX_CHUNK 16       /* Q4_0 blocks unpacked at a time (16 rows x 16 blocks x 32 bytes = 8 KiB, in L1) */
 #define BCNP_AMX_PAIR_BYTES 2048        /* per pair of blocks: the B tiles of the high and the low bytes (Q8_0) */
 
-/* One pass's tokens, prepared once for all row groups (bcnp_amx_prepare). */
+/* A call's tokens, prepared once for all row groups (bcnp_amx_prepare, bcnp_amx_prepare16). */
 typedef struct {
     const uint8_t *tiles;       /* (nb + 1) / 2 x BCNP_AMX_PAIR_BYTES: per pair of blocks the B tile of the high
-                                   bytes, then of the low (Q8_0), or the one of the int8 activation (Q4_0) */
-    const float *dxp;           /* nb x P x 16: dx of the token of each flat output lane (0 for padding) */
-    const int32_t *ridx;        /* P x 16: the row (0..15) of each flat output lane */
-    const int32_t *pick;        /* 2 x 16: the lanes of two C vectors that hold block b's, block b + 1's sums */
-    int T, P;
+                                   bytes, then of the low (Q8_0), or the one of the int8 activation (Q4_0);
+                                   P = 16: per block (planes x 512 bytes) */
+    const float *dxp;           /* nb x P x 16: dx of the token of each flat output lane (0 for padding); P = 16:
+                                   nb x 16, the tokens' dx per block */
+    const int32_t *ridx;        /* P x 16: the row (0..15) of each flat output lane (P <= 8) */
+    const int32_t *pick;        /* 2 x 16: the lanes of two C vectors that hold block b's, block b + 1's sums (P <= 8) */
+    int T, P;                   /* tokens, and P: T rounded up to 1, 2, 4, 8 (two blocks an instruction) or 16 */
 } bcnp_amx_tokens;
 
 static inline int bcnp_amx_padded(int T) { return T <= 1 ? 1 : T <= 2 ? 2 : T <= 4 ? 4 : 8; }
@@ -212,53 +219,134 @@ void bcnp_amx_group(const int8_t *q8, const uint8_t *q4, const uint16_t *d, int6
     for (int v = 0; v < P; v++) _mm512_storeu_ps(out + 16 * v, acc[v]);
 }
 
-/* Row groups g0 .. g1 - 1 (16 rows each, from row 16 g0 of the weight) against the tokens of `passes` (1 or 2)
-   passes x[0], x[1] (8 tokens, then the rest): y[t * ys + r], one thread.  q8 is NULL for Q4_0 weights (then q4
-   holds them).  A group goes through all the passes before the next: its rows come from memory once, for the
-   first pass, and from L2 for the second; the next group is fetched during the last. */
+/* 9 to 16 tokens in one pass, one block per instruction: A = 16 weight rows x the 32 codes of block b (colsb 32),
+   B = the 8 groups of 4 bytes of block b of the 16 tokens (8 rows x 64 bytes, padded tokens zero), C = 16 rows x
+   16 tokens, so C's row r is the accumulator's layout for row r: no lane moves, and the scale is the tokens' dx
+   for the block (one vector) times row r's d (a broadcast).  The same three-step pipeline as bcnp_amx_group, a
+   block a step. */
+static inline void bcnp_amx_configure16(void)
+{
+    bcnp_tile_config c;
+    memset(&c, 0, sizeof c);
+    c.palette = 1;
+    for (int k = 0; k < 8; k++) c.rows[k] = 16, c.colsb[k] = 64;
+    c.colsb[0] = c.colsb[7] = 32;
+    c.rows[1] = c.rows[2] = 8;
+    _tile_loadconfig(&c);
+}
+
+static inline __attribute__((always_inline))
+void bcnp_amx_group16(const int8_t *q8, const uint8_t *q4, const uint16_t *d, int64_t nb, const bcnp_amx_tokens *x,
+                      const int planes, const char *next, float *dw, int8_t *scratch, int32_t *cbuf, float *out)
+{
+    const int64_t row_bytes = 32 * nb, ahead = next && !q8 ? 16 * 16 * nb : 0;   /* as in bcnp_amx_group */
+    const int64_t slice = (ahead / nb + 63) / 64 * 64;
+    __m512 acc[16];
+    for (int r = 0; r < 16; r++) acc[r] = _mm512_setzero_ps();
+    for (int64_t p = 0; p < nb + 2; p++) {
+        if (p < nb) {
+            const int64_t b = p;
+            if (b % 16 == 0) bcnp_group_scales(d, nb, b, nb - b < 16 ? nb - b : 16, dw + 16 * (b % 32));
+            if (next && q8 && (b & 1) == 0)
+                for (int r = 0; r < 16; r++) _mm_prefetch(next + r * row_bytes + 32 * b, _MM_HINT_T1);
+            for (int64_t l = p * slice; l < (p + 1) * slice && l < ahead; l += 64)
+                _mm_prefetch(next + l, _MM_HINT_T1);
+            const int8_t *a;
+            int64_t stride;
+            if (q8) {
+                a = q8 + 32 * b, stride = 32 * nb;
+            } else {
+                if (b % BCNP_AMX_CHUNK == 0)
+                    bcnp_amx_unpack_q4_0(q4, nb, b, nb - b < BCNP_AMX_CHUNK ? nb - b : BCNP_AMX_CHUNK, scratch);
+                a = scratch + 32 * (b % BCNP_AMX_CHUNK), stride = 32 * BCNP_AMX_CHUNK;
+            }
+            _tile_loadd(1, x->tiles + 512 * planes * b, 64);
+            if (planes == 2) _tile_loadd(2, x->tiles + 512 * planes * b + 512, 64);
+            if (p & 1) {
+                _tile_loadd(7, a, stride);
+                BCNP_AMX_PRODUCTS(7, 5, 6);
+            } else {
+                _tile_loadd(0, a, stride);
+                BCNP_AMX_PRODUCTS(0, 3, 4);
+            }
+        }
+        if (p >= 1 && p <= nb) {                    /* block p - 1's sums to memory */
+            int32_t *c = cbuf + 512 * ((p - 1) % 3);
+            if ((p - 1) & 1) {
+                _tile_stored(5, c, 64);
+                if (planes == 2) _tile_stored(6, c + 256, 64);
+            } else {
+                _tile_stored(3, c, 64);
+                if (planes == 2) _tile_stored(4, c + 256, 64);
+            }
+        }
+        if (p >= 2) {                               /* block p - 2, stored last time round */
+            const int64_t k = p - 2;
+            const int32_t *c = cbuf + 512 * (k % 3);
+            const __m512 dxv = _mm512_load_ps(x->dxp + 16 * k);
+            const float *dk = dw + 16 * (k % 32);
+            for (int r = 0; r < 16; r++) {
+                const __m512i s = planes == 2 ? _mm512_add_epi32(_mm512_slli_epi32(_mm512_load_si512(c + 16 * r), 8),
+                                                                 _mm512_load_si512(c + 256 + 16 * r))
+                                              : _mm512_load_si512(c + 16 * r);
+                acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(_mm512_set1_ps(dk[r]), dxv), acc[r]);
+            }
+        }
+    }
+    for (int r = 0; r < 16; r++) _mm512_storeu_ps(out + 16 * r, acc[r]);
+}
+
+/* Row groups g0 .. g1 - 1 (16 rows each, from row 16 g0 of the weight) against the tokens x (x->P = 16: 9 to 16
+   tokens, bcnp_amx_group16; else up to 8, bcnp_amx_group): y[t * ys + r], one thread.  q8 is NULL for Q4_0 weights
+   (then q4 holds them).  The next group is fetched while one computes. */
 static void bcnp_amx_rows(const int8_t *q8, const uint8_t *q4, const uint16_t *d, int64_t nb, int64_t g0, int64_t g1,
-                          const bcnp_amx_tokens *x, int passes, float *y, int64_t ys)
+                          const bcnp_amx_tokens *x, float *y, int64_t ys)
 {
     float *dw = (float *)aligned_alloc(64, 32 * 16 * sizeof(float));
     int8_t *scratch = (int8_t *)aligned_alloc(64, 16 * 32 * BCNP_AMX_CHUNK + 64);
     int8_t *tail = (int8_t *)aligned_alloc(64, 16 * 64);
     int32_t *cbuf = (int32_t *)aligned_alloc(64, 3 * 512 * sizeof(int32_t));
-    float out[16 * BCNP_AMX_TOKENS];
-    int configured = 0;
+    float out[16 * 16];
+    const int T = x->T, P = x->P;
     memset(tail, 0, 16 * 64);
     /* an odd last block's partner in the scratch holds zeros here or an earlier chunk's codes: either way it meets
        the zeros of B's second half */
     memset(scratch, 0, 16 * 32 * BCNP_AMX_CHUNK + 64);
+    if (P == 16) bcnp_amx_configure16(); else bcnp_amx_configure(P);
     for (int64_t g = g0; g < g1; g++) {
         const int64_t r0 = 16 * g;
         const int8_t *w8 = q8 ? q8 + r0 * 32 * nb : NULL;
         const uint8_t *w4 = q8 ? NULL : q4 + r0 * 16 * nb;
-        for (int k = 0; k < passes; k++) {
-            const int T = x[k].T, P = x[k].P;
-            const char *next = k < passes - 1 || g + 1 >= g1 ? NULL
-                               : q8 ? (const char *)(w8 + 16 * 32 * nb) : (const char *)(w4 + 16 * 16 * nb);
-            float *yk = y + (int64_t)BCNP_AMX_TOKENS * k * ys;
-            if (P != configured) bcnp_amx_configure(P), configured = P;
-#define BCNP_AMX_GROUP(P, planes) \
-    bcnp_amx_group(w8, w4, d + r0 * nb, nb, &x[k], P, planes, next, dw, scratch, tail, cbuf, out)
+        const char *next = g + 1 >= g1 ? NULL
+                           : q8 ? (const char *)(w8 + 16 * 32 * nb) : (const char *)(w4 + 16 * 16 * nb);
+        if (P == 16) {
             if (q8)
-                switch (P) {
-                case 1: BCNP_AMX_GROUP(1, 2); break;
-                case 2: BCNP_AMX_GROUP(2, 2); break;
-                case 4: BCNP_AMX_GROUP(4, 2); break;
-                default: BCNP_AMX_GROUP(8, 2); break;
-                }
+                bcnp_amx_group16(w8, NULL, d + r0 * nb, nb, x, 2, next, dw, scratch, cbuf, out);
             else
-                switch (P) {
-                case 1: BCNP_AMX_GROUP(1, 1); break;
-                case 2: BCNP_AMX_GROUP(2, 1); break;
-                case 4: BCNP_AMX_GROUP(4, 1); break;
-                default: BCNP_AMX_GROUP(8, 1); break;
-                }
-#undef BCNP_AMX_GROUP
-            for (int i = 0; i < 16 * P; i++)
-                if (i % P < T) yk[(i % P) * ys + r0 + i / P] = out[i];
+                bcnp_amx_group16(NULL, w4, d + r0 * nb, nb, x, 1, next, dw, scratch, cbuf, out);
+            for (int r = 0; r < 16; r++)
+                for (int t = 0; t < T; t++) y[t * ys + r0 + r] = out[16 * r + t];
+            continue;
         }
+#define BCNP_AMX_GROUP(P, planes) \
+    bcnp_amx_group(w8, w4, d + r0 * nb, nb, x, P, planes, next, dw, scratch, tail, cbuf, out)
+        if (q8)
+            switch (P) {
+            case 1: BCNP_AMX_GROUP(1, 2); break;
+            case 2: BCNP_AMX_GROUP(2, 2); break;
+            case 4: BCNP_AMX_GROUP(4, 2); break;
+            default: BCNP_AMX_GROUP(8, 2); break;
+            }
+        else
+            switch (P) {
+            case 1: BCNP_AMX_GROUP(1, 1); break;
+            case 2: BCNP_AMX_GROUP(2, 1); break;
+            case 4: BCNP_AMX_GROUP(4, 1); break;
+            default: BCNP_AMX_GROUP(8, 1); break;
+            }
+#undef BCNP_AMX_GROUP
+        for (int i = 0; i < 16 * P; i++)
+            if (i % P < T) y[(i % P) * ys + r0 + i / P] = out[i];
     }
     _tile_release();
     free(dw);
@@ -304,13 +392,37 @@ static void bcnp_amx_prepare(const int16_t *xq, const float *dx, int64_t n, int 
             for (int r = 0; r < 16; r++) dxp[16 * P * b + P * r + t] = v;
         }
 }
+/* The B tiles and scales of 9 to 16 tokens for bcnp_amx_group16 (xq, dx as for bcnp_amx_prepare): byte e of
+   x[t][32 b + 4 g + i] at tiles[512 (planes b + e) + 64 g + 4 t + i], padded tokens zero; dxp[16 b + t] = dx of
+   token t for block b (0 for padding).  `tiles` holds planes x nb x 512 bytes. */
+static void bcnp_amx_prepare16(const int16_t *xq, const float *dx, int64_t n, int T, int planes, uint8_t *tiles,
+                               float *dxp)
+{
+    const int64_t nb = n / 32;
+    const __m256i rows = _mm256_set_epi32(112, 96, 80, 64, 48, 32, 16, 0);   /* 64-byte rows, in int32 */
+    if (T < 16) memset(tiles, 0, (size_t)(planes * nb * 512));
+    for (int t = 0; t < T; t++)
+        for (int64_t b = 0; b < nb; b++) {
+            const __m512i v = _mm512_loadu_si512(xq + t * n + 32 * b);
+            uint8_t *tile = tiles + 512 * planes * b + 4 * t;
+            if (planes == 2) {
+                _mm256_i32scatter_epi32(tile, rows, _mm512_cvtepi16_epi8(_mm512_srai_epi16(v, 8)), 4);
+                _mm256_i32scatter_epi32(tile + 512, rows, _mm512_cvtepi16_epi8(v), 4);
+            } else
+                _mm256_i32scatter_epi32(tile, rows, _mm512_cvtepi16_epi8(v), 4);
+        }
+    for (int64_t b = 0; b < nb; b++)
+        for (int t = 0; t < 16; t++) dxp[16 * b + t] = t < T ? dx[t * nb + b] : 0.0f;
+}
 #else
 #define BCNP_AMX_BUILT 0
 static int bcnp_amx_enable(void) { return 0; }
 static void bcnp_amx_rows(const int8_t *q8, const uint8_t *q4, const uint16_t *d, int64_t nb, int64_t g0, int64_t g1,
-                          const bcnp_amx_tokens *x, int passes, float *y, int64_t ys) {}
+                          const bcnp_amx_tokens *x, float *y, int64_t ys) {}
 static void bcnp_amx_prepare(const int16_t *xq, const float *dx, int64_t n, int T, int planes, uint8_t *tiles,
                              float *dxp, int32_t *ridx, int32_t *pick) {}
+static void bcnp_amx_prepare16(const int16_t *xq, const float *dx, int64_t n, int T, int planes, uint8_t *tiles,
+                               float *dxp) {}
 #endif
 
 #endif
