@@ -148,6 +148,39 @@ static inline void bcnp_amx_unpack_q4_0(const uint8_t *w, int64_t nb, int64_t b,
         }                                                                                                           \
     } while (0)
 
+/* Step p's products (both pipelines): B tiles bhi (and blo, planes = 2), A tile from a (row stride `stride`), into
+   the C tiles of even or odd steps; and step p's C tiles to c (rows of `bytes`, the low plane's tile at c + lo). */
+#define BCNP_AMX_MULTIPLY(p, bhi, blo, a, stride)                                                                   \
+    do {                                                                                                            \
+        _tile_loadd(1, bhi, 64);                                                                                    \
+        if (planes == 2) _tile_loadd(2, blo, 64);                                                                   \
+        if ((p) & 1) {                                                                                              \
+            _tile_loadd(7, a, stride);                                                                              \
+            BCNP_AMX_PRODUCTS(7, 5, 6);                                                                             \
+        } else {                                                                                                    \
+            _tile_loadd(0, a, stride);                                                                              \
+            BCNP_AMX_PRODUCTS(0, 3, 4);                                                                             \
+        }                                                                                                           \
+    } while (0)
+#define BCNP_AMX_STORE(p, c, bytes, lo)                                                                             \
+    do {                                                                                                            \
+        if ((p) & 1) {                                                                                              \
+            _tile_stored(5, c, bytes);                                                                              \
+            if (planes == 2) _tile_stored(6, (c) + (lo), bytes);                                                    \
+        } else {                                                                                                    \
+            _tile_stored(3, c, bytes);                                                                              \
+            if (planes == 2) _tile_stored(4, (c) + (lo), bytes);                                                    \
+        }                                                                                                           \
+    } while (0)
+
+/* Block b of 16 Q4_0 rows as int8 codes - 8 in the scratch (unpacked a chunk at a time, at its first block). */
+static inline const int8_t *bcnp_amx_codes(const uint8_t *q4, int64_t nb, int64_t b, int8_t *scratch)
+{
+    if (b % BCNP_AMX_CHUNK == 0)
+        bcnp_amx_unpack_q4_0(q4, nb, b, nb - b < BCNP_AMX_CHUNK ? nb - b : BCNP_AMX_CHUNK, scratch);
+    return scratch + 32 * (b % BCNP_AMX_CHUNK);
+}
+
 /* 16 rows (Q8_0 codes at q8, row stride 32 nb, planes = 2; or Q4_0 at q4, planes = 1) against x: out[P * r + t].
    A software pipeline three pairs deep, because a tile store takes as long as the products and the vector loads
    after it wait for it: step p multiplies pair p (A tiles and C tiles alternate between even and odd pairs, so that
@@ -186,31 +219,13 @@ void bcnp_amx_group(const int8_t *q8, const uint8_t *q4, const uint16_t *d, int6
                     for (int r = 0; r < 16; r++) memcpy(tail + 64 * r, q8 + r * 32 * nb + 32 * b, 32);
                     a = tail, stride = 64;
                 }
-            } else {
-                if (b % BCNP_AMX_CHUNK == 0)
-                    bcnp_amx_unpack_q4_0(q4, nb, b, nb - b < BCNP_AMX_CHUNK ? nb - b : BCNP_AMX_CHUNK, scratch);
-                a = scratch + 32 * (b % BCNP_AMX_CHUNK), stride = 32 * BCNP_AMX_CHUNK;
-            }
-            _tile_loadd(1, x->tiles + BCNP_AMX_PAIR_BYTES * p, 64);
-            if (planes == 2) _tile_loadd(2, x->tiles + BCNP_AMX_PAIR_BYTES * p + BCNP_AMX_PAIR_BYTES / 2, 64);
-            if (p & 1) {
-                _tile_loadd(7, a, stride);
-                BCNP_AMX_PRODUCTS(7, 5, 6);
-            } else {
-                _tile_loadd(0, a, stride);
-                BCNP_AMX_PRODUCTS(0, 3, 4);
-            }
+            } else
+                a = bcnp_amx_codes(q4, nb, b, scratch), stride = 32 * BCNP_AMX_CHUNK;
+            BCNP_AMX_MULTIPLY(p, x->tiles + BCNP_AMX_PAIR_BYTES * p,
+                              x->tiles + BCNP_AMX_PAIR_BYTES * p + BCNP_AMX_PAIR_BYTES / 2, a, stride);
         }
-        if (p >= 1 && p <= pairs) {                 /* pair p - 1's sums to memory */
-            int32_t *c = cbuf + 512 * ((p - 1) % 3);
-            if ((p - 1) & 1) {
-                _tile_stored(5, c, 8 * P);
-                if (planes == 2) _tile_stored(6, c + 32 * P, 8 * P);
-            } else {
-                _tile_stored(3, c, 8 * P);
-                if (planes == 2) _tile_stored(4, c + 32 * P, 8 * P);
-            }
-        }
+        if (p >= 1 && p <= pairs)                   /* pair p - 1's sums to memory */
+            BCNP_AMX_STORE(p - 1, cbuf + 512 * ((p - 1) % 3), 8 * P, 32 * P);
         if (p >= 2) {                               /* pair p - 2, stored last time round */
             const int64_t k = 2 * (p - 2);
             BCNP_AMX_FINISH(cbuf + 512 * ((p - 2) % 3), k, k + 1 < nb);
@@ -253,33 +268,14 @@ void bcnp_amx_group16(const int8_t *q8, const uint8_t *q4, const uint16_t *d, in
                 _mm_prefetch(next + l, _MM_HINT_T1);
             const int8_t *a;
             int64_t stride;
-            if (q8) {
+            if (q8)
                 a = q8 + 32 * b, stride = 32 * nb;
-            } else {
-                if (b % BCNP_AMX_CHUNK == 0)
-                    bcnp_amx_unpack_q4_0(q4, nb, b, nb - b < BCNP_AMX_CHUNK ? nb - b : BCNP_AMX_CHUNK, scratch);
-                a = scratch + 32 * (b % BCNP_AMX_CHUNK), stride = 32 * BCNP_AMX_CHUNK;
-            }
-            _tile_loadd(1, x->tiles + 512 * planes * b, 64);
-            if (planes == 2) _tile_loadd(2, x->tiles + 512 * planes * b + 512, 64);
-            if (p & 1) {
-                _tile_loadd(7, a, stride);
-                BCNP_AMX_PRODUCTS(7, 5, 6);
-            } else {
-                _tile_loadd(0, a, stride);
-                BCNP_AMX_PRODUCTS(0, 3, 4);
-            }
+            else
+                a = bcnp_amx_codes(q4, nb, b, scratch), stride = 32 * BCNP_AMX_CHUNK;
+            BCNP_AMX_MULTIPLY(p, x->tiles + 512 * planes * b, x->tiles + 512 * planes * b + 512, a, stride);
         }
-        if (p >= 1 && p <= nb) {                    /* block p - 1's sums to memory */
-            int32_t *c = cbuf + 512 * ((p - 1) % 3);
-            if ((p - 1) & 1) {
-                _tile_stored(5, c, 64);
-                if (planes == 2) _tile_stored(6, c + 256, 64);
-            } else {
-                _tile_stored(3, c, 64);
-                if (planes == 2) _tile_stored(4, c + 256, 64);
-            }
-        }
+        if (p >= 1 && p <= nb)                      /* block p - 1's sums to memory */
+            BCNP_AMX_STORE(p - 1, cbuf + 512 * ((p - 1) % 3), 64, 256);
         if (p >= 2) {                               /* block p - 2, stored last time round */
             const int64_t k = p - 2;
             const int32_t *c = cbuf + 512 * (k % 3);
