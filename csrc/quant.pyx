@@ -251,10 +251,6 @@ GROUP_TOKENS_WITHOUT_AMX = {8: 4, 4: 8}
 # (two byte planes) stays at 16: the same measurement gave 200-210 against 174-211 from 32 to 64 tokens, 253
 # against 285 at 512.
 AMX_PROMPT_TOKENS = {8: 16, 4: 2**62}
-# Before the one-pass kernel: two passes as two calls measured no faster than the GEMM in the engine at B = 16 (int4
-# 76.9 against 76.0 tok/s, int8 72.3 against 78.8), as each read the weights from memory; both passes over one group
-# of rows at a time (the second from L2) did: int4 139 and 143 against 92-102 tok/s, int8 113 and 125 against 77-95
-# (`tools/bench.py batch`, alternated with the previous build; docs/performance.md).
 
 
 def _aligned_empty(Py_ssize_t n, dtype):
