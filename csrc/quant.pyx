@@ -72,8 +72,8 @@ cdef extern from "quant_amx.h" nogil:
                        const bcnp_amx_tokens *x, float *y, int64_t ys)
     void bcnp_amx_prepare(const int16_t *xq, const float *dx, int64_t n, int T, int planes, uint8_t *tiles, float *dxp,
                           int32_t *ridx, int32_t *pick)
-    void bcnp_amx_prepare16(const int16_t *xq, const float *dx, int64_t n, int T, int planes, uint8_t *tiles,
-                            float *dxp)
+    void bcnp_amx_prepare_blocks(const int16_t *xq, const float *dx, int64_t n, int T, int planes, uint8_t *tiles,
+                            float *dxp, int N, int32_t *ridx)
 
 SIMD = bcnp_simd_name().decode()          # which dot-product implementation was compiled in
 
@@ -244,7 +244,7 @@ GROUP_TOKENS = {8: 2, 4: 2}                         # by bits
 GROUP_TOKENS_WITHOUT_AMX = {8: 4, 4: 8}
 # AMX_PROMPT_TOKENS: up to how many tokens a call goes through the AMX kernel (16 tokens at a time), past that
 # through the panel GEMM (the same bits).  int4 always: since 9 to 16 tokens take one pass, one block an
-# instruction (bcnp_amx_group16; before, two passes of 8 over each group of rows, each unpacking the codes and
+# instruction (bcnp_amx_blocks; before, two passes of 8 over each group of rows, each unpacking the codes and
 # moving lanes), the 5 int4 linears of a 13B layer ran at 393-482 GFLOP/s best from 16 to 512 tokens against the
 # panel GEMM's 186-248 in the same runs, and against 245-271 for the two passes (best of 4 alternated rounds; the
 # two passes had beaten the GEMM only up to 64 tokens, so int4 prompts past 64 went to the GEMM then).  int8
@@ -478,29 +478,26 @@ cdef _natural_activations(const float[:, ::1] x, int nt, int bits):
 
 cdef _amx(const int8_t[:, ::1] q8, const uint8_t[:, ::1] q4, const uint16_t[:, ::1] d, const int16_t[::1] xv,
           const float[::1] dv, Py_ssize_t n, Py_ssize_t T, float[:, ::1] yv, int nt, int bits):
-    """Y = X W^T by the AMX kernel (T <= 16: up to 8 tokens two blocks an instruction, 9 to 16 one block an
+    """Y = X W^T by the AMX kernel (T <= 16: up to 4 tokens two blocks an instruction, 5 to 16 one block an
     instruction) for the rows in whole groups of 16; the rest by the portable C, which adds the same terms in the
     same order."""
     cdef Py_ssize_t rows = yv.shape[1], nb = n // 32, groups = rows // BCNP_AMX_ROWS, k, g0, g1
-    cdef int i, na = max(1, min(nt, groups)), planes = 2 if bits == 8 else 1
-    cdef bint wide = T > BCNP_AMX_TOKENS
+    cdef int i, na = max(1, min(nt, groups)), planes = 2 if bits == 8 else 1, P = bcnp_amx_padded(<int>T)
     cdef const int8_t *p8 = &q8[0, 0] if bits == 8 else NULL
     cdef const uint8_t *p4 = &q4[0, 0] if bits == 4 else NULL
-    cdef Py_ssize_t tile_bytes = 512 * planes * nb if wide else BCNP_AMX_PAIR_BYTES * ((nb + 1) // 2)
+    cdef Py_ssize_t tile_bytes = 32 * P * planes * nb if P >= 8 else BCNP_AMX_PAIR_BYTES * ((nb + 1) // 2)
     cdef uint8_t[::1] tiles = _aligned_empty(tile_bytes, np.uint8)
-    cdef float[::1] dxp = _aligned_empty(16 * (1 if wide else BCNP_AMX_TOKENS) * nb, np.float32)
+    cdef float[::1] dxp = _aligned_empty(16 * (1 if P >= 8 else P) * nb, np.float32)
     cdef int32_t[::1] ridx = _aligned_empty(16 * BCNP_AMX_TOKENS, np.int32)
     cdef int32_t[::1] pick = _aligned_empty(32, np.int32)
     cdef bcnp_amx_tokens xt
     with nogil:
         if groups:
-            if wide:
-                bcnp_amx_prepare16(&xv[0], &dv[0], n, <int>T, planes, &tiles[0], &dxp[0])
-                xt.P = 16
+            if P >= 8:
+                bcnp_amx_prepare_blocks(&xv[0], &dv[0], n, <int>T, planes, &tiles[0], &dxp[0], P, &ridx[0])
             else:
                 bcnp_amx_prepare(&xv[0], &dv[0], n, <int>T, planes, &tiles[0], &dxp[0], &ridx[0], &pick[0])
-                xt.P = bcnp_amx_padded(<int>T)
-            xt.tiles, xt.dxp, xt.ridx, xt.pick, xt.T = &tiles[0], &dxp[0], &ridx[0], &pick[0], <int>T
+            xt.tiles, xt.dxp, xt.ridx, xt.pick, xt.T, xt.P = &tiles[0], &dxp[0], &ridx[0], &pick[0], <int>T, P
             for i in prange(na, num_threads=na, schedule="static", chunksize=1):
                 g0 = groups * i // na
                 g1 = groups * (i + 1) // na

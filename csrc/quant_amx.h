@@ -12,7 +12,7 @@
  * exactly (|256 hi-sum| <= 2^27); for Q4_0 (codes - 8 unpacked to a scratch) the int8 activation is one plane,
  * one tdpbssd, one C tile.
  *
- * Up to 8 tokens, two blocks per instruction (bcnp_amx_group): the per-block scales need each block's sum on its
+ * Up to 4 tokens, two blocks per instruction (bcnp_amx_group): the per-block scales need each block's sum on its
  * own, but a tile row holds 64 bytes, two blocks of codes.  So A = 16 weight rows x blocks b, b + 1, and B is
  * block-diagonal: columns 0 .. P-1 hold the P tokens' bytes of block b in B's first 8 rows (zeros below), columns
  * P .. 2P-1 those of block b + 1 in its last 8 rows; C = 16 rows x (block b's P sums, block b + 1's).  That halves
@@ -23,13 +23,17 @@
  * are two vectors of C: a lane permute picks block b's, another block b + 1's, each meets its scales (the row's d
  * by a permute, the token's dx) in one FMA, b first.
  *
- * 9 to 16 tokens, one block per instruction (bcnp_amx_group16): A = 16 rows x block b (32 bytes), B = the 16
- * tokens' bytes of block b, C = 16 rows x 16 tokens, whose row r is row r's accumulator as it stands: no lane moves,
- * the scale is one broadcast times one vector.  Before, such a call made two passes of 8 tokens over each group of
- * rows (the second from L2), unpacking int4's codes and moving lanes twice: the 10 int4 linears of 2 13B layers at
- * 16 tokens took 47.1 and 73.5 ms against 80.6 and 103.9 (two runs), the int8 lm_head 42.0 against 65.1, the 10
- * int8 linears 98.0 against 135.5 (best of 4-5 alternated rounds); and int4 prompts now take AMX at any length
- * (csrc/quant.pyx).
+ * 5 to 16 tokens, one block per instruction (bcnp_amx_blocks): A = 16 rows x block b (32 bytes), B = 8 or 16
+ * tokens' bytes of block b, C = 16 rows x 8 or 16 tokens, whose rows are the accumulators as they stand: no lane
+ * moves, the scale one broadcast or permute times one vector.  At 9 to 16 tokens it replaced two passes of 8 over
+ * each group of rows (the second from L2), which unpacked int4's codes and moved lanes twice: the 10 int4 linears
+ * of 2 13B layers at 16 tokens took 47.1 and 73.5 ms against 80.6 and 103.9 (two runs), the int8 lm_head 42.0
+ * against 65.1, the 10 int8 linears 98.0 against 135.5 (best of 4-5 alternated rounds); and int4 prompts now take
+ * AMX at any length (csrc/quant.pyx).  At 5 to 8 tokens (N = 8) it replaced the pairs: the 10 int4 linears at 8
+ * tokens 29.8, 35.7, 33.7, 31.1 ms against 34.6, 44.7, 36.0, 34.7 in four alternated runs (one more the other way,
+ * 29.6 against 25.8), at 6 tokens 34.9 against 39.9; in the engine, both builds swapped step by step, B = 8 int8
+ * 162.4 against 140.0 tok/s (medians 156.1, 134.9), int4 even (170.8, 171.1).  At 3 and 4 tokens the pairs stay,
+ * 10% faster.
  *
  * Linux only: the kernel must be asked for the tile state (arch_prctl ARCH_REQ_XCOMP_PERM), once per process;
  * bcnp_amx_enable says whether that worked.
@@ -46,7 +50,7 @@
 #define BCNP_AMX_CHUNK 16       /* Q4_0 blocks unpacked at a time (16 rows x 16 blocks x 32 bytes = 8 KiB, in L1) */
 #define BCNP_AMX_PAIR_BYTES 2048        /* per pair of blocks: the B tiles of the high and the low bytes (Q8_0) */
 
-/* A call's tokens, prepared once for all row groups (bcnp_amx_prepare, bcnp_amx_prepare16). */
+/* A call's tokens, prepared once for all row groups (bcnp_amx_prepare, bcnp_amx_prepare_blocks). */
 typedef struct {
     const uint8_t *tiles;       /* (nb + 1) / 2 x BCNP_AMX_PAIR_BYTES: per pair of blocks the B tile of the high
                                    bytes, then of the low (Q8_0), or the one of the int8 activation (Q4_0);
@@ -55,10 +59,10 @@ typedef struct {
                                    nb x 16, the tokens' dx per block */
     const int32_t *ridx;        /* P x 16: the row (0..15) of each flat output lane (P <= 8) */
     const int32_t *pick;        /* 2 x 16: the lanes of two C vectors that hold block b's, block b + 1's sums (P <= 8) */
-    int T, P;                   /* tokens, and P: T rounded up to 1, 2, 4, 8 (two blocks an instruction) or 16 */
+    int T, P;                   /* tokens, and P: T rounded up to 1, 2, 4 (two blocks an instruction), 8 or 16 (one) */
 } bcnp_amx_tokens;
 
-static inline int bcnp_amx_padded(int T) { return T <= 1 ? 1 : T <= 2 ? 2 : T <= 4 ? 4 : 8; }
+static inline int bcnp_amx_padded(int T) { return T <= 1 ? 1 : T <= 2 ? 2 : T <= 4 ? 4 : T <= 8 ? 8 : 16; }
 
 #if defined(BCNP_AVX512) && defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__linux__)
 #define BCNP_AMX_BUILT 1
@@ -77,15 +81,18 @@ typedef struct {
     uint8_t rows[16];
 } bcnp_tile_config;
 
-/* Tiles 0 and 7: A of the even and the odd pairs of blocks; 1, 2: B of the high and the low bytes; 3-4 and 5-6:
-   C (high, low) of the even and the odd pairs. */
+/* Tiles 0 and 7: A of the even and the odd steps; 1, 2: B of the high and the low bytes; 3-4 and 5-6: C (high, low)
+   of the even and the odd steps.  P <= 4 (bcnp_amx_group): a step is a pair of blocks, A 64 bytes wide, B 16 rows
+   of 8P bytes; P = 8, 16 (bcnp_amx_blocks): a step is a block, A 32 bytes wide, B 8 rows of 4P bytes. */
 static inline void bcnp_amx_configure(int P)
 {
     bcnp_tile_config c;
+    const int blocks = P >= 8;
     memset(&c, 0, sizeof c);
     c.palette = 1;
-    for (int k = 0; k < 8; k++) c.rows[k] = 16, c.colsb[k] = (uint16_t)(8 * P);
-    c.colsb[0] = c.colsb[7] = 64;
+    for (int k = 0; k < 8; k++) c.rows[k] = 16, c.colsb[k] = (uint16_t)(blocks ? 4 * P : 8 * P);
+    c.colsb[0] = c.colsb[7] = blocks ? 32 : 64;
+    if (blocks) c.rows[1] = c.rows[2] = 8;
     _tile_loadconfig(&c);
 }
 
@@ -148,12 +155,12 @@ static inline void bcnp_amx_unpack_q4_0(const uint8_t *w, int64_t nb, int64_t b,
         }                                                                                                           \
     } while (0)
 
-/* Step p's products (both pipelines): B tiles bhi (and blo, planes = 2), A tile from a (row stride `stride`), into
-   the C tiles of even or odd steps; and step p's C tiles to c (rows of `bytes`, the low plane's tile at c + lo). */
-#define BCNP_AMX_MULTIPLY(p, bhi, blo, a, stride)                                                                   \
+/* Step p's products (both pipelines): B tiles bhi (and blo, planes = 2; row stride bstride), A tile from a (row
+   stride `stride`), into the C tiles of even or odd steps; and step p's C tiles to c (rows of `bytes`, the low plane's tile at c + lo). */
+#define BCNP_AMX_MULTIPLY(p, bhi, blo, a, stride, bstride)                                                        \
     do {                                                                                                            \
-        _tile_loadd(1, bhi, 64);                                                                                    \
-        if (planes == 2) _tile_loadd(2, blo, 64);                                                                   \
+        _tile_loadd(1, bhi, bstride);                                                                               \
+        if (planes == 2) _tile_loadd(2, blo, bstride);                                                              \
         if ((p) & 1) {                                                                                              \
             _tile_loadd(7, a, stride);                                                                              \
             BCNP_AMX_PRODUCTS(7, 5, 6);                                                                             \
@@ -222,7 +229,7 @@ void bcnp_amx_group(const int8_t *q8, const uint8_t *q4, const uint16_t *d, int6
             } else
                 a = bcnp_amx_codes(q4, nb, b, scratch), stride = 32 * BCNP_AMX_CHUNK;
             BCNP_AMX_MULTIPLY(p, x->tiles + BCNP_AMX_PAIR_BYTES * p,
-                              x->tiles + BCNP_AMX_PAIR_BYTES * p + BCNP_AMX_PAIR_BYTES / 2, a, stride);
+                              x->tiles + BCNP_AMX_PAIR_BYTES * p + BCNP_AMX_PAIR_BYTES / 2, a, stride, 64);
         }
         if (p >= 1 && p <= pairs)                   /* pair p - 1's sums to memory */
             BCNP_AMX_STORE(p - 1, cbuf + 512 * ((p - 1) % 3), 8 * P, 32 * P);
@@ -234,25 +241,16 @@ void bcnp_amx_group(const int8_t *q8, const uint8_t *q4, const uint16_t *d, int6
     for (int v = 0; v < P; v++) _mm512_storeu_ps(out + 16 * v, acc[v]);
 }
 
-/* 9 to 16 tokens in one pass, one block per instruction: A = 16 weight rows x the 32 codes of block b (colsb 32),
-   B = the 8 groups of 4 bytes of block b of the 16 tokens (8 rows x 64 bytes, padded tokens zero), C = 16 rows x
-   16 tokens, so C's row r is the accumulator's layout for row r: no lane moves, and the scale is the tokens' dx
-   for the block (one vector) times row r's d (a broadcast).  The same three-step pipeline as bcnp_amx_group, a
-   block a step. */
-static inline void bcnp_amx_configure16(void)
-{
-    bcnp_tile_config c;
-    memset(&c, 0, sizeof c);
-    c.palette = 1;
-    for (int k = 0; k < 8; k++) c.rows[k] = 16, c.colsb[k] = 64;
-    c.colsb[0] = c.colsb[7] = 32;
-    c.rows[1] = c.rows[2] = 8;
-    _tile_loadconfig(&c);
-}
-
+/* 5 to 16 tokens, one block per instruction (N = 8 or 16 columns): A = 16 weight rows x the 32 codes of block b
+   (colsb 32), B = the 8 groups of 4 bytes of block b of the N tokens (8 rows x 4N bytes, padded tokens zero),
+   C = 16 rows x N tokens.  N = 16: C's row r is row r's accumulator as it stands, the scale the tokens' dx for the
+   block (one vector) times row r's d (a broadcast); N = 8: two C rows of 8 are one accumulator (rows 2v, 2v + 1),
+   the scale a permute of the 16 rows' d times the block's dx.  No lane moves of the sums either way (the pairs of
+   bcnp_amx_group need two per 16 outputs).  The same three-step pipeline as bcnp_amx_group, a block a step. */
 static inline __attribute__((always_inline))
-void bcnp_amx_group16(const int8_t *q8, const uint8_t *q4, const uint16_t *d, int64_t nb, const bcnp_amx_tokens *x,
-                      const int planes, const char *next, float *dw, int8_t *scratch, int32_t *cbuf, float *out)
+void bcnp_amx_blocks(const int8_t *q8, const uint8_t *q4, const uint16_t *d, int64_t nb, const bcnp_amx_tokens *x,
+                      const int planes, const int N, const char *next, float *dw, int8_t *scratch, int32_t *cbuf,
+                      float *out)
 {
     const int64_t row_bytes = 32 * nb, ahead = next && !q8 ? 16 * 16 * nb : 0;   /* as in bcnp_amx_group */
     const int64_t slice = (ahead / nb + 63) / 64 * 64;
@@ -272,29 +270,40 @@ void bcnp_amx_group16(const int8_t *q8, const uint8_t *q4, const uint16_t *d, in
                 a = q8 + 32 * b, stride = 32 * nb;
             else
                 a = bcnp_amx_codes(q4, nb, b, scratch), stride = 32 * BCNP_AMX_CHUNK;
-            BCNP_AMX_MULTIPLY(p, x->tiles + 512 * planes * b, x->tiles + 512 * planes * b + 512, a, stride);
+            BCNP_AMX_MULTIPLY(p, x->tiles + 32 * N * planes * b, x->tiles + 32 * N * planes * b + 32 * N, a, stride, 4 * N);
         }
         if (p >= 1 && p <= nb)                      /* block p - 1's sums to memory */
-            BCNP_AMX_STORE(p - 1, cbuf + 512 * ((p - 1) % 3), 64, 256);
+            BCNP_AMX_STORE(p - 1, cbuf + 512 * ((p - 1) % 3), 4 * N, 16 * N);
         if (p >= 2) {                               /* block p - 2, stored last time round */
             const int64_t k = p - 2;
             const int32_t *c = cbuf + 512 * (k % 3);
             const __m512 dxv = _mm512_load_ps(x->dxp + 16 * k);
             const float *dk = dw + 16 * (k % 32);
-            for (int r = 0; r < 16; r++) {
-                const __m512i s = planes == 2 ? _mm512_add_epi32(_mm512_slli_epi32(_mm512_load_si512(c + 16 * r), 8),
-                                                                 _mm512_load_si512(c + 256 + 16 * r))
-                                              : _mm512_load_si512(c + 16 * r);
-                acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(_mm512_set1_ps(dk[r]), dxv), acc[r]);
+            if (N == 16)
+                for (int r = 0; r < 16; r++) {
+                    const __m512i s = planes == 2 ? _mm512_add_epi32(_mm512_slli_epi32(_mm512_load_si512(c + 16 * r), 8),
+                                                                     _mm512_load_si512(c + 256 + 16 * r))
+                                                  : _mm512_load_si512(c + 16 * r);
+                    acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(_mm512_set1_ps(dk[r]), dxv), acc[r]);
+                }
+            else {
+                const __m512 dwk = _mm512_load_ps(dk);
+                for (int v = 0; v < 8; v++) {
+                    const __m512i s = planes == 2 ? _mm512_add_epi32(_mm512_slli_epi32(_mm512_load_si512(c + 16 * v), 8),
+                                                                     _mm512_load_si512(c + 128 + 16 * v))
+                                                  : _mm512_load_si512(c + 16 * v);
+                    const __m512i rows = _mm512_load_si512(x->ridx + 16 * v);
+                    acc[v] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(_mm512_permutexvar_ps(rows, dwk), dxv), acc[v]);
+                }
             }
         }
     }
     for (int r = 0; r < 16; r++) _mm512_storeu_ps(out + 16 * r, acc[r]);
 }
 
-/* Row groups g0 .. g1 - 1 (16 rows each, from row 16 g0 of the weight) against the tokens x (x->P = 16: 9 to 16
-   tokens, bcnp_amx_group16; else up to 8, bcnp_amx_group): y[t * ys + r], one thread.  q8 is NULL for Q4_0 weights
-   (then q4 holds them).  The next group is fetched while one computes. */
+/* Row groups g0 .. g1 - 1 (16 rows each, from row 16 g0 of the weight) against the tokens x (x->P = 1, 2, 4: two
+   blocks an instruction, bcnp_amx_group; 8 or 16: one block, bcnp_amx_blocks): y[t * ys + r], one thread.  q8 is
+   NULL for Q4_0 weights (then q4 holds them).  The next group is fetched while one computes. */
 static void bcnp_amx_rows(const int8_t *q8, const uint8_t *q4, const uint16_t *d, int64_t nb, int64_t g0, int64_t g1,
                           const bcnp_amx_tokens *x, float *y, int64_t ys)
 {
@@ -303,45 +312,36 @@ static void bcnp_amx_rows(const int8_t *q8, const uint8_t *q4, const uint16_t *d
     int8_t *tail = (int8_t *)aligned_alloc(64, 16 * 64);
     int32_t *cbuf = (int32_t *)aligned_alloc(64, 3 * 512 * sizeof(int32_t));
     float out[16 * 16];
-    const int T = x->T, P = x->P;
+    const int T = x->T, P = x->P, planes = q8 ? 2 : 1;
     memset(tail, 0, 16 * 64);
     /* an odd last block's partner in the scratch holds zeros here or an earlier chunk's codes: either way it meets
        the zeros of B's second half */
     memset(scratch, 0, 16 * 32 * BCNP_AMX_CHUNK + 64);
-    if (P == 16) bcnp_amx_configure16(); else bcnp_amx_configure(P);
+    bcnp_amx_configure(P);
     for (int64_t g = g0; g < g1; g++) {
         const int64_t r0 = 16 * g;
         const int8_t *w8 = q8 ? q8 + r0 * 32 * nb : NULL;
         const uint8_t *w4 = q8 ? NULL : q4 + r0 * 16 * nb;
         const char *next = g + 1 >= g1 ? NULL
                            : q8 ? (const char *)(w8 + 16 * 32 * nb) : (const char *)(w4 + 16 * 16 * nb);
-        if (P == 16) {
-            if (q8)
-                bcnp_amx_group16(w8, NULL, d + r0 * nb, nb, x, 2, next, dw, scratch, cbuf, out);
-            else
-                bcnp_amx_group16(NULL, w4, d + r0 * nb, nb, x, 1, next, dw, scratch, cbuf, out);
-            for (int r = 0; r < 16; r++)
-                for (int t = 0; t < T; t++) y[t * ys + r0 + r] = out[16 * r + t];
-            continue;
-        }
 #define BCNP_AMX_GROUP(P, planes) \
     bcnp_amx_group(w8, w4, d + r0 * nb, nb, x, P, planes, next, dw, scratch, tail, cbuf, out)
-        if (q8)
-            switch (P) {
-            case 1: BCNP_AMX_GROUP(1, 2); break;
-            case 2: BCNP_AMX_GROUP(2, 2); break;
-            case 4: BCNP_AMX_GROUP(4, 2); break;
-            default: BCNP_AMX_GROUP(8, 2); break;
-            }
-        else
-            switch (P) {
-            case 1: BCNP_AMX_GROUP(1, 1); break;
-            case 2: BCNP_AMX_GROUP(2, 1); break;
-            case 4: BCNP_AMX_GROUP(4, 1); break;
-            default: BCNP_AMX_GROUP(8, 1); break;
-            }
+#define BCNP_AMX_BLOCKS(N, planes) bcnp_amx_blocks(w8, w4, d + r0 * nb, nb, x, planes, N, next, dw, scratch, cbuf, out)
+        switch (P + planes * 32) {          /* each (P, planes) a function of its own: the loops unroll */
+        case 1 + 64: BCNP_AMX_GROUP(1, 2); break;
+        case 2 + 64: BCNP_AMX_GROUP(2, 2); break;
+        case 4 + 64: BCNP_AMX_GROUP(4, 2); break;
+        case 8 + 64: BCNP_AMX_BLOCKS(8, 2); break;
+        case 16 + 64: BCNP_AMX_BLOCKS(16, 2); break;
+        case 1 + 32: BCNP_AMX_GROUP(1, 1); break;
+        case 2 + 32: BCNP_AMX_GROUP(2, 1); break;
+        case 4 + 32: BCNP_AMX_GROUP(4, 1); break;
+        case 8 + 32: BCNP_AMX_BLOCKS(8, 1); break;
+        default: BCNP_AMX_BLOCKS(16, 1); break;
+        }
 #undef BCNP_AMX_GROUP
-        for (int i = 0; i < 16 * P; i++)
+#undef BCNP_AMX_BLOCKS
+        for (int i = 0; i < 16 * P; i++)    /* out[i]: row i / P, token i % P */
             if (i % P < T) y[(i % P) * ys + r0 + i / P] = out[i];
     }
     _tile_release();
@@ -388,27 +388,29 @@ static void bcnp_amx_prepare(const int16_t *xq, const float *dx, int64_t n, int 
             for (int r = 0; r < 16; r++) dxp[16 * P * b + P * r + t] = v;
         }
 }
-/* The B tiles and scales of 9 to 16 tokens for bcnp_amx_group16 (xq, dx as for bcnp_amx_prepare): byte e of
-   x[t][32 b + 4 g + i] at tiles[512 (planes b + e) + 64 g + 4 t + i], padded tokens zero; dxp[16 b + t] = dx of
-   token t for block b (0 for padding).  `tiles` holds planes x nb x 512 bytes. */
-static void bcnp_amx_prepare16(const int16_t *xq, const float *dx, int64_t n, int T, int planes, uint8_t *tiles,
-                               float *dxp)
+/* The B tiles and scales of T <= N tokens (N = 8 or 16) for bcnp_amx_blocks (xq, dx as for bcnp_amx_prepare): byte
+   e of x[t][32 b + 4 g + i] at tiles[32 N (planes b + e) + 4 N g + 4 t + i], padded tokens zero; dxp[16 b + j] = dx
+   of token j % N for block b (0 for padding); ridx (128) the row pair's lanes of N = 8.  `tiles` holds
+   planes x nb x 32 N bytes. */
+static void bcnp_amx_prepare_blocks(const int16_t *xq, const float *dx, int64_t n, int T, int planes, uint8_t *tiles,
+                               float *dxp, int N, int32_t *ridx)
 {
     const int64_t nb = n / 32;
-    const __m256i rows = _mm256_set_epi32(112, 96, 80, 64, 48, 32, 16, 0);   /* 64-byte rows, in int32 */
-    if (T < 16) memset(tiles, 0, (size_t)(planes * nb * 512));
+    const __m256i rows = N == 16 ? _mm256_set_epi32(112, 96, 80, 64, 48, 32, 16, 0) : _mm256_set_epi32(56, 48, 40, 32, 24, 16, 8, 0);
+    if (T < N) memset(tiles, 0, (size_t)(planes * nb * 32 * N));
     for (int t = 0; t < T; t++)
         for (int64_t b = 0; b < nb; b++) {
             const __m512i v = _mm512_loadu_si512(xq + t * n + 32 * b);
-            uint8_t *tile = tiles + 512 * planes * b + 4 * t;
+            uint8_t *tile = tiles + 32 * N * planes * b + 4 * t;
             if (planes == 2) {
                 _mm256_i32scatter_epi32(tile, rows, _mm512_cvtepi16_epi8(_mm512_srai_epi16(v, 8)), 4);
-                _mm256_i32scatter_epi32(tile + 512, rows, _mm512_cvtepi16_epi8(v), 4);
+                _mm256_i32scatter_epi32(tile + 32 * N, rows, _mm512_cvtepi16_epi8(v), 4);
             } else
                 _mm256_i32scatter_epi32(tile, rows, _mm512_cvtepi16_epi8(v), 4);
         }
     for (int64_t b = 0; b < nb; b++)
-        for (int t = 0; t < 16; t++) dxp[16 * b + t] = t < T ? dx[t * nb + b] : 0.0f;
+        for (int i = 0; i < 16; i++) dxp[16 * b + i] = i % N < T ? dx[(i % N) * nb + b] : 0.0f;
+    for (int i = 0; i < 128; i++) ridx[i] = i / 8;
 }
 #else
 #define BCNP_AMX_BUILT 0
@@ -417,8 +419,8 @@ static void bcnp_amx_rows(const int8_t *q8, const uint8_t *q4, const uint16_t *d
                           const bcnp_amx_tokens *x, float *y, int64_t ys) {}
 static void bcnp_amx_prepare(const int16_t *xq, const float *dx, int64_t n, int T, int planes, uint8_t *tiles,
                              float *dxp, int32_t *ridx, int32_t *pick) {}
-static void bcnp_amx_prepare16(const int16_t *xq, const float *dx, int64_t n, int T, int planes, uint8_t *tiles,
-                               float *dxp) {}
+static void bcnp_amx_prepare_blocks(const int16_t *xq, const float *dx, int64_t n, int T, int planes, uint8_t *tiles,
+                               float *dxp, int N, int32_t *ridx) {}
 #endif
 
 #endif

@@ -131,7 +131,7 @@ def test_a_token_gets_the_same_bits_alone_in_any_batch_and_in_a_prompt(bits, amx
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("tokens", [1, 3, 5, 8, 9, 12, 16, 17, 40])
 def test_the_gemm_at_13b_width_has_the_same_bits_with_and_without_amx(bits, tokens, amx):
-    """Each padding of the tile unit's tokens two blocks an instruction (1, 4, 8), one block an instruction (9, 12,
+    """Each padding of the tile unit's tokens two blocks an instruction (1, 3), one block an instruction (5, 8, 9, 12,
     16), int8's switch to the panel GEMM past 16, int4's calls of 16 tokens and a rest (17, 40); 40 rows: two
     groups of 16 for the tile unit, 8 left for the portable C; 160 and 428 blocks (pairs, chunks)."""
     rng = np.random.default_rng(tokens)
