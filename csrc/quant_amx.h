@@ -44,7 +44,7 @@
 #include <stdlib.h>
 #include "quant_group.h"
 
-#define BCNP_AMX_TOKENS 8       /* tokens two blocks at a time: two blocks' sums fill a C tile's 16 columns */
+#define BCNP_AMX_TOKENS 8       /* lanes per row of the lane tables, accumulators of bcnp_amx_group (P <= 4 there) */
 #define BCNP_AMX_MAX_TOKENS 16  /* tokens per call */
 #define BCNP_AMX_ROWS 16        /* weight rows per group: an A tile's rows */
 #define BCNP_AMX_CHUNK 16       /* Q4_0 blocks unpacked at a time (16 rows x 16 blocks x 32 bytes = 8 KiB, in L1) */
