@@ -75,6 +75,15 @@ cdef extern from "quant_amx.h" nogil:
     void bcnp_amx_prepare_blocks(const int16_t *xq, const float *dx, int64_t n, int T, int planes, uint8_t *tiles,
                             float *dxp, int N, int32_t *ridx)
 
+cdef extern from "quant_tokens.h" nogil:
+    int BCNP_TOKENS, BCNP_TOKENS_MAX
+    void bcnp_tokens_x8(const int16_t *xq, int64_t n, int8_t *x8, int32_t *bias)
+    void bcnp_tokens_x16(const int16_t *xq, int64_t n, int16_t *x16)
+    void bcnp_tokens_q8_0(const int8_t *w, const uint16_t *d, int64_t nb, const int16_t *xq, const float *dx, int T,
+                          float *y, int64_t ys)
+    void bcnp_tokens_q4_0(const uint8_t *w, const uint16_t *d, int64_t nb, const int8_t *x8, const int32_t *bias,
+                          const float *dx, int T, float *y, int64_t ys)
+
 SIMD = bcnp_simd_name().decode()          # which dot-product implementation was compiled in
 
 
@@ -217,7 +226,7 @@ def unpack_nibbles(const uint8_t[:, ::1] packed not None):
 # ---- decode matvec: y = W x straight from the blocks -------------------------------------------------------------
 #
 # Which sums: on AVX-512 builds every kernel here -- the matvec (16-row groups, quant_group.h), a batch of tokens
-# (the AMX kernel; without AMX the group matvec token by token, or the panel GEMM) and the prefill GEMM -- adds the
+# (the AMX kernel; without AMX the group matvec or the tokens kernel) and the prefill GEMM -- adds the
 # exact integer block products in block order into one float32 accumulator per output: the GEMM's specification
 # (bcnp_gemm_q8_0_scalar).  One token gets the same bits alone, in any batch and in a prompt.  Other builds keep
 # the lane-wise sums of bcnp_dot_q8_0 / bcnp_dot_q4_0 for the matvec and for batches (the same bits at any batch
@@ -231,17 +240,28 @@ GROUPS = bool(BCNP_GROUPS)                # the AVX-512 group matvec is compiled
 cdef bint _AMX_GRANTED = BCNP_AMX_BUILT and os.environ.get("BCNP_AMX", "1") != "0" and bcnp_amx_enable()
 AMX = bool(_AMX_GRANTED)
 # Batches of up to this many tokens go through the group matvec (int8 token by token, int4 two at a time; each
-# 16-row group stays in L2 between them), larger ones through the AMX kernel, or without it the panel GEMM.
+# 16-row group stays in L2 between them), larger ones through the AMX kernel, or without it the tokens kernel.
 # One 13696 x 5120 weight, 2 threads, token by token (int4 one token at a time then) / AMX / panel GEMM: int4
 # 2 tokens 2.8 / 3.4 / 8.5 ms, 4 tokens 7.0 / 3.4 / 9.0, 8 tokens - / 5.3 / 9.6; int8 2 tokens 4.0 / - / 5.7,
 # 4 tokens 6.7 / 2.8 / 6.0, 8 tokens - / 4.8 / 8.2.  With int4 two at a time (bcnp_group2_q4_0), the 10 int4
 # linears of 2 13B layers, two at a time / AMX: 3 tokens 39.5-41.0 / 50.6-51.5 ms, 4 tokens 45.4-46.7 /
-# 51.2-53.8, 5 and 6 tokens even, 8 tokens 74.8-80.6 / 61.6-65.2; without AMX, two at a time / panel GEMM:
-# 6 tokens 44.5-54.0 / 70.7-85.6 ms, 8 tokens 58.3-58.5 / 78.1-83.7.  Since int4 weights meet an int8 x (one AMX
+# 51.2-53.8, 5 and 6 tokens even, 8 tokens 74.8-80.6 / 61.6-65.2.  Since int4 weights meet an int8 x (one AMX
 # product instead of two), AMX takes int4 from 3 tokens too: two at a time / AMX, min and median of 6 alternated
 # rounds, 2 tokens 27.6, 29.5 / 31.4, 31.9 ms; 3 tokens 43.5, 44.9 / 33.7, 34.5; 4 tokens 49.1, 49.6 / 32.8, 35.3.
+# Without AMX (Zen 4), the 5 linears of a 13B layer, group matvec / tokens kernel, best of 6 alternated: int4
+# 2 tokens 9.2 / 9.8 ms, 3 tokens 12.4 / 10.7, 4 tokens 13.8 / 11.6; int8 2 tokens 16.5 / 15.0, 3 tokens 21.1 /
+# 15.7, 4 tokens 25.9 / 21.5.
 GROUP_TOKENS = {8: 2, 4: 2}                         # by bits
-GROUP_TOKENS_WITHOUT_AMX = {8: 4, 4: 8}
+GROUP_TOKENS_WITHOUT_AMX = {8: 1, 4: 2}
+# The tokens kernel (quant_tokens.h) is compiled in with the group matvec; TOKENS_KERNEL = False (tests set it)
+# sends what it would take to the panel GEMM.  It takes prompts 16 tokens a call up to TOKENS_KERNEL_PROMPT tokens,
+# past that the panel GEMM (the same bits): on Zen 4, the 5 linears of a 13B layer, tokens kernel / panel GEMM,
+# best of 3 alternated: int4 16 tokens 22.8 / 49.2 ms, 64 tokens 92.1 / 130.4, 128 tokens 191.7 / 247.4; int8
+# 16 tokens 41.3 / 73.3, 32 tokens 88.9 / 101.7, 48 tokens 142.1 / 141.3, 64 tokens 175.0 / 158.0, 128 tokens
+# 394.7 / 278.6 (its int16 x takes two products per pair of codes, and a panel read from L2 by 6 tokens at a
+# time repays its packing over many tokens).
+TOKENS_KERNEL = bool(BCNP_TOKENS)
+TOKENS_KERNEL_PROMPT = {8: 32, 4: 2**62}
 # AMX_PROMPT_TOKENS: up to how many tokens a call goes through the AMX kernel (16 tokens at a time), past that
 # through the panel GEMM (the same bits).  int4 always: since 9 to 16 tokens take one pass, one block an
 # instruction (bcnp_amx_blocks; before, two passes of 8 over each group of rows, each unpacking the codes and
@@ -510,6 +530,36 @@ cdef _amx(const int8_t[:, ::1] q8, const uint8_t[:, ::1] q4, const uint16_t[:, :
                 bcnp_gemm_q4_0_scalar(&q4[k, 0], &d[k, 0], rows - k, nb, &xv[0], &dv[0], T, &yv[0, k], rows)
 
 
+cdef _few_tokens(const int8_t[:, ::1] q8, const uint8_t[:, ::1] q4, const uint16_t[:, ::1] d,
+                 const int16_t[::1] xv, const float[::1] dv, Py_ssize_t n, Py_ssize_t T, float[:, ::1] yv, int nt,
+                 int bits):
+    """Y = X W^T by the transposing kernel (quant_tokens.h; T <= BCNP_TOKENS_MAX) for the rows in whole groups of
+    16; the rest by the portable C, which adds the same terms in the same order."""
+    cdef Py_ssize_t rows = yv.shape[1], nb = n // 32, groups = rows // BCNP_GROUP_ROWS, g, t, k
+    cdef int8_t[::1] x8 = _aligned_empty(T * n if bits == 4 else 1, np.int8)
+    cdef int32_t[::1] bias = _aligned_empty(T * nb + 1 if bits == 4 else 1, np.int32)
+    cdef int16_t[::1] x16 = _aligned_empty(T * n if bits == 8 else 1, np.int16)
+    with nogil:
+        for t in range(T):
+            if bits == 4:
+                bcnp_tokens_x8(&xv[t * n], n, &x8[t * n], &bias[t * nb])
+            else:
+                bcnp_tokens_x16(&xv[t * n], n, &x16[t * n])
+        for g in prange(groups, num_threads=nt, schedule="static"):
+            if bits == 8:
+                bcnp_tokens_q8_0(&q8[g * BCNP_GROUP_ROWS, 0], &d[g * BCNP_GROUP_ROWS, 0], nb, &x16[0], &dv[0], <int>T,
+                                 &yv[0, g * BCNP_GROUP_ROWS], rows)
+            else:
+                bcnp_tokens_q4_0(&q4[g * BCNP_GROUP_ROWS, 0], &d[g * BCNP_GROUP_ROWS, 0], nb, &x8[0], &bias[0],
+                                 &dv[0], <int>T, &yv[0, g * BCNP_GROUP_ROWS], rows)
+        k = groups * BCNP_GROUP_ROWS
+        if k < rows:
+            if bits == 8:
+                bcnp_gemm_q8_0_scalar(&q8[k, 0], &d[k, 0], rows - k, nb, &xv[0], &dv[0], T, &yv[0, k], rows)
+            else:
+                bcnp_gemm_q4_0_scalar(&q4[k, 0], &d[k, 0], rows - k, nb, &xv[0], &dv[0], T, &yv[0, k], rows)
+
+
 cdef _gemm(q, const uint16_t[:, ::1] d, const float[:, ::1] x, float[:, ::1] yv, int nt, int bits, bint simd=True):
     """Y = X W^T with the GEMM's sums: the AMX kernel, the panel GEMM, or their portable C (simd=False, or neither
     compiled in)."""
@@ -524,6 +574,10 @@ cdef _gemm(q, const uint16_t[:, ::1] d, const float[:, ::1] x, float[:, ::1] yv,
     if simd and AMX and _AMX_GRANTED and T <= AMX_PROMPT_TOKENS[bits]:
         for t0 in range(0, T, chunk):
             _amx(q8, q4, d, xv[t0 * n:], dv[t0 * nb:], n, min(chunk, T - t0), yv[t0:], nt, bits)
+        return
+    if simd and TOKENS_KERNEL and BCNP_TOKENS and T <= TOKENS_KERNEL_PROMPT[bits]:
+        for t0 in range(0, T, BCNP_TOKENS_MAX):
+            _few_tokens(q8, q4, d, xv[t0 * n:], dv[t0 * nb:], n, min(BCNP_TOKENS_MAX, T - t0), yv[t0:], nt, bits)
         return
     cdef Py_ssize_t panels = (rows + BCNP_PANEL_ROWS - 1) // BCNP_PANEL_ROWS, words = bcnp_panel_words(nb)
     cdef bint gemm = simd and BCNP_GEMM

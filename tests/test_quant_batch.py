@@ -101,18 +101,22 @@ def test_batched_kernel_checks_its_arguments(bits):
     assert kernel(q, d, np.ones((0, 64), np.float32)).shape == (0, 4)
 
 
-@pytest.fixture(params=["amx", "no amx"] if quant._quant.AMX else ["no amx"])
-def amx(request, monkeypatch):
-    """Each test with the AMX kernel (where this machine has it) and without it (the group matvec token by token
-    and the panel GEMM)."""
+KERNELS = (["amx"] if quant._quant.AMX else []) + (["tokens"] if quant._quant.TOKENS_KERNEL else []) + ["panel"]
+
+
+@pytest.fixture(params=KERNELS)
+def kernel(request, monkeypatch):
+    """Each test with every kernel this machine has for a batch and a prompt: the AMX kernel, the tokens kernel
+    (AVX-512 without AMX) and the panel GEMM (with the group matvec for the smallest batches)."""
     monkeypatch.setattr(quant._quant, "AMX", request.param == "amx")
-    return request.param == "amx"
+    monkeypatch.setattr(quant._quant, "TOKENS_KERNEL", request.param == "tokens")
+    return request.param
 
 
 @pytest.mark.parametrize("bits", [8, 4])
 @settings(SETTINGS, suppress_health_check=[HealthCheck.function_scoped_fixture])      # the fixture only sets a flag
 @given(data=st.data())
-def test_a_token_gets_the_same_bits_alone_in_any_batch_and_in_a_prompt(bits, amx, data):
+def test_a_token_gets_the_same_bits_alone_in_any_batch_and_in_a_prompt(bits, kernel, data):
     """On AVX-512 builds the matvec, every batch size and the prefill GEMM all add the exact block sums in block
     order (the GEMM's specification, its portable C): what a sequence gets never depends on what shares its step.
     Elsewhere the matvec and batches share one kind of sums and prompts are within the matvec's bound."""
@@ -129,11 +133,12 @@ def test_a_token_gets_the_same_bits_alone_in_any_batch_and_in_a_prompt(bits, amx
 
 
 @pytest.mark.parametrize("bits", [8, 4])
-@pytest.mark.parametrize("tokens", [1, 3, 5, 8, 9, 12, 16, 17, 40])
-def test_the_gemm_at_13b_width_has_the_same_bits_with_and_without_amx(bits, tokens, amx):
+@pytest.mark.parametrize("tokens", [1, 3, 5, 8, 9, 12, 16, 17, 33, 40])
+def test_the_gemm_at_13b_width_has_the_same_bits_with_every_kernel(bits, tokens, kernel):
     """Each padding of the tile unit's tokens two blocks an instruction (1, 3), one block an instruction (5, 8, 9, 12,
-    16), int8's switch to the panel GEMM past 16, int4's calls of 16 tokens and a rest (17, 40); 40 rows: two
-    groups of 16 for the tile unit, 8 left for the portable C; 160 and 428 blocks (pairs, chunks)."""
+    16), int8's switch to the panel GEMM past 16 (AMX) or 32 (the tokens kernel), calls of 16 tokens and a rest
+    (17, 33, 40); 40 rows: two groups of 16 for the tile unit or the tokens kernel, 8 left for the portable C; 160
+    and 428 blocks (pairs, chunks)."""
     rng = np.random.default_rng(tokens)
     for width in (5120, 13696):
         layer = QuantizedWeight.from_float(rng.standard_normal((40, width)).astype(np.float32), bits)
@@ -151,9 +156,9 @@ def test_bcnp_amx_0_leaves_the_tile_unit_out():
 # --- the prefill GEMM ----------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("bits", [8, 4])
-@SETTINGS
+@settings(SETTINGS, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
-def test_prefill_is_within_the_matvec_bound_of_the_float_product(bits, data):
+def test_prefill_is_within_the_matvec_bound_of_the_float_product(bits, kernel, data):
     """The same rounding of x and exact integer block sums as the matvec, one float32 sum over the blocks:
     the matvec's bound holds for every token; rows not a multiple of the panel (32) and tokens not of the tile (6)."""
     layer, x = data.draw(layer_and_tokens(bits, max_tokens=40))
@@ -171,7 +176,7 @@ def test_prefill_is_within_the_matvec_bound_of_the_float_product(bits, data):
 
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("rows, tokens", [(1, 1), (31, 7), (33, 6), (64, 13), (70, 40)])
-def test_prefill_is_exact_where_every_float_step_is(bits, rows, tokens):
+def test_prefill_is_exact_where_every_float_step_is(bits, rows, tokens, kernel):
     """Power-of-two scales (d = 2^k per row: one code at the format's extreme), x on its own grid (dx = 2^j
     per token: a block maximum of L 2^j, ACTIVATION_LIMIT) and integer sums under 2^24: every float32 step is
     exact, so each output is W^ x to the bit -- which
@@ -206,7 +211,7 @@ def test_prefill_error_at_13b_width_is_the_matvecs(bits, relative):
 
 
 @pytest.mark.parametrize("bits", [8, 4])
-def test_prefill_propagates_a_non_finite_token_to_its_row_only(bits):
+def test_prefill_propagates_a_non_finite_token_to_its_row_only(bits, kernel):
     rng = np.random.default_rng(bits)
     layer = QuantizedWeight.from_float(rng.standard_normal((40, 96)).astype(np.float32), bits)
     x = rng.standard_normal((20, 96)).astype(np.float32)

@@ -1,0 +1,196 @@
+/* A few tokens at once without AMX (AVX-512 VNNI): y[t][r] for 16 rows of Q8_0 / Q4_0 weights and T <= 16 tokens,
+ * with the GEMM's sums (bcnp_gemm_q8_0_scalar): every (row, token, block) gets its exact integer block sum, and
+ *   y[t, r] = sum over blocks b, in order, of  float(isum) * (d[r, b] * dx[t, b])        (float32, one accumulator)
+ * -- the bits of the group matvec, the AMX kernel and the prefill GEMM, so a sequence's logits do not depend on
+ * what shares its step.
+ *
+ * Why another kernel: the group matvec (quant_group.h) ends every block with sixteen rows' partial sums spread over
+ * the lanes of sixteen vectors and adds them across lanes -- for every token.  Here the sixteen rows' weights are
+ * transposed once, in registers, so that one vector holds the same four codes (Q4_0) or the same int16 pair (Q8_0)
+ * of a block for the sixteen rows, one row a lane; a product with one token's matching x broadcast from memory then
+ * adds into the sixteen rows' block sums directly, and nothing is added across lanes.  The transpose is paid once
+ * per group of rows for all T tokens, as the prefill GEMM pays its packing (quant_gemm.h), but without writing a
+ * panel to memory and reading it back: a batch of a few tokens is too small to repay that.
+ *
+ * The tokens' x in natural order (bcnp_quantize_activation with q4_layout = 0): Q8_0 int16 x, token t at xq + t n;
+ * Q4_0 int8 x (x8, bcnp_tokens_x8) with bias[t nb + b] = -8 * (the sum of token t's block b), so that the unsigned
+ * codes c give sum (c - 8) x exactly.
+ */
+#ifndef BCNP_QUANT_TOKENS_H
+#define BCNP_QUANT_TOKENS_H
+
+#include "quant_group.h"
+
+#define BCNP_TOKENS_MAX 16
+/* Tokens whose products are interleaved: each token's block sum is a chain of 16 (Q8_0) or 8 (Q4_0) dependent
+   products, so four chains at a time keep the multiplier busy. */
+#define BCNP_TOKENS_STEP 4
+
+/* Q4_0's x for this kernel: int16 natural x (|x| <= 127) as int8, and the blocks' biases. */
+static void bcnp_tokens_x8(const int16_t *xq, int64_t n, int8_t *x8, int32_t *bias)
+{
+    for (int64_t b = 0; b < n / 32; b++) {
+        int32_t s = 0;
+        for (int j = 0; j < 32; j++) {
+            x8[32 * b + j] = (int8_t)xq[32 * b + j];
+            s += xq[32 * b + j];
+        }
+        bias[b] = -8 * s;
+    }
+}
+
+/* Q8_0's x for this kernel: int16 natural x with the middle two of every four swapped (x0, x2, x1, x3, ...), the
+   order in which the kernel pairs a row's codes. */
+static void bcnp_tokens_x16(const int16_t *xq, int64_t n, int16_t *x16)
+{
+    for (int64_t i = 0; i < n; i += 4) {
+        x16[i] = xq[i];
+        x16[i + 1] = xq[i + 2];
+        x16[i + 2] = xq[i + 1];
+        x16[i + 3] = xq[i + 3];
+    }
+}
+
+#if defined(BCNP_AVX512)
+#define BCNP_TOKENS 1
+
+/* One block's float step for tokens t0 .. t0 + NT - 1: f[t] += float(s[t]) * (dw * dx[t, b]). */
+static inline __attribute__((always_inline))
+void bcnp_tokens_scale(__m512 *f, const __m512i *s, const float *dw, const float *dx, int64_t nb, int64_t b, const int NT)
+{
+    const __m512 scale = _mm512_load_ps(dw);
+    for (int t = 0; t < NT; t++)
+        f[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[t]), _mm512_mul_ps(scale, _mm512_set1_ps(dx[t * nb + b])), f[t]);
+}
+
+/* Q8_0 block b for tokens t0 .. t0 + NT - 1: v[2i] lane r holds row r's codes 4i and 4i + 2 as an int16 pair,
+   v[2i + 1] codes 4i + 1 and 4i + 3, and xq is in that order (bcnp_tokens_x16). */
+static inline __attribute__((always_inline))
+void bcnp_tokens_block_q8_0(const __m512i *v, const int16_t *xq, const float *dx, int64_t nb, int64_t b,
+                            const float *dw, __m512 *f, const int NT)
+{
+    __m512i s[BCNP_TOKENS_STEP];
+    for (int t = 0; t < NT; t++) s[t] = _mm512_setzero_si512();
+#pragma GCC unroll 16
+    for (int p = 0; p < 16; p++)
+#pragma GCC unroll 4
+        for (int t = 0; t < NT; t++)
+            s[t] = _mm512_dpwssd_epi32(s[t], v[p], _mm512_set1_epi32(((const int32_t *)(xq + t * 32 * nb + 32 * b))[p]));
+    bcnp_tokens_scale(f, s, dw, dx, nb, b, NT);
+}
+
+/* Q4_0 block b for tokens t0 .. t0 + NT - 1 (lo[i], hi[i] lane r: codes 4i .. 4i + 3, 16 + 4i .. 19 + 4i of row r). */
+static inline __attribute__((always_inline))
+void bcnp_tokens_block_q4_0(const __m512i *lo, const __m512i *hi, const int8_t *x8, const int32_t *bias,
+                            const float *dx, int64_t nb, int64_t b, const float *dw, __m512 *f, const int NT)
+{
+    __m512i s[BCNP_TOKENS_STEP];
+    for (int t = 0; t < NT; t++) s[t] = _mm512_set1_epi32(bias[t * nb + b]);
+#pragma GCC unroll 4
+    for (int i = 0; i < 4; i++)
+#pragma GCC unroll 4
+        for (int t = 0; t < NT; t++) {
+            const int32_t *xt = (const int32_t *)(x8 + t * 32 * nb + 32 * b);
+            s[t] = _mm512_dpbusd_epi32(s[t], lo[i], _mm512_set1_epi32(xt[i]));
+            s[t] = _mm512_dpbusd_epi32(s[t], hi[i], _mm512_set1_epi32(xt[4 + i]));
+        }
+    bcnp_tokens_scale(f, s, dw, dx, nb, b, NT);
+}
+
+/* The tokens BCNP_TOKENS_STEP at a time, the last 1-3 by their own unrolled copy: step(t0, NT). */
+#define BCNP_TOKENS_EACH(T, step)                                                                                   \
+    do {                                                                                                            \
+        int t0_ = 0;                                                                                                \
+        for (; t0_ + BCNP_TOKENS_STEP <= (T); t0_ += BCNP_TOKENS_STEP) step(t0_, BCNP_TOKENS_STEP);                 \
+        switch ((T) - t0_) {                                                                                        \
+        case 3: step(t0_, 3); break;                                                                                \
+        case 2: step(t0_, 2); break;                                                                                \
+        case 1: step(t0_, 1); break;                                                                                \
+        }                                                                                                           \
+    } while (0)
+
+/* y[t * ys + r], r < 16, t < T: the 16 Q8_0 rows at w (row stride 32 nb) against T tokens' int16 x in the order
+   of bcnp_tokens_x16.  Two blocks at a time: the 16 rows' 64 bytes are transposed as bytes (a 16 x 16 transpose of
+   32-bit words), and each word's four codes then become two int16 pairs by shifts. */
+static void bcnp_tokens_q8_0(const int8_t *w, const uint16_t *d, int64_t nb, const int16_t *xq, const float *dx,
+                             int T, float *y, int64_t ys)
+{
+    __attribute__((aligned(64))) float dw[16 * 16];
+    __m512 f[BCNP_TOKENS_MAX];
+    const int64_t n = 32 * nb;
+    for (int t = 0; t < T; t++) f[t] = _mm512_setzero_ps();
+    for (int64_t b0 = 0; b0 < nb; b0 += 16) {
+        const int64_t count = nb - b0 < 16 ? nb - b0 : 16;
+        bcnp_group_scales(d, nb, b0, count, dw);
+        for (int64_t k = 0; k < count; k += 2) {
+            const int64_t b = b0 + k, blocks = count - k < 2 ? 1 : 2;
+            const __mmask64 m = blocks == 2 ? ~(__mmask64)0 : ((__mmask64)1 << 32) - 1;
+            __m512i raw[16];
+            for (int r = 0; r < 16; r++) {
+                const int8_t *wr = w + r * n + 32 * b;
+                _mm_prefetch((const char *)(wr + BCNP_GROUP_AHEAD), _MM_HINT_T0);
+                raw[r] = _mm512_maskz_loadu_epi8(m, wr);
+            }
+            bcnp_transpose16(raw);                   /* raw[8j + i] lane r: codes 4i .. 4i + 3 of row r's block b + j */
+            for (int64_t j = 0; j < blocks; j++) {
+                __m512i v[16];
+                for (int i = 0; i < 8; i++) {
+                    v[2 * i] = _mm512_srai_epi16(_mm512_slli_epi16(raw[8 * j + i], 8), 8);
+                    v[2 * i + 1] = _mm512_srai_epi16(raw[8 * j + i], 8);
+                }
+#define BCNP_STEP(t0, NT) bcnp_tokens_block_q8_0(v, xq + (t0) * n, dx + (t0) * nb, nb, b + j, dw + 16 * (k + j), \
+                                                 f + (t0), NT)
+                BCNP_TOKENS_EACH(T, BCNP_STEP);
+#undef BCNP_STEP
+            }
+        }
+    }
+    for (int t = 0; t < T; t++) _mm512_storeu_ps(y + t * ys, f[t]);
+}
+
+/* y[t * ys + r], r < 16, t < T: the 16 Q4_0 rows at w (row stride 16 nb) against T tokens' int8 x (x8, bias). */
+static void bcnp_tokens_q4_0(const uint8_t *w, const uint16_t *d, int64_t nb, const int8_t *x8, const int32_t *bias,
+                             const float *dx, int T, float *y, int64_t ys)
+{
+    __attribute__((aligned(64))) float dw[16 * 16];
+    __m512 f[BCNP_TOKENS_MAX];
+    const __m512i nibble = _mm512_set1_epi8(0x0F);
+    const int64_t n = 32 * nb;
+    for (int t = 0; t < T; t++) f[t] = _mm512_setzero_ps();
+    for (int64_t b0 = 0; b0 < nb; b0 += 16) {
+        const int64_t count = nb - b0 < 16 ? nb - b0 : 16;
+        bcnp_group_scales(d, nb, b0, count, dw);
+        for (int64_t k = 0; k < count; k += 4) {      /* four blocks: 64 bytes of each row */
+            const int64_t b = b0 + k, blocks = count - k < 4 ? count - k : 4;
+            const __mmask64 m = blocks == 4 ? ~(__mmask64)0 : ((__mmask64)1 << (16 * blocks)) - 1;
+            __m512i raw[16];
+            for (int r = 0; r < 16; r++) {
+                const uint8_t *wr = w + r * (n / 2) + 16 * b;
+                _mm_prefetch((const char *)(wr + BCNP_GROUP_AHEAD), _MM_HINT_T0);
+                raw[r] = _mm512_maskz_loadu_epi8(m, wr);
+            }
+            bcnp_transpose16(raw);                   /* raw[4j + i] lane r: bytes 4i .. 4i + 3 of row r's block b + j */
+            for (int64_t j = 0; j < blocks; j++) {
+                __m512i lo[4], hi[4];                /* codes 4i .. 4i + 3 and 16 + 4i .. 19 + 4i */
+                for (int i = 0; i < 4; i++) {
+                    lo[i] = _mm512_and_si512(raw[4 * j + i], nibble);
+                    hi[i] = _mm512_and_si512(_mm512_srli_epi16(raw[4 * j + i], 4), nibble);
+                }
+#define BCNP_STEP(t0, NT) bcnp_tokens_block_q4_0(lo, hi, x8 + (t0) * n, bias + (t0) * nb, dx + (t0) * nb, \
+                                                 nb, b + j, dw + 16 * (k + j), f + (t0), NT)
+                BCNP_TOKENS_EACH(T, BCNP_STEP);
+#undef BCNP_STEP
+            }
+        }
+    }
+    for (int t = 0; t < T; t++) _mm512_storeu_ps(y + t * ys, f[t]);
+}
+#else
+#define BCNP_TOKENS 0
+static void bcnp_tokens_q8_0(const int8_t *w, const uint16_t *d, int64_t nb, const int16_t *xq, const float *dx,
+                             int T, float *y, int64_t ys) {}
+static void bcnp_tokens_q4_0(const uint8_t *w, const uint16_t *d, int64_t nb, const int8_t *x8, const int32_t *bias,
+                             const float *dx, int T, float *y, int64_t ys) {}
+#endif
+
+#endif
