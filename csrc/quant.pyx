@@ -80,9 +80,9 @@ cdef extern from "quant_tokens.h" nogil:
     void bcnp_tokens_x8(const int16_t *xq, int64_t n, int8_t *x8, int32_t *bias)
     void bcnp_tokens_x16(const int16_t *xq, int64_t n, int16_t *x16)
     void bcnp_tokens_q8_0(const int8_t *w, const uint16_t *d, int64_t nb, const int16_t *xq, const float *dx, int T,
-                          float *y, int64_t ys)
+                          float *y, int64_t ys, int next)
     void bcnp_tokens_q4_0(const uint8_t *w, const uint16_t *d, int64_t nb, const int8_t *x8, const int32_t *bias,
-                          const float *dx, int T, float *y, int64_t ys)
+                          const float *dx, int T, float *y, int64_t ys, int next)
 
 SIMD = bcnp_simd_name().decode()          # which dot-product implementation was compiled in
 
@@ -548,10 +548,10 @@ cdef _few_tokens(const int8_t[:, ::1] q8, const uint8_t[:, ::1] q4, const uint16
         for g in prange(groups, num_threads=nt, schedule="static"):
             if bits == 8:
                 bcnp_tokens_q8_0(&q8[g * BCNP_GROUP_ROWS, 0], &d[g * BCNP_GROUP_ROWS, 0], nb, &x16[0], &dv[0], <int>T,
-                                 &yv[0, g * BCNP_GROUP_ROWS], rows)
+                                 &yv[0, g * BCNP_GROUP_ROWS], rows, g + 1 < groups)
             else:
                 bcnp_tokens_q4_0(&q4[g * BCNP_GROUP_ROWS, 0], &d[g * BCNP_GROUP_ROWS, 0], nb, &x8[0], &bias[0],
-                                 &dv[0], <int>T, &yv[0, g * BCNP_GROUP_ROWS], rows)
+                                 &dv[0], <int>T, &yv[0, g * BCNP_GROUP_ROWS], rows, g + 1 < groups)
         k = groups * BCNP_GROUP_ROWS
         if k < rows:
             if bits == 8:
