@@ -37,12 +37,13 @@ cdef extern from "quant_kernels.h" nogil:
 
 cdef extern from "quant_group.h" nogil:
     int BCNP_GROUPS, BCNP_GROUP_ROWS
-    void bcnp_group_q8_0(const int8_t *w, const uint16_t *d, int64_t nb, const int16_t *xq, const float *dx, float *y)
+    void bcnp_group_q8_0(const int8_t *w, const uint16_t *d, int64_t nb, const int16_t *xq, const float *dx, float *y,
+                         int next)
     void bcnp_group_q4_0(const uint8_t *w, const uint16_t *d, int64_t nb, const int16_t *xq, const float *dx,
-                         const int32_t *bias, float *y)
+                         const int32_t *bias, float *y, int next)
     void bcnp_group2_q4_0(const uint8_t *w, const uint16_t *d, int64_t nb, const int16_t *xq0, const float *dx0,
                           const int32_t *bias0, const int16_t *xq1, const float *dx1, const int32_t *bias1,
-                          float *y0, float *y1)
+                          float *y0, float *y1, int next)
     float bcnp_sums_q8_0(const int8_t *w, const uint16_t *d, const int16_t *xq, const float *dx, int64_t nb)
     float bcnp_sums_q4_0(const uint8_t *w, const uint16_t *d, const int16_t *xq, const float *dx, int64_t nb)
 
@@ -248,9 +249,9 @@ AMX = bool(_AMX_GRANTED)
 # 51.2-53.8, 5 and 6 tokens even, 8 tokens 74.8-80.6 / 61.6-65.2.  Since int4 weights meet an int8 x (one AMX
 # product instead of two), AMX takes int4 from 3 tokens too: two at a time / AMX, min and median of 6 alternated
 # rounds, 2 tokens 27.6, 29.5 / 31.4, 31.9 ms; 3 tokens 43.5, 44.9 / 33.7, 34.5; 4 tokens 49.1, 49.6 / 32.8, 35.3.
-# Without AMX (Zen 4), the 5 linears of a 13B layer, group matvec / tokens kernel, best of 6 alternated: int4
-# 2 tokens 9.2 / 9.8 ms, 3 tokens 12.4 / 10.7, 4 tokens 13.8 / 11.6; int8 2 tokens 16.5 / 15.0, 3 tokens 21.1 /
-# 15.7, 4 tokens 25.9 / 21.5.
+# Without AMX (Zen 4), the 5 linears of a 13B layer, group matvec / tokens kernel (both fetching the next group
+# of rows into L2), best of 6 alternated: int4 2 tokens 6.9 / 8.6 ms, 3 tokens 11.2 / 10.1, 4 tokens 13.0 / 11.1;
+# int8 2 tokens 14.4 / 11.4, 3 tokens 21.3 / 13.3, 4 tokens 29.5 / 23.6.
 GROUP_TOKENS = {8: 2, 4: 2}                         # by bits
 GROUP_TOKENS_WITHOUT_AMX = {8: 1, 4: 2}
 # The tokens kernel (quant_tokens.h) is compiled in with the group matvec; TOKENS_KERNEL = False (tests set it)
@@ -296,7 +297,8 @@ cdef void _rows_q8_0(const int8_t[:, ::1] q, const uint16_t[:, ::1] d, const int
     if simd and BCNP_GROUPS:
         groups = rows // BCNP_GROUP_ROWS
         for g in prange(groups, num_threads=nt, schedule="static"):
-            bcnp_group_q8_0(&q[g * BCNP_GROUP_ROWS, 0], &d[g * BCNP_GROUP_ROWS, 0], nb, xq, dx, &y[g * BCNP_GROUP_ROWS])
+            bcnp_group_q8_0(&q[g * BCNP_GROUP_ROWS, 0], &d[g * BCNP_GROUP_ROWS, 0], nb, xq, dx, &y[g * BCNP_GROUP_ROWS],
+                            g + 1 < groups)
         for r in range(groups * BCNP_GROUP_ROWS, rows):
             y[r] = bcnp_sums_q8_0(&q[r, 0], &d[r, 0], xq, dx, nb)
     else:
@@ -315,7 +317,7 @@ cdef void _rows_q4_0(const uint8_t[:, ::1] q, const uint16_t[:, ::1] d, const in
         groups = rows // BCNP_GROUP_ROWS
         for g in prange(groups, num_threads=nt, schedule="static"):
             bcnp_group_q4_0(&q[g * BCNP_GROUP_ROWS, 0], &d[g * BCNP_GROUP_ROWS, 0], nb, xq, dx, bias,
-                            &y[g * BCNP_GROUP_ROWS])
+                            &y[g * BCNP_GROUP_ROWS], g + 1 < groups)
         for r in range(groups * BCNP_GROUP_ROWS, rows):
             y[r] = bcnp_sums_q4_0(&q[r, 0], &d[r, 0], xq, dx, nb)
     else:
@@ -416,15 +418,17 @@ cdef _token_by_token(q, const uint16_t[:, ::1] d, const float[:, ::1] x, float[:
             while bits == 4 and t + 2 <= T:         # Q4_0: two tokens share each unpacking of the codes
                 bcnp_group2_q4_0(&q4[g * BCNP_GROUP_ROWS, 0], &d[g * BCNP_GROUP_ROWS, 0], nb, &xq[t * n],
                                  &dx[t * nb], &bias[t * bs], &xq[(t + 1) * n], &dx[(t + 1) * nb],
-                                 &bias[(t + 1) * bs], &yv[t, g * BCNP_GROUP_ROWS], &yv[t + 1, g * BCNP_GROUP_ROWS])
+                                 &bias[(t + 1) * bs], &yv[t, g * BCNP_GROUP_ROWS], &yv[t + 1, g * BCNP_GROUP_ROWS],
+                                 t == 0 and g + 1 < groups)
                 t = t + 2
             while t < T:
                 if bits == 8:
                     bcnp_group_q8_0(&q8[g * BCNP_GROUP_ROWS, 0], &d[g * BCNP_GROUP_ROWS, 0], nb, &xq[t * n],
-                                    &dx[t * nb], &yv[t, g * BCNP_GROUP_ROWS])
+                                    &dx[t * nb], &yv[t, g * BCNP_GROUP_ROWS], t == 0 and g + 1 < groups)
                 else:
                     bcnp_group_q4_0(&q4[g * BCNP_GROUP_ROWS, 0], &d[g * BCNP_GROUP_ROWS, 0], nb, &xq[t * n],
-                                    &dx[t * nb], &bias[t * bs], &yv[t, g * BCNP_GROUP_ROWS])
+                                    &dx[t * nb], &bias[t * bs], &yv[t, g * BCNP_GROUP_ROWS],
+                                    t == 0 and g + 1 < groups)
                 t = t + 1
         for r in prange(start, rows, num_threads=nt, schedule="static"):
             for t in range(T):

@@ -54,19 +54,6 @@ static void bcnp_tokens_x16(const int16_t *xq, int64_t n, int16_t *x16)
 #if defined(BCNP_AVX512)
 #define BCNP_TOKENS 1
 
-/* A step's share of the next group of rows, into L2: the group's codes are 1 KiB a step (16 rows x 4 Q4_0 blocks
-   or 2 Q8_0 blocks), its scales 64 bytes a line times `scale_lines`.  The rows of a group are read as 16 streams
-   at once, too many for the hardware's prefetchers to run far ahead of; the next group is one contiguous run that
-   the current group's products hide.  8 tokens from memory, 2 threads, one 13696 x 5120 weight, min / median of
-   10 alternated runs: int4 2.79 / 2.93 ms against 2.99 / 3.81, int8 4.66 / 6.35 against 5.09 / 6.06. */
-static inline void bcnp_tokens_fetch_next(const char **ahead, const char **ahead_d, int scale_lines)
-{
-    for (int l = 0; l < 16; l++) _mm_prefetch(*ahead + 64 * l, _MM_HINT_T1);
-    *ahead += 1024;
-    for (int l = 0; l < scale_lines; l++) _mm_prefetch(*ahead_d + 64 * l, _MM_HINT_T1);
-    *ahead_d += 64 * scale_lines;
-}
-
 /* One block's float step for tokens t0 .. t0 + NT - 1: f[t] += float(s[t]) * (dw * dx[t, b]). */
 static inline __attribute__((always_inline))
 void bcnp_tokens_scale(__m512 *f, const __m512i *s, const float *dw, const float *dx, int64_t nb, int64_t b, const int NT)
@@ -139,7 +126,7 @@ static void bcnp_tokens_q8_0(const int8_t *w, const uint16_t *d, int64_t nb, con
         for (int64_t k = 0; k < count; k += 2) {
             const int64_t b = b0 + k, blocks = count - k < 2 ? 1 : 2;
             const __mmask64 m = blocks == 2 ? ~(__mmask64)0 : ((__mmask64)1 << 32) - 1;
-            if (next) bcnp_tokens_fetch_next(&ahead, &ahead_d, 1);
+            if (next) bcnp_fetch_next(&ahead, 1024, &ahead_d, 64);
             __m512i raw[16];
             for (int r = 0; r < 16; r++) {
                 const int8_t *wr = w + r * n + 32 * b;
@@ -179,7 +166,7 @@ static void bcnp_tokens_q4_0(const uint8_t *w, const uint16_t *d, int64_t nb, co
         for (int64_t k = 0; k < count; k += 4) {      /* four blocks: 64 bytes of each row */
             const int64_t b = b0 + k, blocks = count - k < 4 ? count - k : 4;
             const __mmask64 m = blocks == 4 ? ~(__mmask64)0 : ((__mmask64)1 << (16 * blocks)) - 1;
-            if (next) bcnp_tokens_fetch_next(&ahead, &ahead_d, 2);
+            if (next) bcnp_fetch_next(&ahead, 1024, &ahead_d, 128);
             __m512i raw[16];
             for (int r = 0; r < 16; r++) {
                 const uint8_t *wr = w + r * (n / 2) + 16 * b;
