@@ -395,7 +395,7 @@ class QuantizedWeight:
 
 
 # Tokens the batched decode kernel takes in one call: the engine's default widest decode step (max_batch 8). On
-# AVX-512 builds a batch from 3 tokens on (without AMX: int8 from 5, int4 from 9) goes through the kernels
+# AVX-512 builds a batch from 3 tokens on (without AMX: int8 from 2, int4 from 3) goes through the kernels
 # `prefill` uses, with the same sums, so the line matters only elsewhere, where it keeps a decode step's sums the
 # matvec's.
 BATCH_TOKENS = 8
