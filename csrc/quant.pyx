@@ -500,12 +500,25 @@ cdef _natural_activations(const float[:, ::1] x, int nt, int bits):
     return xq, dx
 
 
+cdef void _rows_past_the_groups(const int8_t[:, ::1] q8, const uint8_t[:, ::1] q4, const uint16_t[:, ::1] d,
+                                const int16_t[::1] xv, const float[::1] dv, Py_ssize_t nb, Py_ssize_t T,
+                                float[:, ::1] yv, Py_ssize_t k, int bits) noexcept nogil:
+    """Rows k .. of Y = X W^T (those past the last whole group of 16) by the portable C, which adds the kernels'
+    terms in their order."""
+    cdef Py_ssize_t rows = yv.shape[1]
+    if k < rows:
+        if bits == 8:
+            bcnp_gemm_q8_0_scalar(&q8[k, 0], &d[k, 0], rows - k, nb, &xv[0], &dv[0], T, &yv[0, k], rows)
+        else:
+            bcnp_gemm_q4_0_scalar(&q4[k, 0], &d[k, 0], rows - k, nb, &xv[0], &dv[0], T, &yv[0, k], rows)
+
+
 cdef _amx(const int8_t[:, ::1] q8, const uint8_t[:, ::1] q4, const uint16_t[:, ::1] d, const int16_t[::1] xv,
           const float[::1] dv, Py_ssize_t n, Py_ssize_t T, float[:, ::1] yv, int nt, int bits):
     """Y = X W^T by the AMX kernel (T <= 16: up to 4 tokens two blocks an instruction, 5 to 16 one block an
     instruction) for the rows in whole groups of 16; the rest by the portable C, which adds the same terms in the
     same order."""
-    cdef Py_ssize_t rows = yv.shape[1], nb = n // 32, groups = rows // BCNP_AMX_ROWS, k, g0, g1
+    cdef Py_ssize_t rows = yv.shape[1], nb = n // 32, groups = rows // BCNP_AMX_ROWS, g0, g1
     cdef int i, na = max(1, min(nt, groups)), planes = 2 if bits == 8 else 1, P = bcnp_amx_padded(<int>T)
     cdef const int8_t *p8 = &q8[0, 0] if bits == 8 else NULL
     cdef const uint8_t *p4 = &q4[0, 0] if bits == 4 else NULL
@@ -526,20 +539,15 @@ cdef _amx(const int8_t[:, ::1] q8, const uint8_t[:, ::1] q4, const uint16_t[:, :
                 g0 = groups * i // na
                 g1 = groups * (i + 1) // na
                 bcnp_amx_rows(p8, p4, &d[0, 0], nb, g0, g1, &xt, &yv[0, 0], rows)
-        k = groups * BCNP_AMX_ROWS
-        if k < rows:
-            if bits == 8:
-                bcnp_gemm_q8_0_scalar(&q8[k, 0], &d[k, 0], rows - k, nb, &xv[0], &dv[0], T, &yv[0, k], rows)
-            else:
-                bcnp_gemm_q4_0_scalar(&q4[k, 0], &d[k, 0], rows - k, nb, &xv[0], &dv[0], T, &yv[0, k], rows)
+        _rows_past_the_groups(q8, q4, d, xv, dv, nb, T, yv, groups * BCNP_AMX_ROWS, bits)
 
 
 cdef _few_tokens(const int8_t[:, ::1] q8, const uint8_t[:, ::1] q4, const uint16_t[:, ::1] d,
                  const int16_t[::1] xv, const float[::1] dv, Py_ssize_t n, Py_ssize_t T, float[:, ::1] yv, int nt,
                  int bits):
-    """Y = X W^T by the transposing kernel (quant_tokens.h; T <= BCNP_TOKENS_MAX) for the rows in whole groups of
-    16; the rest by the portable C, which adds the same terms in the same order."""
-    cdef Py_ssize_t rows = yv.shape[1], nb = n // 32, groups = rows // BCNP_GROUP_ROWS, g, t, k
+    """Y = X W^T by the tokens kernel (quant_tokens.h; T <= BCNP_TOKENS_MAX) for the rows in whole groups of 16;
+    the rest by the portable C, which adds the same terms in the same order."""
+    cdef Py_ssize_t rows = yv.shape[1], nb = n // 32, groups = rows // BCNP_GROUP_ROWS, g, t
     cdef int8_t[::1] x8 = _aligned_empty(T * n if bits == 4 else 1, np.int8)
     cdef int32_t[::1] bias = _aligned_empty(T * nb + 1 if bits == 4 else 1, np.int32)
     cdef int16_t[::1] x16 = _aligned_empty(T * n if bits == 8 else 1, np.int16)
@@ -556,12 +564,7 @@ cdef _few_tokens(const int8_t[:, ::1] q8, const uint8_t[:, ::1] q4, const uint16
             else:
                 bcnp_tokens_q4_0(&q4[g * BCNP_GROUP_ROWS, 0], &d[g * BCNP_GROUP_ROWS, 0], nb, &x8[0], &bias[0],
                                  &dv[0], <int>T, &yv[0, g * BCNP_GROUP_ROWS], rows, g + 1 < groups)
-        k = groups * BCNP_GROUP_ROWS
-        if k < rows:
-            if bits == 8:
-                bcnp_gemm_q8_0_scalar(&q8[k, 0], &d[k, 0], rows - k, nb, &xv[0], &dv[0], T, &yv[0, k], rows)
-            else:
-                bcnp_gemm_q4_0_scalar(&q4[k, 0], &d[k, 0], rows - k, nb, &xv[0], &dv[0], T, &yv[0, k], rows)
+        _rows_past_the_groups(q8, q4, d, xv, dv, nb, T, yv, groups * BCNP_GROUP_ROWS, bits)
 
 
 cdef _gemm(q, const uint16_t[:, ::1] d, const float[:, ::1] x, float[:, ::1] yv, int nt, int bits, bint simd=True):
