@@ -542,7 +542,7 @@ cdef _amx(const int8_t[:, ::1] q8, const uint8_t[:, ::1] q4, const uint16_t[:, :
         _rows_past_the_groups(q8, q4, d, xv, dv, nb, T, yv, groups * BCNP_AMX_ROWS, bits)
 
 
-cdef _few_tokens(const int8_t[:, ::1] q8, const uint8_t[:, ::1] q4, const uint16_t[:, ::1] d,
+cdef _tokens_kernel(const int8_t[:, ::1] q8, const uint8_t[:, ::1] q4, const uint16_t[:, ::1] d,
                  const int16_t[::1] xv, const float[::1] dv, Py_ssize_t n, Py_ssize_t T, float[:, ::1] yv, int nt,
                  int bits):
     """Y = X W^T by the tokens kernel (quant_tokens.h; T <= BCNP_TOKENS_MAX) for the rows in whole groups of 16;
@@ -584,7 +584,7 @@ cdef _gemm(q, const uint16_t[:, ::1] d, const float[:, ::1] x, float[:, ::1] yv,
         return
     if simd and TOKENS_KERNEL and BCNP_TOKENS and T <= TOKENS_KERNEL_PROMPT[bits]:
         for t0 in range(0, T, BCNP_TOKENS_MAX):
-            _few_tokens(q8, q4, d, xv[t0 * n:], dv[t0 * nb:], n, min(BCNP_TOKENS_MAX, T - t0), yv[t0:], nt, bits)
+            _tokens_kernel(q8, q4, d, xv[t0 * n:], dv[t0 * nb:], n, min(BCNP_TOKENS_MAX, T - t0), yv[t0:], nt, bits)
         return
     cdef Py_ssize_t panels = (rows + BCNP_PANEL_ROWS - 1) // BCNP_PANEL_ROWS, words = bcnp_panel_words(nb)
     cdef bint gemm = simd and BCNP_GEMM
