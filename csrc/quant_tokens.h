@@ -23,8 +23,8 @@
 
 #define BCNP_TOKENS_MAX 16
 /* Tokens whose products are interleaved: each token's block sum is a chain of 16 (Q8_0) or 8 (Q4_0) dependent
-   products, so four chains at a time keep the multiplier busy.  Eight were 3-12% slower (one core, rows in L2, 4,
-   8 and 16 tokens, alternated).  The unrolled copies matter: with the token count a run-time loop bound, GCC kept
+   products, so four chains at a time keep the multiplier busy.  Eight were 2-16% slower in 10 of 12 cases (one
+   core, rows in L2, 4, 8 and 16 tokens, int4 and int8, two alternated rounds; int8 at 4 tokens 3% faster).  The unrolled copies matter: with the token count a run-time loop bound, GCC kept
    the sums in memory and Q8_0 ran at a third of the speed. */
 #define BCNP_TOKENS_STEP 4
 
