@@ -4,6 +4,7 @@ golden logits, SPEC's error measure, the cached decode, random quantized weights
 CUDA kernels that check every launch against the CUDA signatures before running the NumPy twin."""
 import pathlib
 import re
+import signal
 import types
 
 import numpy as np
@@ -17,6 +18,13 @@ from bcnp.gpu.cache import clamp_to_float16
 from bcnp.quant import quantize, unpack_nibbles
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
+
+
+def sigint_as_from_a_terminal():
+    """preexec_fn for a child that a test sends SIGINT: a shell without job control starts its background commands
+    (`pytest ... &`) with SIGINT ignored, their children inherit that, and Python then installs no KeyboardInterrupt
+    handler. The child is given SIGINT's default so that the test sees what a user at a terminal sees."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 MODELS = ["b13-alibi-h8-l4-bf16", "b7-rope-h4-l3-fp16"]     # tiny seeded Baichuan-13B / 7B (SPEC §8)
 
 

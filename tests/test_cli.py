@@ -13,6 +13,7 @@ import time
 import pytest
 
 from bcnp import generate
+from conftest import sigint_as_from_a_terminal
 from test_generate_cli import HF_FIXTURE, ROOT, STATS, InterruptedModel, typed_lines
 from test_generate_cli import model_dir  # noqa: F401  (the chat model directory fixture)
 
@@ -170,7 +171,8 @@ def test_a_second_ctrl_c_exits_cleanly_with_status_130(monkeypatch, out, lines):
 def test_ctrl_c_twice_in_a_real_session_exits_130_without_a_traceback(model_dir):
     environment = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONIOENCODING": "utf-8"}
     p = subprocess.Popen([sys.executable, "-m", "bcnp.generate", "--model", str(model_dir), "--max-new-tokens", "200"],
-                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=environment)
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=environment,
+                         preexec_fn=sigint_as_from_a_terminal)
     try:
         assert b"Chat with the model" in p.stderr.readline()  # loaded, at the prompt
         p.stdin.write(b"tell me a long story\n")

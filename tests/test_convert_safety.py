@@ -16,7 +16,7 @@ import pytest
 import bcnp.convert
 from bcnp.checkpoint import CheckpointError, read_model_dir
 from bcnp.convert import MARKER, convert, signals_deferred, work_dir
-from conftest import FIXTURES
+from conftest import FIXTURES, sigint_as_from_a_terminal
 
 REPO = FIXTURES.parent.parent
 B7 = FIXTURES / "b7-rope-h4-l3-fp16" / "hf"
@@ -209,7 +209,8 @@ def convert_and_signal(tmp_path, signum):
     """Start a conversion that pauses after its first shard, send it `signum` there, wait for it."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     child = subprocess.Popen([sys.executable, "-c", SLOW, str(B7), str(tmp_path / "out"), "--max-shard-gb", "1e-4"],
-                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                             preexec_fn=sigint_as_from_a_terminal)
     assert child.stdout.readline() == "shard\n"
     tmp = pathlib.Path(work_dir(str(tmp_path / "out"), "tmp", child.pid))
     assert (tmp / MARKER).exists() and list(tmp.glob("model-*.safetensors"))
