@@ -1,10 +1,12 @@
-"""tools/bench.py and tools/blas_stall.py run end to end (--smoke: tiny widths) and report what their docstrings
-promise; and importing bcnp stops OpenBLAS's idle threads from spinning after a call (the post-prefill stall)."""
+"""tools/bench.py, tools/blas_stall.py and tools/llama_gguf.py run end to end (--smoke: tiny widths) and report
+what their docstrings promise; and importing bcnp stops OpenBLAS's idle threads from spinning after a call (the
+post-prefill stall)."""
 import json
 import math
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from conftest import FIXTURES
@@ -95,3 +97,35 @@ def test_blas_stall_compares_the_three_settings():
     assert settings["bcnp"]["spin_cpu_s"] < 0.02 and settings["openblas 1 thread"]["spin_cpu_s"] < 0.02
     for s in settings.values():
         assert s["prefill_s"] > 0 and math.isfinite(s["first_3_steps_ms"]) and s["rested_steps_ms"] > 0
+
+
+def test_the_llama_cpp_gguf_holds_the_bench_weights_as_bcnp_quantizes_them(tmp_path):
+    """tools/llama_gguf.py: llama.cpp's baichuan layout, and every linear the codes bcnp's own int4 model runs."""
+    import gguf                                     # a test extra, like the reference in tests/test_quant.py
+    import dataclasses
+    from bcnp.config import BAICHUAN_13B
+    from bcnp.quant import dequantize, quantize
+    from bcnp.weights import random_weights
+    out = tmp_path / "bench.gguf"
+    r = subprocess.run([sys.executable, TOOLS / "llama_gguf.py", out, "--smoke", "--layers", "1"],
+                       capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert r.returncode == 0 and r.stderr.startswith(f"wrote {out}: 1 layers"), r.stderr
+    reader = gguf.GGUFReader(out)
+    tensors = {t.name: t for t in reader.tensors}
+    assert str(bytes(reader.fields["general.architecture"].parts[-1]), "utf-8") == "baichuan"
+    assert tensors["token_embd.weight"].tensor_type == gguf.GGMLQuantizationType.F16
+    assert tensors["output.weight"].tensor_type == gguf.GGMLQuantizationType.Q8_0
+    config = dataclasses.replace(BAICHUAN_13B, num_hidden_layers=1, hidden_size=128, intermediate_size=352,
+                                 num_attention_heads=4, vocab_size=512)
+    w = random_weights(config, seed=0)
+    q, k, v = np.split(w["model.layers.0.self_attn.W_pack.weight"], 3)
+    down = w["model.layers.0.mlp.down_proj.weight"]
+    for name, weight in [("blk.0.attn_q", q), ("blk.0.attn_v", v), ("blk.0.ffn_down", down)]:
+        t = tensors[name + ".weight"]
+        assert t.tensor_type == gguf.GGMLQuantizationType.Q4_0
+        ours = dequantize(*quantize(weight, 4), 4)
+        assert np.array_equal(gguf.quants.dequantize(t.data, t.tensor_type).reshape(ours.shape), ours)
+    again = subprocess.run([sys.executable, TOOLS / "llama_gguf.py", out, "--smoke"], capture_output=True, text=True,
+                           timeout=120, cwd=ROOT)
+    assert again.returncode == 1 and again.stderr == f"error: {out}: exists; pass --force to replace it\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bench.gguf"]
