@@ -147,6 +147,67 @@ static void bcnp_weighted_sum_avx512(const float *e, const uint16_t *v, int64_t 
             out[d] += e[j] * bcnp_f16_to_f32(vj[d]);
     }
 }
+
+/* Head dim 128 (every Baichuan model): the row's q and out stay in eight registers, and the scores of 16 keys are
+   folded into one vector of 16 sums (as quant_group.h folds 16 rows), then scaled, biased and maxed 16 at a time.
+   The general loops above reloaded q for every key, reduced every key's 16 lanes alone, kept out in memory (a
+   store-to-load chain per key) and scaled one score at a time: a 512-token prompt over itself, 40 heads, took
+   145 ms a layer on 2 Zen 4 cores, 28 ns per query and key on a core. */
+#define BCNP_HD128 8                                  /* 128 floats: 8 vectors */
+
+/* v[16] -> lane j = the sum of v[j]'s 16 lanes */
+static inline __m512 bcnp_fold16_ps(const __m512 *v)
+{
+    __m512 x[8], y[4];
+    for (int i = 0; i < 8; i++)      /* each 128-bit lane: keys 2i, 2i + 1, two partial sums each */
+        x[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+    for (int i = 0; i < 4; i++)      /* each 128-bit lane: keys 4i .. 4i + 3, one partial sum each */
+        y[i] = _mm512_add_ps(_mm512_shuffle_ps(x[2 * i], x[2 * i + 1], 0x44), _mm512_shuffle_ps(x[2 * i], x[2 * i + 1], 0xEE));
+    const __m512 w0 = _mm512_add_ps(_mm512_shuffle_f32x4(y[0], y[1], 0x88), _mm512_shuffle_f32x4(y[0], y[1], 0xDD));
+    const __m512 w1 = _mm512_add_ps(_mm512_shuffle_f32x4(y[2], y[3], 0x88), _mm512_shuffle_f32x4(y[2], y[3], 0xDD));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(w0, w1, 0x88), _mm512_shuffle_f32x4(w0, w1, 0xDD));
+}
+
+/* e[j] = (q . k_j) / sqrt_hd + bias[j] for j < S; returns their max (NaN ignored, as fmaxf) */
+static float bcnp_scores_hd128(const float *q, const uint16_t *k, const float *bias, int64_t S, float sqrt_hd,
+                               float *e)
+{
+    __m512 qv[BCNP_HD128], m = _mm512_set1_ps(-INFINITY);
+    const __m512 root = _mm512_set1_ps(sqrt_hd);
+    for (int c = 0; c < BCNP_HD128; c++)
+        qv[c] = _mm512_loadu_ps(q + 16 * c);
+    for (int64_t j0 = 0; j0 < S; j0 += 16) {
+        const int64_t n = S - j0 < 16 ? S - j0 : 16;
+        __m512 acc[16];
+        for (int j = 0; j < 16; j++) {
+            const uint16_t *kj = k + (j0 + (j < n ? j : 0)) * 128;       /* past S: any key, its lanes are dropped */
+            __m512 a = _mm512_mul_ps(qv[0], _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)kj)));
+            for (int c = 1; c < BCNP_HD128; c++)
+                a = _mm512_fmadd_ps(qv[c], _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(kj + 16 * c))), a);
+            acc[j] = a;
+        }
+        const __mmask16 in = n == 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1);
+        const __m512 s = _mm512_add_ps(_mm512_div_ps(bcnp_fold16_ps(acc), root), _mm512_maskz_loadu_ps(in, bias + j0));
+        _mm512_mask_storeu_ps(e + j0, in, s);
+        m = _mm512_mask_max_ps(m, in, s, m);          /* s NaN: m kept */
+    }
+    return _mm512_reduce_max_ps(m);
+}
+
+static void bcnp_weighted_sum_hd128(const float *e, const uint16_t *v, int64_t S, float *out)
+{
+    __m512 acc[BCNP_HD128];
+    for (int c = 0; c < BCNP_HD128; c++)
+        acc[c] = _mm512_setzero_ps();
+    for (int64_t j = 0; j < S; j++) {
+        const __m512 ej = _mm512_set1_ps(e[j]);
+        for (int c = 0; c < BCNP_HD128; c++)
+            acc[c] = _mm512_fmadd_ps(ej, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(v + j * 128 + 16 * c))),
+                                     acc[c]);
+    }
+    for (int c = 0; c < BCNP_HD128; c++)
+        _mm512_storeu_ps(out + 16 * c, acc[c]);
+}
 #endif
 
 /* ---- AVX2 + F16C + FMA ------------------------------------------------------------------------------------------ */
@@ -239,7 +300,24 @@ static void bcnp_attend_row(int path, const float *q, const uint16_t *k, const u
                             int64_t S, int64_t hd, float sqrt_hd, float *e, float *out)
 {
     float m = -INFINITY, l;
+    /* Keys the bias masks at the end of the span (the chunk's own later tokens) add exp(-inf) = 0 exactly: the
+       row's sums without them are the same; only a NaN there, which the row must not see, no longer spoils it. */
+    while (S > 0 && bias[S - 1] == -INFINITY)
+        S--;
 #if defined(BCNP_ATTENTION_AVX512)
+    if (path == BCNP_ATTENTION_AVX512_PATH && hd == 128 && S > 0) {
+        m = bcnp_scores_hd128(q, k, bias, S, sqrt_hd, e);
+        if (m == -INFINITY) {
+            for (int64_t d = 0; d < hd; d++)
+                out[d] = NAN;
+            return;
+        }
+        l = bcnp_exp_sum_avx512(e, S, m);
+        bcnp_weighted_sum_hd128(e, v, S, out);
+        for (int64_t d = 0; d < hd; d++)
+            out[d] /= l;
+        return;
+    }
     if (path == BCNP_ATTENTION_AVX512_PATH) bcnp_scores_avx512(q, k, S, hd, e); else
 #endif
 #if defined(BCNP_ATTENTION_AVX2)

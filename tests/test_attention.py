@@ -85,14 +85,28 @@ def test_a_shared_bias_row_serves_every_head():
 
 
 @pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")      # the specification's inf - inf
-def test_non_finite_inputs_give_what_softmax_gives():
-    q, k, v, bias = case(np.random.default_rng(3), 2, 1, 40, 16, 0, True)
+@pytest.mark.parametrize("hd", [16, 128])                                # 128: AVX-512's own loops
+def test_non_finite_inputs_give_what_softmax_gives(hd):
+    q, k, v, bias = case(np.random.default_rng(3), 2, 1, 40, hd, 0, True)
     q[1, 0, 3] = np.nan                                                    # head 1's scores are all NaN
     for path in _attention.PATHS:
         got = kernel(q, k, v, bias, path=path)
         assert np.isfinite(got[0]).all() and np.isnan(got[1]).all()
     masked = np.full_like(bias, -np.inf)                                   # every key masked: 0/0
     assert np.isnan(kernel(q, k, v, masked)).all() and np.isnan(specification(q, k, v, masked)).all()
+
+
+@pytest.mark.parametrize("hd", [16, 128])
+def test_a_later_token_of_the_chunk_never_reaches_an_earlier_row(hd):
+    """The bias masks each row's later keys; the kernel does not read them at all (exp(-inf) adds exactly 0), so
+    a NaN key or value there, which the specification's 0 * NaN would spread to every row, stays where it is."""
+    q, k, v, bias = case(np.random.default_rng(4), 3, 4, 20, hd, 0, True)  # 4 new tokens after 20
+    k[:, 23], v[:, 23] = np.nan, np.nan                                    # the last new token's key and value
+    for path in _attention.PATHS:
+        got = kernel(q, k, v, bias, path=path)
+        assert np.isnan(got[:, 3]).all()                                   # the row that sees it
+        want = specification(q[:, :3], k, v, bias[:, :3, :23])             # the rows that do not, over what they see
+        np.testing.assert_allclose(got[:, :3], want, rtol=0, atol=TOLERANCE)
 
 
 def test_the_kernel_refuses_what_does_not_fit():
