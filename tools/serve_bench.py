@@ -7,8 +7,10 @@ weights (`bcnp.weights.random_weights`), quantized like a converted checkpoint (
 demo model's tokenizer, so the vocabulary is cut to its 1000 pieces: the decoder layers cost what they cost in the
 13B, the lm_head almost nothing. The server runs in this process on a free port (`bcnp.server.Server`), the clients
 are threads speaking raw HTTP (http.client: they only wait on sockets, the engine keeps the cores). Each client sends
-`--requests` streamed chat requests one after another, each a different question (no shared prefix beyond the
-role token), greedy, `--max-tokens` long; eos is ignored so every reply has the same length.
+`--requests` streamed chat requests one after another, each a different question ("Question r from client c: what
+is mountain number ...?", 30-34 tokens with the role tokens; the demo tokenizer cuts words small, so requests with
+the same r share their first 14-16 tokens, and the engine computes such a prefix once when 16 or more match),
+greedy, `--max-tokens` long; eos is ignored so every reply has the same length.
 
 Per concurrency level: aggregate completion tokens/s (all completion tokens / wall time of the level) and the time
 from sending a request to its first content delta (TTFT), p50 and p95 over all its requests.
