@@ -75,11 +75,11 @@ class KVCache:
         """Attention of q (nh, T, hd) over layer i's first S = bias.shape[-1] positions -> (nh, T, hd)."""
         S = bias.shape[-1]
         if xp is np and self.k.dtype == np.float16 and _attention is not None:
-            # The kernel for any T: it never holds the (nh, T, S) scores nor a float32 copy of the span. Widening
-            # the span for BLAS was 5-20% faster for 256-token chunks over 1024-4000 positions, but a 4000-token
-            # prompt through 2 int4 layers of 13B width then peaked at 3.46 GB in Model.logits (2.82 with the
-            # kernel) and 2.54 in the engine (1.90); from 1 to 64 tokens the kernel is 1.5-35x faster
-            # (`python tools/memory_bench.py attention` and `memory`, quiet machine).
+            # The kernel for any T: it never holds the (nh, T, S) scores nor a float32 copy of the span (widening
+            # the span for BLAS made a 4000-token prompt through 2 int4 layers of 13B width peak at 3.46 GB in
+            # Model.logits against 2.82, and 2.54 in the engine against 1.90), and since its head-dim-128 loops it
+            # is also faster than widening + BLAS from 16 to 512 tokens (1.4-5x; the least at 256 tokens over 4000
+            # positions, where widening used to win by 5-20%): `python tools/memory_bench.py attention`, `memory`.
             return _attention.attend_f16(np.ascontiguousarray(q), self.k[i].view(np.uint16), self.v[i].view(np.uint16),
                                          bias)
         keys, values = self.k[i, :, :S], self.v[i, :, :S]                    # (nh, S, hd)

@@ -34,9 +34,19 @@ Measured on this machine (2 vCPUs of a Xeon with AVX-512 and a 300 MB L3), quiet
   T 1, S 2048 / 4000                                           1.3 / 5.4          46 / 84               6.4 / 6.9
   T 16 / 64 / 256, S 1024                                  9.5 / 36 / 139    32 / 53 / 131          8.9 / 29 / 114
   T 256, S 4000                                                  520               493                    417
-  Widening wins 5-20% at T 256 but holds float32 copies of the span: a 4000-token prompt then peaked at 3.46 GB
+  Widening won 5-20% at T 256 but holds float32 copies of the span: a 4000-token prompt then peaked at 3.46 GB
   (Model.logits) and 2.54 GB (engine) against 2.82 and 1.90 with the kernel, so bcnp.cache keeps the kernel for
   every T.
+
+  Since the kernel's head-dim-128 loops (csrc/attention.h: q and out in registers, 16 keys' scores folded at once,
+  the keys a row's bias masks at its end skipped), on a 2-core Zen 4 (AVX-512, no AMX), 2026-12-02, the previous
+  build alternated with it, two runs each, kernel ms before -> after:
+  T 1, S 2048 / 4000                        1.4, 1.4 -> 1.0, 1.1  /  3.0, 2.6 -> 2.4, 2.7   (reading the cache)
+  T 16 / 64 / 256, S 1024                   9.8-12.5 -> 8.2-8.4  /  34 -> 15  /  110-116 -> 51-57
+  T 256, S 4000                             466-493 -> 237-361
+  T 512, S 512 (a prompt over itself)       129-137 -> 39-40
+  Widening + BLAS took 134-163 ms at T 256, S 1024 and 125-163 at T 512, S 512 in the same runs: the kernel is
+  now the faster one at every T as well as the smaller.
 """
 import argparse
 import os
@@ -197,7 +207,7 @@ def attention_report(args):
     v = rng.standard_normal((nh, 4096, hd)).astype(np.float16)
     print(f"attention of one 13B layer (40 heads x 128), ms, best of {args.repeats}; kernels {_attention.SIMD}")
     k32, v32 = k.astype(np.float32), v.astype(np.float32)
-    for T, S in ((1, 128), (1, 2048), (1, 4000), (16, 1024), (64, 1024), (256, 1024), (256, 4000)):
+    for T, S in ((1, 128), (1, 2048), (1, 4000), (16, 1024), (64, 1024), (256, 1024), (256, 4000), (512, 512)):
         q = rng.standard_normal((nh, T, hd), dtype=np.float32)
         bias = attention_bias(np, config, np.arange(S - T, S), np.arange(S))
         kernel = best_ms(lambda: _attention.attend_f16(q, k.view(np.uint16), v.view(np.uint16), bias), args.repeats)
