@@ -18,6 +18,7 @@ from bcnp.gpu.cache import clamp_to_float16
 from bcnp.quant import quantize, unpack_nibbles
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
+MODELS = ["b13-alibi-h8-l4-bf16", "b7-rope-h4-l3-fp16"]     # tiny seeded Baichuan-13B / 7B (SPEC §8)
 
 
 def sigint_as_from_a_terminal():
@@ -25,7 +26,6 @@ def sigint_as_from_a_terminal():
     (`pytest ... &`) with SIGINT ignored, their children inherit that, and Python then installs no KeyboardInterrupt
     handler. The child is given SIGINT's default so that the test sees what a user at a terminal sees."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
-MODELS = ["b13-alibi-h8-l4-bf16", "b7-rope-h4-l3-fp16"]     # tiny seeded Baichuan-13B / 7B (SPEC §8)
 
 
 @pytest.fixture(params=MODELS)
