@@ -305,29 +305,28 @@ static void bcnp_attend_row(int path, const float *q, const uint16_t *k, const u
     while (S > 0 && bias[S - 1] == -INFINITY)
         S--;
 #if defined(BCNP_ATTENTION_AVX512)
-    if (path == BCNP_ATTENTION_AVX512_PATH && hd == 128 && S > 0) {
-        m = bcnp_scores_hd128(q, k, bias, S, sqrt_hd, e);
-        if (m == -INFINITY) {
-            for (int64_t d = 0; d < hd; d++)
-                out[d] = NAN;
-            return;
-        }
-        l = bcnp_exp_sum_avx512(e, S, m);
-        bcnp_weighted_sum_hd128(e, v, S, out);
-        for (int64_t d = 0; d < hd; d++)
-            out[d] /= l;
-        return;
-    }
-    if (path == BCNP_ATTENTION_AVX512_PATH) bcnp_scores_avx512(q, k, S, hd, e); else
+    const int hd128 = path == BCNP_ATTENTION_AVX512_PATH && hd == 128;
+#else
+    const int hd128 = 0;
+#endif
+    if (hd128) {
+#if defined(BCNP_ATTENTION_AVX512)
+        if (S > 0)
+            m = bcnp_scores_hd128(q, k, bias, S, sqrt_hd, e);
+#endif
+    } else {
+#if defined(BCNP_ATTENTION_AVX512)
+        if (path == BCNP_ATTENTION_AVX512_PATH) bcnp_scores_avx512(q, k, S, hd, e); else
 #endif
 #if defined(BCNP_ATTENTION_AVX2)
-    if (path == BCNP_ATTENTION_AVX2_PATH) bcnp_scores_avx2(q, k, S, hd, e); else
+        if (path == BCNP_ATTENTION_AVX2_PATH) bcnp_scores_avx2(q, k, S, hd, e); else
 #endif
-    bcnp_scores_scalar(q, k, S, hd, e);
+        bcnp_scores_scalar(q, k, S, hd, e);
 
-    for (int64_t j = 0; j < S; j++) {
-        e[j] = e[j] / sqrt_hd + bias[j];
-        m = fmaxf(m, e[j]);
+        for (int64_t j = 0; j < S; j++) {
+            e[j] = e[j] / sqrt_hd + bias[j];
+            m = fmaxf(m, e[j]);
+        }
     }
     if (m == -INFINITY) {                 /* every key masked (or every score NaN): NaN, as softmax gives */
         for (int64_t d = 0; d < hd; d++)
@@ -335,6 +334,7 @@ static void bcnp_attend_row(int path, const float *q, const uint16_t *k, const u
         return;
     }
 #if defined(BCNP_ATTENTION_AVX512)
+    if (hd128) { l = bcnp_exp_sum_avx512(e, S, m); bcnp_weighted_sum_hd128(e, v, S, out); } else
     if (path == BCNP_ATTENTION_AVX512_PATH) { l = bcnp_exp_sum_avx512(e, S, m); bcnp_weighted_sum_avx512(e, v, S, hd, out); } else
 #endif
 #if defined(BCNP_ATTENTION_AVX2)
