@@ -52,7 +52,10 @@ def test_decode_kernel_launches_match_the_cuda_signatures(fixture_model, dtype):
 @pytest.mark.parametrize("bits", [16, 8, 4])
 def test_fused_matvec_launches_match_the_cuda_signatures(fixture_model, bits):
     """With device weights, DecodeOps adds the residuals inside o_proj's and down_proj's matvecs and runs
-    gate_proj, up_proj and silu(gate) * up as one kernel."""
+    gate_proj, up_proj and silu(gate) * up as one kernel: every token decoded through the launches gets the
+    twins' bits. A prefill multiplies by cuBLAS instead, not a launch: here NumPy's float16 matmul, whose sums
+    are not the twin's float32 BLAS sums in the same order (on a Zen 5 they differ in the last float16 bit), so
+    prefill then decode is compared to float16 rounding."""
     model, golden = fixture_model
     cpu = model if bits == 16 else model.quantize(bits)
     twin = to_device(cpu, xp=strict_xp)
@@ -64,7 +67,9 @@ def test_fused_matvec_launches_match_the_cuda_signatures(fixture_model, bits):
         if isinstance(weight, DeviceQuantizedWeight):
             weight.kernels = kernels
     prompt = golden["prompt_2"]
-    np.testing.assert_array_equal(prefill_then_decode(launched, prompt), prefill_then_decode(twin, prompt))
+    np.testing.assert_array_equal(decode_one_at_a_time(launched, prompt, 1, launched.new_cache()),
+                                  decode_one_at_a_time(twin, prompt, 1, twin.new_cache()))
+    assert scaled_error(prefill_then_decode(launched, prompt), prefill_then_decode(twin, prompt)) <= 2e-3
     kind = "f16" if bits == 16 else f"q{bits}_0"
     assert {f"matvec_{kind}", f"matvec_{kind}_add", f"matvec_{kind}_swiglu", "attention_decode_f16",
             "kv_store_f16", "rms_norm_f32"} <= set(names) and "silu_mul_f32" not in names
