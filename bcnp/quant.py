@@ -20,9 +20,9 @@ Two implementations of the same functions:
   where they are not built).
 
 `QuantizedWeight.matmul(x)` multiplies one token (decode) with the fused kernel, which never expands W to float: it
-rounds x per block of 32 to integers (`round_activation`: int16 for 8-bit weights, int8 like llama.cpp for 4-bit
-ones) and sums exact integer block products (see `matvec` for the error bound); up to BATCH_TOKENS = 8 tokens (a
-batched decode step) go through the batched kernel, which reads each block once for all of them and gives each
+rounds x per block of 32 to integers (`round_activation`: int16 in an 8-bit model, int8 like llama.cpp in a 4-bit
+one, its 8-bit lm_head included: `QuantizedWeight.x_bits`) and sums exact integer block products (see `matvec` for
+the error bound); up to BATCH_TOKENS = 8 tokens (a batched decode step) go through the batched kernel, which reads each block once for all of them and gives each
 token exactly its matvec; longer prompts through the prefill GEMM, which rounds x the same way and so keeps the same
 bound (BLAS on dequantized tiles, times the rounded x, where that kernel is not built). On AVX-512 builds all
 three add the block products in block order into one float32 sum per output (the AMX tile unit does a batch's
@@ -61,7 +61,8 @@ if _missing:
                            "slower: build them with `python setup.py build_ext --inplace` (needs a C compiler and "
                            "Python.h) or `pip install -e .`"), RuntimeWarning, stacklevel=2)
 
-from .layout import BITS, BLOCK_SIZE as BLOCK, is_linear, padded_width, quantized_bits  # noqa: F401 (re-exported)
+from .layout import (BITS, BLOCK_SIZE as BLOCK, activation_bits, is_linear, padded_width,  # noqa: F401 (re-exported)
+                     quantized_bits)
 
 
 # --- the specification, in NumPy ------------------------------------------------------------------------------
@@ -145,21 +146,19 @@ def dequantize(qweight, scales, bits, in_features=None):
     return w if in_features is None else w[:, :in_features]
 
 
-# The fused kernels round x per block of 32 to integers before the block products (csrc/quant_kernels.h): to int16
-# for 8-bit weights, to int8 (llama.cpp's choice) for 4-bit weights. Measured on the fixture b13 (RMS of the logits'
-# difference from float32 over its 33-token prompt): int8 x took the 8-bit model from 0.0031 to 0.0040, worse than
-# the original's own int8, and left the 4-bit model at 0.0485 (0.0484), whose weights' rounding is 16 times coarser
-# than int8 x's; int8 x is one AMX product where int16 is two (docs/performance.md).
-ACTIVATION_LIMIT = {8: 32767, 4: 127}
+# The fused kernels round x per block of 32 to x_bits-bit integers before the block products
+# (csrc/quant_kernels.h; layout.activation_bits says which, by the model's bits). By the bits of x:
+ACTIVATION_LIMIT = {16: 32767, 8: 127}
 
 
-def round_activation(x, bits):
+def round_activation(x, x_bits):
     """x float32 (..., n), n % 32 == 0 -> (xq (..., n) integers, dx float32 (..., n/32)) with dx = max|x_b| / L and
-    xq = round(x / dx) (half away from zero, float32 division) in [-L, L], L = ACTIVATION_LIMIT[bits]: dx * xq is
-    the x that the fused kernels multiply by the `bits`-bit weights. A block of zeros has dx = 0 and xq = 0; a block
-    holding inf or nan has dx = nan."""
-    _check_bits(bits)
-    limit = ACTIVATION_LIMIT[bits]
+    xq = round(x / dx) (half away from zero, float32 division) in [-L, L], L = ACTIVATION_LIMIT[x_bits] (x_bits 16
+    or 8): dx * xq is the x that the fused kernels multiply by a weight of that `x_bits`. A block of zeros has dx = 0
+    and xq = 0; a block holding inf or nan has dx = nan."""
+    if x_bits not in ACTIVATION_LIMIT or isinstance(x_bits, bool):
+        raise ValueError(f"round_activation: x_bits must be 16 or 8, got {x_bits!r}")
+    limit = ACTIVATION_LIMIT[x_bits]
     x = np.asarray(x, np.float32)
     if x.ndim == 0 or x.shape[-1] % BLOCK:
         raise ValueError(f"round_activation: x has shape {x.shape}, expected rows of a multiple of {BLOCK} elements")
@@ -172,10 +171,10 @@ def round_activation(x, bits):
     return xq.reshape(x.shape), dx
 
 
-def rounded_activation(x, bits):
+def rounded_activation(x, x_bits):
     """dx * xq of `round_activation`, float32 (..., n): the x the kernels multiply, to one float32 rounding of each
     product."""
-    xq, dx = round_activation(x, bits)
+    xq, dx = round_activation(x, x_bits)
     x = xq.reshape(*xq.shape[:-1], -1, BLOCK) * dx[..., None]             # float32 times float32
     return x.reshape(xq.shape)
 
@@ -226,20 +225,20 @@ class NumpyKernels:
         return _into(out, dequantize(q, np.asarray(d).view(np.float16), 4))
 
     @staticmethod
-    def matvec_q8_0(q, d, x, out=None, threads=0):
-        return _into(out, NumpyKernels.dequantize_q8_0(q, d) @ rounded_activation(x, 8))
+    def matvec_q8_0(q, d, x, out=None, threads=0, x_bits=16):
+        return _into(out, NumpyKernels.dequantize_q8_0(q, d) @ rounded_activation(x, x_bits))
 
     @staticmethod
     def matvec_q4_0(q, d, x, out=None, threads=0):
-        return _into(out, NumpyKernels.dequantize_q4_0(q, d) @ rounded_activation(x, 4))
+        return _into(out, NumpyKernels.dequantize_q4_0(q, d) @ rounded_activation(x, 8))
 
     @staticmethod
-    def matmul_q8_0(q, d, x, out=None, threads=0):
-        return _into(out, rounded_activation(x, 8) @ NumpyKernels.dequantize_q8_0(q, d).T)
+    def matmul_q8_0(q, d, x, out=None, threads=0, x_bits=16):
+        return _into(out, rounded_activation(x, x_bits) @ NumpyKernels.dequantize_q8_0(q, d).T)
 
     @staticmethod
     def matmul_q4_0(q, d, x, out=None, threads=0):
-        return _into(out, rounded_activation(x, 4) @ NumpyKernels.dequantize_q4_0(q, d).T)
+        return _into(out, rounded_activation(x, 8) @ NumpyKernels.dequantize_q4_0(q, d).T)
 
     GEMM = False                                    # prefill: dequantized tiles and BLAS
 
@@ -302,7 +301,9 @@ def dequantize_fast(qweight, scales, bits, in_features=None, threads=None, out=N
 
 class QuantizedWeight:
     """A quantized linear weight W (out_features, in_features): `qweight`, `scales` as in `quantize` (either may be
-    a read-only np.memmap of a converted checkpoint), padded to whole blocks along `in`.
+    a read-only np.memmap of a converted checkpoint), padded to whole blocks along `in`; `x_bits`, the integers its
+    kernels round x to (16 or 8; default `activation_bits(bits)`, 4-bit weights only 8): a property of the model,
+    not of the stored blocks, so an int4 model's 8-bit lm_head has x_bits 8.
 
     `matmul(x)` is x @ W.T, always straight from the blocks: one token through the fused matvec, 2 to BATCH_TOKENS
     tokens (a batched decode step) through the batched kernel, bit-identical per token to the matvec, and longer
@@ -311,8 +312,12 @@ class QuantizedWeight:
 
     TILE_BYTES = 64 * 2**20                 # float32 scratch per tile of dequantized rows
 
-    def __init__(self, qweight, scales, bits, in_features=None):
+    def __init__(self, qweight, scales, bits, in_features=None, x_bits=None):
         _check_bits(bits)
+        x_bits = activation_bits(bits) if x_bits is None else x_bits
+        if x_bits not in ((16, 8) if bits == 8 else (8,)) or isinstance(x_bits, bool):
+            raise ValueError(f"QuantizedWeight: x_bits must be {'16 or 8' if bits == 8 else '8'} for {bits}-bit "
+                             f"weights, got {x_bits!r}")
         dtype = np.int8 if bits == 8 else np.uint8
         qweight, scales = np.asarray(qweight), np.asarray(scales)
         if qweight.dtype != dtype or qweight.ndim != 2:
@@ -327,13 +332,23 @@ class QuantizedWeight:
             raise ValueError(f"QuantizedWeight: in_features {in_features} does not pad to the stored width {in_pad}")
         self.qweight = _c_contiguous(qweight, dtype)
         self.scales = _c_contiguous(scales, np.float16)
-        self.bits = bits
+        self.bits, self.x_bits = bits, x_bits
         self.out_features, self.in_features, self.in_padded = qweight.shape[0], in_features, in_pad
 
     @classmethod
-    def from_float(cls, w, bits, name="weight", threads=None):
+    def from_float(cls, w, bits, name="weight", threads=None, x_bits=None):
         w = np.asarray(w)
-        return cls(*quantize_fast(w, bits, name, threads), bits, in_features=w.shape[-1])
+        return cls(*quantize_fast(w, bits, name, threads), bits, in_features=w.shape[-1], x_bits=x_bits)
+
+    def with_x_bits(self, x_bits):
+        """The same blocks (no copy), their x rounded to x_bits-bit integers."""
+        if x_bits == self.x_bits:
+            return self
+        return QuantizedWeight(self.qweight, self.scales, self.bits, self.in_features, x_bits)
+
+    def _x_bits(self):
+        """The kernels' keyword for the rounding of x: Q8_0's take x_bits, Q4_0's always round to int8."""
+        return {"x_bits": self.x_bits} if self.bits == 8 else {}
 
     @property
     def shape(self):
@@ -344,7 +359,7 @@ class QuantizedWeight:
         return self.qweight.nbytes + self.scales.nbytes
 
     def __repr__(self):
-        return f"QuantizedWeight(shape={self.shape}, bits={self.bits}, nbytes={self.nbytes})"
+        return f"QuantizedWeight(shape={self.shape}, bits={self.bits}, x_bits={self.x_bits}, nbytes={self.nbytes})"
 
     def dequantize(self, threads=None):
         """float32 (out_features, in_features)."""
@@ -362,18 +377,18 @@ class QuantizedWeight:
 
     def matvec(self, x, threads=None):
         """y = W x for one token x (in_features,) -> (out_features,), fused: W is never expanded to float.
-        x is rounded per block of 32 by `round_activation` (dx = max|x_b| / L, L = 32767 for 8-bit weights and 127
-        for 4-bit ones; error <= dx (1/2 + (L + 1) 2^-24) per element: 2^-16, or 2^-8, of the block's largest |x|)
+        x is rounded per block of 32 by `round_activation` (dx = max|x_b| / L, L = 32767 for x_bits 16 and 127 for
+        x_bits 8; error <= dx (1/2 + (L + 1) 2^-24) per element: 2^-16, or 2^-8, of the block's largest |x|)
         and every block contributes its exact integer dot product times d_w * dx, so
         |y - dequantize() @ x| <= sum_b |d_w,b| dx_b sum_i |q_i| (1/2 + (L + 1) 2^-24 + (n_blocks + 4) L 2^-24)
         with q the weight codes: the rounding of x, then the float32 rounding of the block products and their sum.
-        For 8-bit weights that is the size of float32 summation error at Baichuan widths (n_blocks = 160 or 428);
-        for 4-bit ones a sixteenth of the weights' own rounding."""
+        With int16 x that is the size of float32 summation error at Baichuan widths (n_blocks = 160 or 428); with
+        int8 x a sixteenth of 4-bit weights' own rounding, and about as much as 8-bit weights' own."""
         x = self._padded(x)
         if x.ndim != 1:
             raise ValueError(f"QuantizedWeight.matvec: x must be 1-D, got shape {x.shape}")
         kernel = _quant.matvec_q8_0 if self.bits == 8 else _quant.matvec_q4_0
-        return kernel(self.qweight, self.scales.view(np.uint16), x, None, threads or 0)
+        return kernel(self.qweight, self.scales.view(np.uint16), x, None, threads or 0, **self._x_bits())
 
     def matmul(self, x, threads=None):
         """x (T, in_features) -> x @ W.T (T, out_features); x (in_features,) -> (out_features,).
@@ -390,7 +405,7 @@ class QuantizedWeight:
         x = self._padded(x)
         if x.shape[0] <= BATCH_TOKENS:
             kernel = _quant.matmul_q8_0 if self.bits == 8 else _quant.matmul_q4_0
-            return kernel(self.qweight, self.scales.view(np.uint16), x, None, threads or 0)
+            return kernel(self.qweight, self.scales.view(np.uint16), x, None, threads or 0, **self._x_bits())
         return prefill(self, x, threads)
 
 
@@ -416,13 +431,13 @@ def prefill(weight, x, threads=None):
     if not _quant.GEMM:
         return dequantized_matmul(weight, x)
     kernel = _quant.prefill_q8_0 if weight.bits == 8 else _quant.prefill_q4_0
-    return kernel(weight.qweight, weight.scales.view(np.uint16), x, None, threads or 0)
+    return kernel(weight.qweight, weight.scales.view(np.uint16), x, None, threads or 0, **weight._x_bits())
 
 
 def dequantized_matmul(weight, x):
     """x (T, in_padded) float32, rounded as `matvec` rounds it, @ W.T by BLAS on float32 tiles of W's rows
     dequantized in turn: exact up to the float32 rounding of the GEMM."""
-    x = rounded_activation(x, weight.bits)
+    x = rounded_activation(x, weight.x_bits)
     y = np.empty((x.shape[0], weight.out_features), np.float32)
     rows = max(1, min(weight.out_features, weight.TILE_BYTES // (4 * weight.in_padded)))
     scratch = np.empty((rows, weight.in_padded), np.float32)

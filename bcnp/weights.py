@@ -17,7 +17,7 @@ import numpy as np
 
 from .tensor import FLOAT16_MAX, Tensor
 from .forward import ROPE_INV_FREQ
-from .layout import EMBEDDING, quantized_bits
+from .layout import EMBEDDING, activation_bits, quantized_bits
 from .quant import QuantizedWeight
 from .torch_pow import rope_inv_freq_table
 
@@ -25,14 +25,17 @@ from .torch_pow import rope_inv_freq_table
 def read_weights(config, tensors):
     """{name: value} of a checkpoint's tensors (bcnp.checkpoint.read_model_dir): float tensors as the `Tensor`s
     they are (nothing read), a quantized pair NAME.qweight / NAME.scales as the QuantizedWeight NAME.weight over
-    the mapped bytes; and, for RoPE models, the frequency table (`rope_inv_freq`)."""
+    the mapped bytes, its x rounded as the model's bits say (an int4 checkpoint's 8-bit lm_head too); and, for RoPE
+    models, the frequency table (`rope_inv_freq`)."""
     w = {}
+    int4 = any(name.endswith(".qweight") and tensor.dtype != "int8" for name, tensor in tensors.items())
     for name, tensor in tensors.items():
         if name.endswith(".qweight"):
             base = name[: -len(".qweight")]
             in_features = config.weight_shapes()[base + ".weight"][1]
             w[base + ".weight"] = QuantizedWeight(tensor.numpy(), tensors[base + ".scales"].numpy(),
-                                                  bits=8 if tensor.dtype == "int8" else 4, in_features=in_features)
+                                                  bits=8 if tensor.dtype == "int8" else 4, in_features=in_features,
+                                                  x_bits=activation_bits(4 if int4 else 8))
         elif not name.endswith(".scales"):
             w[name] = tensor
     return with_rope_table(config, w)
@@ -133,9 +136,9 @@ def as_float(name, value, dtype):
 
 def quantized(weights, bits):
     """(name, value) pairs with every linear weight quantized to `bits` (8 or 4; lm_head always 8) and the
-    embedding float16 (a lookup, not a matmul), one at a time. A weight quantized already keeps its blocks when
-    they have the bits it would get; other bits are an error: quantizing again would quantize the rounding errors
-    of the first pass."""
+    embedding float16 (a lookup, not a matmul), one at a time; x rounded as `activation_bits(bits)` says. A weight
+    quantized already keeps its blocks when they have the bits it would get; other bits are an error: quantizing
+    again would quantize the rounding errors of the first pass."""
     if bits not in (8, 4) or isinstance(bits, bool):
         raise ValueError(f"quantize: bits must be 8 or 4, got {bits!r}")
     for name, value in weights:
@@ -144,9 +147,9 @@ def quantized(weights, bits):
             if value.bits != want:
                 raise ValueError(f"quantize({bits}): the model is already quantized ({name} has {value.bits} "
                                  "bits); quantize the original float model instead")
-            yield name, value
+            yield name, value.with_x_bits(activation_bits(bits))
         elif want is not None:
-            yield name, QuantizedWeight.from_float(value, want, name=name)
+            yield name, QuantizedWeight.from_float(value, want, name=name, x_bits=activation_bits(bits))
         elif name == EMBEDDING:
             yield name, value.astype(np.float16)
         else:

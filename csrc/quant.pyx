@@ -25,7 +25,7 @@ cdef extern from "quant_kernels.h" nogil:
     int bcnp_quantize_row_q4_0(const float *x, int64_t n, uint8_t *q, uint16_t *d, int64_t *bad)
     void bcnp_dequantize_row_q8_0(const int8_t *q, const uint16_t *d, int64_t n, float *y)
     void bcnp_dequantize_row_q4_0(const uint8_t *q, const uint16_t *d, int64_t n, float *y)
-    int bcnp_activation_limit(int bits)
+    int bcnp_activation_limit(int x_bits)
     void bcnp_quantize_activation(const float *x, int64_t n, int limit, int q4_layout, int16_t *xq, float *dx,
                                   int32_t *bias)
     float bcnp_dot_q8_0(const int8_t *w, const uint16_t *d, const int16_t *xq, const float *dx, int64_t nb)
@@ -78,10 +78,10 @@ cdef extern from "quant_amx.h" nogil:
 
 cdef extern from "quant_tokens.h" nogil:
     int BCNP_TOKENS, BCNP_TOKENS_MAX
-    void bcnp_tokens_x8(const int16_t *xq, int64_t n, int8_t *x8, int32_t *bias)
+    void bcnp_tokens_x8(const int16_t *xq, int64_t n, int offset, int8_t *x8, int32_t *bias)
     void bcnp_tokens_x16(const int16_t *xq, int64_t n, int16_t *x16)
-    void bcnp_tokens_q8_0(const int8_t *w, const uint16_t *d, int64_t nb, const int16_t *xq, const float *dx, int T,
-                          float *y, int64_t ys, int next)
+    void bcnp_tokens_q8_0(const int8_t *w, const uint16_t *d, int64_t nb, const int16_t *xq, const int8_t *x8,
+                          const int32_t *bias, const float *dx, int T, float *y, int64_t ys, int next)
     void bcnp_tokens_q4_0(const uint8_t *w, const uint16_t *d, int64_t nb, const int8_t *x8, const int32_t *bias,
                           const float *dx, int T, float *y, int64_t ys, int next)
 
@@ -99,6 +99,11 @@ def _check_width(Py_ssize_t n, str what):
 def _check_scales(d, Py_ssize_t rows, Py_ssize_t n, str what):
     if d.shape[0] != rows or d.shape[1] != n // 32:
         raise ValueError(f"{what}: scales have shape {tuple(d.shape)[:2]}, expected ({rows}, {n // 32})")
+
+
+def _check_x_bits(int x_bits, str what):
+    if x_bits != 16 and x_bits != 8:
+        raise ValueError(f"{what}: x_bits must be 16 or 8, got {x_bits}")
 
 
 def _raise_on_status(const float[:, ::1] w, int32_t[::1] status, int64_t[::1] bad, str name, int bits):
@@ -260,9 +265,11 @@ GROUP_TOKENS_WITHOUT_AMX = {8: 1, 4: 2}
 # best of 3 alternated: int4 16 tokens 22.8 / 49.2 ms, 64 tokens 92.1 / 130.4, 128 tokens 191.7 / 247.4; int8
 # 16 tokens 41.3 / 73.3, 32 tokens 88.9 / 101.7, 48 tokens 142.1 / 141.3, 64 tokens 175.0 / 158.0, 128 tokens
 # 394.7 / 278.6 (its int16 x takes two products per pair of codes, and a panel read from L2 by 6 tokens at a
-# time repays its packing over many tokens).
+# time repays its packing over many tokens).  Int8 weights meeting int8 x (an int4 model's lm_head) take one
+# product per four codes, as int4 does: 16000 rows of 5120, best of 3 alternated, 32 tokens 9.2 / 17.4 ms, 128
+# tokens 37.1 / 45.0, 512 tokens 145.3 / 152.0.  So the line is drawn by the bits of x.
 TOKENS_KERNEL = bool(BCNP_TOKENS)
-TOKENS_KERNEL_PROMPT = {8: 32, 4: 2**62}
+TOKENS_KERNEL_PROMPT = {16: 32, 8: 2**62}
 # AMX_PROMPT_TOKENS: up to how many tokens a call goes through the AMX kernel (16 tokens at a time), past that
 # through the panel GEMM (the same bits).  int4 always: since 9 to 16 tokens take one pass, one block an
 # instruction (bcnp_amx_blocks; before, two passes of 8 over each group of rows, each unpacking the codes and
@@ -329,10 +336,12 @@ cdef void _rows_q4_0(const uint8_t[:, ::1] q, const uint16_t[:, ::1] d, const in
 
 
 def matvec_q8_0(const int8_t[:, ::1] q not None, const uint16_t[:, ::1] d not None, const float[::1] x not None,
-                float[::1] out=None, int threads=0, bint simd=True):
-    """y (rows,) = W x for W = Q8_0 blocks (q int8 (rows, n), d (rows, n/32)), x float32 (n,).
+                float[::1] out=None, int threads=0, bint simd=True, int x_bits=16):
+    """y (rows,) = W x for W = Q8_0 blocks (q int8 (rows, n), d (rows, n/32)), x float32 (n,) rounded per block to
+    x_bits-bit integers (16, or 8 as for Q4_0 weights).
     simd=False runs the portable C kernel (the specification of the lane-wise SIMD one; for tests)."""
     cdef Py_ssize_t rows = q.shape[0], n = q.shape[1], nb = n // 32
+    _check_x_bits(x_bits, "matvec_q8_0")
     _check_width(n, "matvec_q8_0")
     _check_scales(d, rows, n, "matvec_q8_0")
     if x.shape[0] != n:
@@ -345,7 +354,7 @@ def matvec_q8_0(const int8_t[:, ::1] q not None, const uint16_t[:, ::1] d not No
     cdef float[::1] dx = _aligned_empty(nb, np.float32)
     cdef int nt = resolve_threads(threads)
     with nogil:
-        bcnp_quantize_activation(&x[0], n, bcnp_activation_limit(8), 0, &xq[0], &dx[0], NULL)
+        bcnp_quantize_activation(&x[0], n, bcnp_activation_limit(x_bits), 0, &xq[0], &dx[0], NULL)
         _rows_q8_0(q, d, &xq[0], &dx[0], &yv[0], nt, simd)
     return np.asarray(y)
 
@@ -368,7 +377,7 @@ def matvec_q4_0(const uint8_t[:, ::1] q not None, const uint16_t[:, ::1] d not N
     cdef int32_t[::1] bias = _aligned_empty(16 * (nb // 4) + 1, np.int32)
     cdef int nt = resolve_threads(threads)
     with nogil:
-        bcnp_quantize_activation(&x[0], n, bcnp_activation_limit(4), 1, &xq[0], &dx[0], &bias[0])
+        bcnp_quantize_activation(&x[0], n, bcnp_activation_limit(8), 1, &xq[0], &dx[0], &bias[0])
         _rows_q4_0(q, d, &xq[0], &dx[0], &bias[0], &yv[0], nt, simd)
     return np.asarray(y)
 
@@ -391,7 +400,7 @@ def _check_batch(q, d, x, Py_ssize_t n, str what):
 
 
 cdef _token_by_token(q, const uint16_t[:, ::1] d, const float[:, ::1] x, float[:, ::1] yv, int nt, bint simd,
-                     int bits):
+                     int bits, int x_bits):
     """Each token through the matvec's kernels: on AVX-512 the group matvec, one group of rows for all tokens
     before the next (the group stays in L2; Q4_0 tokens two at a time, sharing the unpacking of the codes: the 10
     int4 linears of 2 13B layers at 2 tokens took 19-24 ms against 32-44 one token after the other, one token
@@ -411,7 +420,7 @@ cdef _token_by_token(q, const uint16_t[:, ::1] d, const float[:, ::1] x, float[:
         q4 = q
     with nogil:
         for t in range(T):
-            bcnp_quantize_activation(&x[t, 0], n, bcnp_activation_limit(bits), q4_layout, &xq[t * n], &dx[t * nb],
+            bcnp_quantize_activation(&x[t, 0], n, bcnp_activation_limit(x_bits), q4_layout, &xq[t * n], &dx[t * nb],
                                      &bias[t * bs])
         for g in prange(groups, num_threads=nt, schedule="static"):
             t = 0
@@ -448,11 +457,13 @@ cdef _token_by_token(q, const uint16_t[:, ::1] d, const float[:, ::1] x, float[:
                         yv[t, r] = bcnp_dot_q4_0_scalar(&q4[r, 0], &d[r, 0], &xq[t * n], &dx[t * nb], nb)
 
 
-def _tokens(q, const uint16_t[:, ::1] d, const float[:, ::1] x, out, int threads, bint simd, int bits, str kind):
+def _tokens(q, const uint16_t[:, ::1] d, const float[:, ::1] x, out, int threads, bint simd, int bits, str kind,
+            int x_bits=8):
     """matmul_* (kind "matmul": a batch, the matvec's kernels or the GEMM's where those give the same bits) and
     prefill_* (kind "prefill": the GEMM)."""
     cdef Py_ssize_t rows = q.shape[0], n = q.shape[1] * (1 if bits == 8 else 2), T = x.shape[0]
     cdef str what = f"{kind}_q{bits}_0"
+    _check_x_bits(x_bits, what)
     _check_batch(q, d, x, n, what)
     y = _batch_output(out, T, rows, what)
     if T == 0 or rows == 0:
@@ -460,18 +471,18 @@ def _tokens(q, const uint16_t[:, ::1] d, const float[:, ::1] x, out, int threads
     cdef int nt = resolve_threads(threads)
     if kind == "prefill" or (simd and GROUPS and
                              T > (GROUP_TOKENS if AMX and _AMX_GRANTED else GROUP_TOKENS_WITHOUT_AMX)[bits]):
-        _gemm(q, d, x, y, nt, bits, simd)
+        _gemm(q, d, x, y, nt, bits, x_bits, simd)
     else:
-        _token_by_token(q, d, x, y, nt, simd, bits)
+        _token_by_token(q, d, x, y, nt, simd, bits, x_bits)
     return np.asarray(y)
 
 
 def matmul_q8_0(const int8_t[:, ::1] q not None, const uint16_t[:, ::1] d not None, const float[:, ::1] x not None,
-                float[:, ::1] out=None, int threads=0, bint simd=True):
+                float[:, ::1] out=None, int threads=0, bint simd=True, int x_bits=16):
     """Y (T, rows) = X W^T for W = Q8_0 blocks (as matvec_q8_0), X float32 (T, n), a few tokens: every block of W is
-    read from memory once for all T tokens, and Y[t] equals matvec_q8_0(q, d, X[t]) bit for bit.
+    read from memory once for all T tokens, and Y[t] equals matvec_q8_0(q, d, X[t], x_bits=x_bits) bit for bit.
     simd=False: the portable kernel per token."""
-    return _tokens(q, d, x, out, threads, simd, 8, "matmul")
+    return _tokens(q, d, x, out, threads, simd, 8, "matmul", x_bits)
 
 
 def matmul_q4_0(const uint8_t[:, ::1] q not None, const uint16_t[:, ::1] d not None, const float[:, ::1] x not None,
@@ -485,11 +496,11 @@ def matmul_q4_0(const uint8_t[:, ::1] q not None, const uint16_t[:, ::1] d not N
 GEMM = bool(BCNP_GEMM)                    # a SIMD prefill kernel is compiled in (else only the portable C)
 
 
-cdef _natural_activations(const float[:, ::1] x, int nt, int bits):
-    """X (T, n) -> (xq int16 (T, n), dx float32 (T, n/32)), as the matvec for `bits`-bit weights rounds it, natural
-    layout."""
+cdef _natural_activations(const float[:, ::1] x, int nt, int x_bits):
+    """X (T, n) -> (xq int16 (T, n), dx float32 (T, n/32)), rounded to x_bits-bit integers as the matvec rounds
+    it, natural layout."""
     cdef Py_ssize_t T = x.shape[0], n = x.shape[1], nb = n // 32, t
-    cdef int limit = bcnp_activation_limit(bits)
+    cdef int limit = bcnp_activation_limit(x_bits)
     xq = _aligned_empty(T * n, np.int16)
     dx = _aligned_empty(T * nb + 1, np.float32)
     cdef int16_t[::1] xv = xq
@@ -544,35 +555,39 @@ cdef _amx(const int8_t[:, ::1] q8, const uint8_t[:, ::1] q4, const uint16_t[:, :
 
 cdef _tokens_kernel(const int8_t[:, ::1] q8, const uint8_t[:, ::1] q4, const uint16_t[:, ::1] d,
                  const int16_t[::1] xv, const float[::1] dv, Py_ssize_t n, Py_ssize_t T, float[:, ::1] yv, int nt,
-                 int bits):
+                 int bits, int x_bits):
     """Y = X W^T by the tokens kernel (quant_tokens.h; T <= BCNP_TOKENS_MAX) for the rows in whole groups of 16;
     the rest by the portable C, which adds the same terms in the same order."""
     cdef Py_ssize_t rows = yv.shape[1], nb = n // 32, groups = rows // BCNP_GROUP_ROWS, g, t
-    cdef int8_t[::1] x8 = _aligned_empty(T * n if bits == 4 else 1, np.int8)
-    cdef int32_t[::1] bias = _aligned_empty(T * nb + 1 if bits == 4 else 1, np.int32)
-    cdef int16_t[::1] x16 = _aligned_empty(T * n if bits == 8 else 1, np.int16)
+    cdef bint x8_kernel = x_bits == 8
+    cdef int8_t[::1] x8 = _aligned_empty(T * n if x8_kernel else 1, np.int8)
+    cdef int32_t[::1] bias = _aligned_empty(T * nb + 1 if x8_kernel else 1, np.int32)
+    cdef int16_t[::1] x16 = _aligned_empty(T * n if not x8_kernel else 1, np.int16)
+    cdef const int16_t *x16p = NULL if x8_kernel else &x16[0]
     with nogil:
         for t in range(T):
-            if bits == 4:
-                bcnp_tokens_x8(&xv[t * n], n, &x8[t * n], &bias[t * nb])
+            if x8_kernel:
+                bcnp_tokens_x8(&xv[t * n], n, 8 if bits == 4 else 128, &x8[t * n], &bias[t * nb])
             else:
                 bcnp_tokens_x16(&xv[t * n], n, &x16[t * n])
         for g in prange(groups, num_threads=nt, schedule="static"):
             if bits == 8:
-                bcnp_tokens_q8_0(&q8[g * BCNP_GROUP_ROWS, 0], &d[g * BCNP_GROUP_ROWS, 0], nb, &x16[0], &dv[0], <int>T,
-                                 &yv[0, g * BCNP_GROUP_ROWS], rows, g + 1 < groups)
+                bcnp_tokens_q8_0(&q8[g * BCNP_GROUP_ROWS, 0], &d[g * BCNP_GROUP_ROWS, 0], nb, x16p, &x8[0], &bias[0],
+                                 &dv[0], <int>T, &yv[0, g * BCNP_GROUP_ROWS], rows, g + 1 < groups)
             else:
                 bcnp_tokens_q4_0(&q4[g * BCNP_GROUP_ROWS, 0], &d[g * BCNP_GROUP_ROWS, 0], nb, &x8[0], &bias[0],
                                  &dv[0], <int>T, &yv[0, g * BCNP_GROUP_ROWS], rows, g + 1 < groups)
         _rows_past_the_groups(q8, q4, d, xv, dv, nb, T, yv, groups * BCNP_GROUP_ROWS, bits)
 
 
-cdef _gemm(q, const uint16_t[:, ::1] d, const float[:, ::1] x, float[:, ::1] yv, int nt, int bits, bint simd=True):
+cdef _gemm(q, const uint16_t[:, ::1] d, const float[:, ::1] x, float[:, ::1] yv, int nt, int bits, int x_bits,
+           bint simd=True):
     """Y = X W^T with the GEMM's sums: the AMX kernel, the panel GEMM, or their portable C (simd=False, or neither
-    compiled in)."""
+    compiled in).  Those take x as int16, so an x rounded to int8 goes through them unchanged: its block sums are
+    the same integers."""
     cdef Py_ssize_t rows = q.shape[0], n = x.shape[1], nb = n // 32, T = x.shape[0]
     cdef Py_ssize_t panel, r0, k
-    xq, dx = _natural_activations(x, nt, bits)
+    xq, dx = _natural_activations(x, nt, x_bits)
     cdef int16_t[::1] xv = xq
     cdef float[::1] dv = dx
     cdef const int8_t[:, ::1] q8 = q if bits == 8 else None
@@ -582,9 +597,10 @@ cdef _gemm(q, const uint16_t[:, ::1] d, const float[:, ::1] x, float[:, ::1] yv,
         for t0 in range(0, T, chunk):
             _amx(q8, q4, d, xv[t0 * n:], dv[t0 * nb:], n, min(chunk, T - t0), yv[t0:], nt, bits)
         return
-    if simd and TOKENS_KERNEL and BCNP_TOKENS and T <= TOKENS_KERNEL_PROMPT[bits]:
+    if simd and TOKENS_KERNEL and BCNP_TOKENS and T <= TOKENS_KERNEL_PROMPT[x_bits]:
         for t0 in range(0, T, BCNP_TOKENS_MAX):
-            _tokens_kernel(q8, q4, d, xv[t0 * n:], dv[t0 * nb:], n, min(BCNP_TOKENS_MAX, T - t0), yv[t0:], nt, bits)
+            _tokens_kernel(q8, q4, d, xv[t0 * n:], dv[t0 * nb:], n, min(BCNP_TOKENS_MAX, T - t0), yv[t0:], nt, bits,
+                           x_bits)
         return
     cdef Py_ssize_t panels = (rows + BCNP_PANEL_ROWS - 1) // BCNP_PANEL_ROWS, words = bcnp_panel_words(nb)
     cdef bint gemm = simd and BCNP_GEMM
@@ -611,13 +627,13 @@ cdef _gemm(q, const uint16_t[:, ::1] d, const float[:, ::1] x, float[:, ::1] yv,
 
 
 def prefill_q8_0(const int8_t[:, ::1] q not None, const uint16_t[:, ::1] d not None, const float[:, ::1] x not None,
-                 float[:, ::1] out=None, int threads=0, bint simd=True):
+                 float[:, ::1] out=None, int threads=0, bint simd=True, int x_bits=16):
     """Y (T, rows) = X W^T for W = Q8_0 blocks, X float32 (T, n), many tokens: X rounded per token and block
-    as matvec_q8_0 does (int16; int8 for prefill_q4_0, as matvec_q4_0), exact integer block sums, one float32
-    sum over the blocks per output in block order
+    as matvec_q8_0 does (x_bits: int16 or int8; int8 for prefill_q4_0, as matvec_q4_0), exact integer block sums,
+    one float32 sum over the blocks per output in block order
     (on AVX-512 builds the matvec's own sums; elsewhere within its error bound).  simd=False: the portable kernel,
     bit-identical to the SIMD one."""
-    return _tokens(q, d, x, out, threads, simd, 8, "prefill")
+    return _tokens(q, d, x, out, threads, simd, 8, "prefill", x_bits)
 
 
 def prefill_q4_0(const uint8_t[:, ::1] q not None, const uint16_t[:, ::1] d not None, const float[:, ::1] x not None,
@@ -628,9 +644,10 @@ def prefill_q4_0(const uint8_t[:, ::1] q not None, const uint16_t[:, ::1] d not 
 
 # ---- helpers for tests and benchmarks ------------------------------------------------------------------------
 
-def activation_limit(int bits):
-    """L of the activation's rounding for `bits`-bit weights (dx = max|x_b| / L; bcnp.quant.ACTIVATION_LIMIT)."""
-    return bcnp_activation_limit(bits)
+def activation_limit(int x_bits):
+    """L of the activation's rounding to x_bits-bit integers (dx = max|x_b| / L; bcnp.quant.ACTIVATION_LIMIT)."""
+    _check_x_bits(x_bits, "activation_limit")
+    return bcnp_activation_limit(x_bits)
 
 
 def f32_to_f16_bits(const float[::1] x not None):

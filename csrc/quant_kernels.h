@@ -199,7 +199,8 @@ static inline int64_t bcnp_q4_x_index(int64_t b, int j, int64_t nb)
     return 128 * (b / 4) + 32 * ((j >> 4) + 2 * (j & 1)) + 8 * (b % 4) + ((j & 15) >> 1);
 }
 
-static inline int bcnp_activation_limit(int bits) { return bits == 4 ? 127 : 32767; }
+/* The limit for x rounded to x_bits-bit integers: 8 (Q4_0 weights, and an int4 model's Q8_0 lm_head) or 16. */
+static inline int bcnp_activation_limit(int x_bits) { return x_bits == 8 ? 127 : 32767; }
 
 #if defined(BCNP_AVX512)
 /* One block of bcnp_quantize_activation, 32 lanes at a time: the same operations as the portable loop below

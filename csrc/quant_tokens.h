@@ -13,8 +13,10 @@
  * panel to memory and reading it back: a batch of a few tokens is too small to repay that.
  *
  * The tokens' x from bcnp_quantize_activation's natural order (q4_layout = 0), token t at t n: Q8_0 int16 x with
- * the middle two of every four swapped (bcnp_tokens_x16); Q4_0 int8 x (bcnp_tokens_x8) with bias[t nb + b] = -8 *
- * (the sum of token t's block b), so that the unsigned codes c give sum (c - 8) x exactly.
+ * the middle two of every four swapped (bcnp_tokens_x16); int8 x (bcnp_tokens_x8) for Q4_0, and for Q8_0 where x
+ * is rounded to int8 (an int4 model's lm_head), with bias[t nb + b] = -offset * (the sum of token t's block b):
+ * vpdpbusd multiplies unsigned bytes by signed ones, so the codes go in as unsigned c = q + offset (Q4_0's own
+ * codes, offset 8; Q8_0's codes with the top bit flipped, offset 128) and sum c x + bias = sum q x exactly.
  */
 #ifndef BCNP_QUANT_TOKENS_H
 #define BCNP_QUANT_TOKENS_H
@@ -28,8 +30,9 @@
    the sums in memory and Q8_0 ran at a third of the speed. */
 #define BCNP_TOKENS_STEP 4
 
-/* Q4_0's x for this kernel: int16 natural x (|x| <= 127) as int8, and the blocks' biases. */
-static void bcnp_tokens_x8(const int16_t *xq, int64_t n, int8_t *x8, int32_t *bias)
+/* int8 x for this kernel: int16 natural x (|x| <= 127) as int8, and the blocks' biases for codes stored as
+   q + offset (8 for Q4_0, 128 for Q8_0). */
+static void bcnp_tokens_x8(const int16_t *xq, int64_t n, int offset, int8_t *x8, int32_t *bias)
 {
     for (int64_t b = 0; b < n / 32; b++) {
         int32_t s = 0;
@@ -37,7 +40,7 @@ static void bcnp_tokens_x8(const int16_t *xq, int64_t n, int8_t *x8, int32_t *bi
             x8[32 * b + j] = (int8_t)xq[32 * b + j];
             s += xq[32 * b + j];
         }
-        bias[b] = -8 * s;
+        bias[b] = -offset * s;
     }
 }
 
@@ -81,21 +84,20 @@ void bcnp_tokens_block_q8_0(const __m512i *v, const int16_t *xq, const float *dx
     bcnp_tokens_scale(f, s, dw, dx, nb, b, NT);
 }
 
-/* Q4_0 block b for tokens t0 .. t0 + NT - 1 (lo[i], hi[i] lane r: codes 4i .. 4i + 3, 16 + 4i .. 19 + 4i of row r). */
+/* A block b of unsigned codes for tokens t0 .. t0 + NT - 1 against int8 x (bcnp_tokens_x8): c[i] lane r holds
+   codes 4i .. 4i + 3 of row r as bytes (code + offset), i < 8. */
 static inline __attribute__((always_inline))
-void bcnp_tokens_block_q4_0(const __m512i *lo, const __m512i *hi, const int8_t *x8, const int32_t *bias,
-                            const float *dx, int64_t nb, int64_t b, const float *dw, __m512 *f, const int NT)
+void bcnp_tokens_block_bytes(const __m512i *c, const int8_t *x8, const int32_t *bias, const float *dx, int64_t nb,
+                             int64_t b, const float *dw, __m512 *f, const int NT)
 {
     __m512i s[BCNP_TOKENS_STEP];
     for (int t = 0; t < NT; t++) s[t] = _mm512_set1_epi32(bias[t * nb + b]);
+#pragma GCC unroll 8
+    for (int i = 0; i < 8; i++)
 #pragma GCC unroll 4
-    for (int i = 0; i < 4; i++)
-#pragma GCC unroll 4
-        for (int t = 0; t < NT; t++) {
-            const int32_t *xt = (const int32_t *)(x8 + t * 32 * nb + 32 * b);
-            s[t] = _mm512_dpbusd_epi32(s[t], lo[i], _mm512_set1_epi32(xt[i]));
-            s[t] = _mm512_dpbusd_epi32(s[t], hi[i], _mm512_set1_epi32(xt[4 + i]));
-        }
+        for (int t = 0; t < NT; t++)
+            s[t] = _mm512_dpbusd_epi32(s[t], c[i],
+                                       _mm512_set1_epi32(((const int32_t *)(x8 + t * 32 * nb + 32 * b))[i]));
     bcnp_tokens_scale(f, s, dw, dx, nb, b, NT);
 }
 
@@ -112,10 +114,11 @@ void bcnp_tokens_block_q4_0(const __m512i *lo, const __m512i *hi, const int8_t *
     } while (0)
 
 /* y[t * ys + r], r < 16, t < T: the 16 Q8_0 rows at w (row stride 32 nb) against T tokens' int16 x in the order
-   of bcnp_tokens_x16.  Two blocks at a time: the 16 rows' 64 bytes are transposed as bytes (a 16 x 16 transpose of
-   32-bit words), and each word's four codes then become two int16 pairs by shifts. */
-static void bcnp_tokens_q8_0(const int8_t *w, const uint16_t *d, int64_t nb, const int16_t *xq, const float *dx,
-                             int T, float *y, int64_t ys, int next)
+   of bcnp_tokens_x16, or (xq NULL) int8 x and biases for offset 128 (bcnp_tokens_x8).  Two blocks at a time: the
+   16 rows' 64 bytes are transposed as bytes (a 16 x 16 transpose of 32-bit words); each word's four codes then
+   become two int16 pairs by shifts, or four unsigned bytes by flipping their top bits (half the products). */
+static void bcnp_tokens_q8_0(const int8_t *w, const uint16_t *d, int64_t nb, const int16_t *xq, const int8_t *x8,
+                             const int32_t *bias, const float *dx, int T, float *y, int64_t ys, int next)
 {
     const char *ahead = (const char *)(w + 16 * 32 * nb), *ahead_d = (const char *)(d + 16 * nb);
     __attribute__((aligned(64))) float dw[16 * 16];
@@ -138,6 +141,14 @@ static void bcnp_tokens_q8_0(const int8_t *w, const uint16_t *d, int64_t nb, con
             bcnp_transpose16(raw);                   /* raw[8j + i] lane r: codes 4i .. 4i + 3 of row r's block b + j */
             for (int64_t j = 0; j < blocks; j++) {
                 __m512i v[16];
+                if (!xq) {
+                    for (int i = 0; i < 8; i++) v[i] = _mm512_xor_si512(raw[8 * j + i], _mm512_set1_epi8((char)0x80));
+#define BCNP_STEP(t0, NT) bcnp_tokens_block_bytes(v, x8 + (t0) * n, bias + (t0) * nb, dx + (t0) * nb, nb, b + j, \
+                                                  dw + 16 * (k + j), f + (t0), NT)
+                    BCNP_TOKENS_EACH(T, BCNP_STEP);
+#undef BCNP_STEP
+                    continue;
+                }
                 for (int i = 0; i < 8; i++) {
                     v[2 * i] = _mm512_srai_epi16(_mm512_slli_epi16(raw[8 * j + i], 8), 8);
                     v[2 * i + 1] = _mm512_srai_epi16(raw[8 * j + i], 8);
@@ -177,13 +188,13 @@ static void bcnp_tokens_q4_0(const uint8_t *w, const uint16_t *d, int64_t nb, co
             }
             bcnp_transpose16(raw);                   /* raw[4j + i] lane r: bytes 4i .. 4i + 3 of row r's block b + j */
             for (int64_t j = 0; j < blocks; j++) {
-                __m512i lo[4], hi[4];                /* codes 4i .. 4i + 3 and 16 + 4i .. 19 + 4i */
+                __m512i c[8];                        /* codes 4i .. 4i + 3: the low nibbles, then the high */
                 for (int i = 0; i < 4; i++) {
-                    lo[i] = _mm512_and_si512(raw[4 * j + i], nibble);
-                    hi[i] = _mm512_and_si512(_mm512_srli_epi16(raw[4 * j + i], 4), nibble);
+                    c[i] = _mm512_and_si512(raw[4 * j + i], nibble);
+                    c[4 + i] = _mm512_and_si512(_mm512_srli_epi16(raw[4 * j + i], 4), nibble);
                 }
-#define BCNP_STEP(t0, NT) bcnp_tokens_block_q4_0(lo, hi, x8 + (t0) * n, bias + (t0) * nb, dx + (t0) * nb, \
-                                                 nb, b + j, dw + 16 * (k + j), f + (t0), NT)
+#define BCNP_STEP(t0, NT) bcnp_tokens_block_bytes(c, x8 + (t0) * n, bias + (t0) * nb, dx + (t0) * nb, nb, b + j, \
+                                                  dw + 16 * (k + j), f + (t0), NT)
                 BCNP_TOKENS_EACH(T, BCNP_STEP);
 #undef BCNP_STEP
             }
@@ -193,8 +204,8 @@ static void bcnp_tokens_q4_0(const uint8_t *w, const uint16_t *d, int64_t nb, co
 }
 #else
 #define BCNP_TOKENS 0
-static void bcnp_tokens_q8_0(const int8_t *w, const uint16_t *d, int64_t nb, const int16_t *xq, const float *dx,
-                             int T, float *y, int64_t ys, int next) {}
+static void bcnp_tokens_q8_0(const int8_t *w, const uint16_t *d, int64_t nb, const int16_t *xq, const int8_t *x8,
+                             const int32_t *bias, const float *dx, int T, float *y, int64_t ys, int next) {}
 static void bcnp_tokens_q4_0(const uint8_t *w, const uint16_t *d, int64_t nb, const int8_t *x8, const int32_t *bias,
                              const float *dx, int T, float *y, int64_t ys, int next) {}
 #endif

@@ -51,20 +51,27 @@ def padded(w):
     return np.pad(w, ((0, 0), (0, -w.shape[1] % 32)))
 
 
-def activation_scales(x, bits):
-    """The kernels' dx per block of 32 of x, exactly: max |x_b| / L in float32 (L = 32767 for 8-bit weights, 127
-    for 4-bit)."""
+# The weights the kernels take, as (bits, x_bits): 8-bit with int16 x (an int8 model), 8-bit with int8 x (an int4
+# model's lm_head), 4-bit (int8 x).
+WEIGHT_KINDS = [(8, 16), (8, 8), (4, 8)]
+
+
+def activation_scales(x, x_bits):
+    """The kernels' dx per block of 32 of x, exactly: max |x_b| / L in float32 (L = 32767 for x_bits 16, 127 for
+    x_bits 8)."""
     xb = padded(x[None].astype(np.float32))[0].reshape(-1, 32)
-    return np.abs(xb).max(-1) / np.float32(quant.ACTIVATION_LIMIT[bits])
+    return np.abs(xb).max(-1) / np.float32(quant.ACTIVATION_LIMIT[x_bits])
 
 
-def matvec_bound(q, s, bits, x):
+def matvec_bound(q, s, bits, x, x_bits=None):
     """The decode bound (QuantizedWeight.matvec): x is rounded per block (dx = max|x_b| / L, error <=
     dx (1/2 + (L + 1) 2^-24)), so |y - W^ x| <= sum_b |d_b| dx_b sum_i |q_bi| (1/2 + (L + 1) 2^-24 + float32
-    rounding of the block products and their sum). Returns (the whole bound, its float32 rounding part) per row."""
-    limit = quant.ACTIVATION_LIMIT[bits]
+    rounding of the block products and their sum). Returns (the whole bound, its float32 rounding part) per row.
+    x_bits: as `bits`-bit weights have by default."""
+    x_bits = quant.activation_bits(bits) if x_bits is None else x_bits
+    limit = quant.ACTIVATION_LIMIT[x_bits]
     codes = np.abs(signed_codes(q, bits)).sum(-1)                        # (out, nb)
-    per_block = np.abs(s.astype(np.float64)) * activation_scales(x, bits).astype(np.float64) * codes
+    per_block = np.abs(s.astype(np.float64)) * activation_scales(x, x_bits).astype(np.float64) * codes
     nb = s.shape[1]
     rounding = (per_block * (nb + 4) * limit * 2.0**-24).sum(-1)
     return (per_block * (0.5 + (limit + 1) * 2.0**-24)).sum(-1) + rounding, rounding
@@ -73,7 +80,7 @@ def matvec_bound(q, s, bits, x):
 def scalar_matvec(layer, x):
     """The portable C kernel (the specification of the SIMD ones), whatever the build compiled in."""
     kernel = quant._quant.matvec_q8_0 if layer.bits == 8 else quant._quant.matvec_q4_0
-    return kernel(layer.qweight, layer.scales.view(np.uint16), layer._padded(x), None, 0, False)
+    return kernel(layer.qweight, layer.scales.view(np.uint16), layer._padded(x), None, 0, False, **layer._x_bits())
 
 
 # --- the GPU tests -------------------------------------------------------------------------------------------------

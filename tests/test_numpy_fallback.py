@@ -71,6 +71,14 @@ def test_the_fallback_answers_the_compiled_modules_calls_with_its_results():
         np.testing.assert_array_equal(dequantize(q, d), getattr(quant._quant, f"dequantize_q{bits}_0")(q, d))
         out = np.empty((5, 64), np.float32)
         assert dequantize(q, d, out, 1) is out
-        y = getattr(quant.NumpyKernels, f"matvec_q{bits}_0")(q, d, x, None, 0)
-        np.testing.assert_allclose(y, dequantize(q, d).astype(np.float64) @ quant.rounded_activation(x, bits),
-                                   rtol=1e-5, atol=1e-5)
+        for x_bits in ((16, 8) if bits == 8 else (8,)):
+            kw = {"x_bits": x_bits} if bits == 8 else {}
+            y = getattr(quant.NumpyKernels, f"matvec_q{bits}_0")(q, d, x, None, 0, **kw)
+            np.testing.assert_allclose(y, dequantize(q, d).astype(np.float64) @ quant.rounded_activation(x, x_bits),
+                                       rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(y, getattr(quant._quant, f"matvec_q{bits}_0")(q, d, x, None, 0, **kw),
+                                       rtol=1e-5, atol=1e-5)
+            xs = np.stack([x, -x])
+            np.testing.assert_allclose(getattr(quant.NumpyKernels, f"matmul_q{bits}_0")(q, d, xs, None, 0, **kw),
+                                       getattr(quant._quant, f"matmul_q{bits}_0")(q, d, xs, None, 0, **kw),
+                                       rtol=1e-5, atol=1e-5)

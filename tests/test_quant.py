@@ -133,9 +133,9 @@ def test_quantized_weight_uses_compiled_kernels(bits, monkeypatch):
     called = []
     for name in (f"quantize_q{bits}_0", f"dequantize_q{bits}_0", f"matvec_q{bits}_0", f"matmul_q{bits}_0",
                  f"prefill_q{bits}_0"):
-        def spy(*a, _f=getattr(kernels, name), _name=name):
+        def spy(*a, _f=getattr(kernels, name), _name=name, **kw):
             called.append(_name)
-            return _f(*a)
+            return _f(*a, **kw)
         monkeypatch.setattr(kernels, name, spy)
     w = QuantizedWeight.from_float(np.ones((2, 64), np.float32), bits)
     w.matmul(np.ones((1, 64), np.float32))

@@ -16,9 +16,8 @@ import numpy as np  # noqa: E402
 from bcnp import _quant  # noqa: E402
 from bcnp.config import BAICHUAN_13B  # noqa: E402
 from bcnp import Model  # noqa: E402
-from bcnp.layout import EMBEDDING, quantized_bits  # noqa: E402
-from bcnp.quant import QuantizedWeight  # noqa: E402
-from bcnp.weights import with_rope_table  # noqa: E402
+from bcnp.layout import EMBEDDING  # noqa: E402
+from bcnp.weights import quantized, with_rope_table  # noqa: E402
 
 LAYERS_13B = 40
 KINDS = {"float32": None, "int8": 8, "int4": 4}
@@ -104,17 +103,11 @@ def model_config(layers, smoke=False, position_embedding="alibi"):
 
 
 def random_model(config, pool, bits=None):
-    """A Model of random weights: float32, or quantized as Model.quantize does (`bits` 8 or 4: the linears to
-    `bits`, lm_head to 8, the embedding to float16), each tensor quantized as it is drawn."""
-    w = {}
-    for name, shape in config.weight_shapes().items():
-        array = np.ones(shape, np.float32) if len(shape) == 1 else pool(shape)
-        if bits and name == EMBEDDING:
-            array = array.astype(np.float16)
-        elif bits and quantized_bits(name, bits):
-            array = QuantizedWeight.from_float(array, quantized_bits(name, bits), name=name)
-        w[name] = array
-    return Model(config, with_rope_table(config, w))
+    """A Model of random weights: float32, or quantized by Model.quantize's pass (bcnp.weights.quantized: `bits` 8
+    or 4, the linears to `bits`, lm_head to 8, the embedding to float16), each tensor quantized as it is drawn."""
+    arrays = ((name, np.ones(shape, np.float32) if len(shape) == 1 else pool(shape))
+              for name, shape in config.weight_shapes().items())
+    return Model(config, with_rope_table(config, dict(quantized(arrays, bits) if bits else arrays)))
 
 
 def weight_bytes_per_token(model):

@@ -74,9 +74,10 @@ def bench_helpers():
 
 
 def quantized_model(layers, bits):
-    """A Model of `layers` 13B-width layers, linears at `bits`, lm_head int8, embedding float16, norms 1."""
+    """A Model of `layers` 13B-width layers, linears at `bits`, lm_head int8 (x rounded as the model's bits say),
+    embedding float16 (drawn as float16: no float32 copy of it at the peak), norms 1."""
     from bcnp import Model
-    from bcnp.quant import QuantizedWeight
+    from bcnp.quant import QuantizedWeight, activation_bits
     bench = bench_helpers()
     config, pool = bench.model_config(layers), bench.RandomPool()
     w = {}
@@ -86,7 +87,7 @@ def quantized_model(layers, bits):
         elif name == "model.embed_tokens.weight":
             w[name] = pool(shape, np.float16)
         elif name == "lm_head.weight":
-            w[name] = QuantizedWeight.from_float(pool(shape), 8)
+            w[name] = QuantizedWeight.from_float(pool(shape), 8, x_bits=activation_bits(bits))
     for i in range(layers):
         for short, weight in bench.layer_weights(pool, "q8" if bits == 8 else "q4").items():
             w[f"model.layers.{i}.{short}.weight"] = weight

@@ -19,15 +19,16 @@ class DeviceQuantizedWeight:
     - T = 1 (decode): the matvec kernel, straight from the stored form; float32 products and sums.
     - T > 1 (prefill): W expanded to `dtype` (float16 or float32) in a scratch array, then cuBLAS; float16
       operands are multiplied with float32 accumulation (CuPy's default compute type for float16).
-    With `kernels` None (an array module other than CuPy) the NumPy twins stand in for the kernels."""
+    With `kernels` None (an array module other than CuPy) the NumPy twins stand in for the kernels. `x_bits`: the
+    CPU's rounding of x (bcnp.quant.QuantizedWeight), kept for the way back; the device multiplies x unrounded."""
 
-    def __init__(self, xp, qweight, scales, bits, in_features, dtype, kernels=None):
+    def __init__(self, xp, qweight, scales, bits, in_features, dtype, kernels=None, x_bits=None):
         if bits not in (8, 4, 16):
             raise ValueError(f"DeviceQuantizedWeight: bits must be 8, 4 or 16, got {bits!r}")
         self.xp, self.qweight, self.scales, self.bits = xp, qweight, scales, bits
         self.out_features, self.in_features = qweight.shape[0], int(in_features)
         self.in_padded = padded_width(self.in_features)
-        self.dtype, self.kernels = np.dtype(dtype), kernels
+        self.dtype, self.kernels, self.x_bits = np.dtype(dtype), kernels, x_bits
 
     @property
     def shape(self):
@@ -155,7 +156,7 @@ def device_weights(xp, weights, dtype, kernels=None):
     for name, value in weights:
         if isinstance(value, QuantizedWeight):
             w[name] = DeviceQuantizedWeight(xp, xp.asarray(value.qweight), xp.asarray(value.scales), value.bits,
-                                            value.in_features, dtype, kernels)
+                                            value.in_features, dtype, kernels, value.x_bits)
         elif is_linear(name) and dtype == np.float16:
             padded = pad_columns(np, value, padded_width(value.shape[1]))
             w[name] = DeviceQuantizedWeight(xp, xp.asarray(padded), None, 16, value.shape[1], dtype, kernels)
@@ -172,7 +173,8 @@ def host_weights(w):
     host = {}
     for name, value in w.items():
         if isinstance(value, DeviceQuantizedWeight) and value.bits != 16:
-            host[name] = QuantizedWeight(value.qweight.get(), value.scales.get(), value.bits, value.in_features)
+            host[name] = QuantizedWeight(value.qweight.get(), value.scales.get(), value.bits, value.in_features,
+                                         value.x_bits)
         elif isinstance(value, DeviceQuantizedWeight):
             host[name] = value.qweight.get()[:, : value.in_features].astype(np.float32)
         else:
