@@ -51,7 +51,7 @@ def activation_bits(bits):
     (RMS of the logits' difference from float32, 33-token prompt): int8 x took the 8-bit model from 0.0031 to
     0.0040, worse than the original's own int8, and left the 4-bit model at 0.0485 (0.0484), whose weights'
     rounding is 16 times coarser than int8 x's. int8 x is one product per four codes where int16 x is two: a batch
-    of 8 tokens through an 8-bit lm_head of 64000 x 5120 took 13 ms against 22 (Zen 4, 2 threads)."""
+    of 8 tokens through an 8-bit lm_head of 64000 x 5120 took 13 ms against 22 (Zen 5, 2 threads)."""
     return 16 if bits == 8 else 8
 
 

@@ -22,12 +22,12 @@ Two implementations of the same functions:
 `QuantizedWeight.matmul(x)` multiplies one token (decode) with the fused kernel, which never expands W to float: it
 rounds x per block of 32 to integers (`round_activation`: int16 in an 8-bit model, int8 like llama.cpp in a 4-bit
 one, its 8-bit lm_head included: `QuantizedWeight.x_bits`) and sums exact integer block products (see `matvec` for
-the error bound); up to BATCH_TOKENS = 8 tokens (a batched decode step) go through the batched kernel, which reads each block once for all of them and gives each
-token exactly its matvec; longer prompts through the prefill GEMM, which rounds x the same way and so keeps the same
-bound (BLAS on dequantized tiles, times the rounded x, where that kernel is not built). On AVX-512 builds all
-three add the block products in block order into one float32 sum per output (the AMX tile unit does a batch's
-integer products where the CPU has one), so a token gets the same bits at every token count: alone, in a batch,
-or next to a prompt chunk.
+the error bound); up to BATCH_TOKENS = 8 tokens (a batched decode step) go through the batched kernel, which reads
+each block once for all of them and gives each token exactly its matvec; longer prompts through the prefill GEMM,
+which rounds x the same way and so keeps the same bound (BLAS on dequantized tiles, times the rounded x, where that
+kernel is not built). On AVX-512 builds all three add the block products in block order into one float32 sum per
+output (the AMX tile unit does a batch's integer products where the CPU has one), so a token gets the same bits at
+every token count: alone, in a batch, or next to a prompt chunk.
 
 Threads: an explicit `threads` argument, else $OMP_NUM_THREADS, else all cores.
 """
@@ -346,7 +346,7 @@ class QuantizedWeight:
             return self
         return QuantizedWeight(self.qweight, self.scales, self.bits, self.in_features, x_bits)
 
-    def _x_bits(self):
+    def _x_kwargs(self):
         """The kernels' keyword for the rounding of x: Q8_0's take x_bits, Q4_0's always round to int8."""
         return {"x_bits": self.x_bits} if self.bits == 8 else {}
 
@@ -388,7 +388,7 @@ class QuantizedWeight:
         if x.ndim != 1:
             raise ValueError(f"QuantizedWeight.matvec: x must be 1-D, got shape {x.shape}")
         kernel = _quant.matvec_q8_0 if self.bits == 8 else _quant.matvec_q4_0
-        return kernel(self.qweight, self.scales.view(np.uint16), x, None, threads or 0, **self._x_bits())
+        return kernel(self.qweight, self.scales.view(np.uint16), x, None, threads or 0, **self._x_kwargs())
 
     def matmul(self, x, threads=None):
         """x (T, in_features) -> x @ W.T (T, out_features); x (in_features,) -> (out_features,).
@@ -405,7 +405,7 @@ class QuantizedWeight:
         x = self._padded(x)
         if x.shape[0] <= BATCH_TOKENS:
             kernel = _quant.matmul_q8_0 if self.bits == 8 else _quant.matmul_q4_0
-            return kernel(self.qweight, self.scales.view(np.uint16), x, None, threads or 0, **self._x_bits())
+            return kernel(self.qweight, self.scales.view(np.uint16), x, None, threads or 0, **self._x_kwargs())
         return prefill(self, x, threads)
 
 
@@ -431,7 +431,7 @@ def prefill(weight, x, threads=None):
     if not _quant.GEMM:
         return dequantized_matmul(weight, x)
     kernel = _quant.prefill_q8_0 if weight.bits == 8 else _quant.prefill_q4_0
-    return kernel(weight.qweight, weight.scales.view(np.uint16), x, None, threads or 0, **weight._x_bits())
+    return kernel(weight.qweight, weight.scales.view(np.uint16), x, None, threads or 0, **weight._x_kwargs())
 
 
 def dequantized_matmul(weight, x):

@@ -80,7 +80,8 @@ def matvec_bound(q, s, bits, x, x_bits=None):
 def scalar_matvec(layer, x):
     """The portable C kernel (the specification of the SIMD ones), whatever the build compiled in."""
     kernel = quant._quant.matvec_q8_0 if layer.bits == 8 else quant._quant.matvec_q4_0
-    return kernel(layer.qweight, layer.scales.view(np.uint16), layer._padded(x), None, 0, False, **layer._x_bits())
+    return kernel(layer.qweight, layer.scales.view(np.uint16), layer._padded(x), None, 0, False,
+                  **layer._x_kwargs())
 
 
 # --- the GPU tests -------------------------------------------------------------------------------------------------

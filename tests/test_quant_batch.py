@@ -21,14 +21,14 @@ def batched(layer, x, threads=0, simd=True):
     """The compiled batched kernel itself, on x (T, in_features)."""
     kernel = getattr(quant._quant, BATCHED[layer.bits])
     return kernel(layer.qweight, layer.scales.view(np.uint16), layer._padded(x), None, threads, simd,
-                  **layer._x_bits())
+                  **layer._x_kwargs())
 
 
 def gemm(layer, x, threads=0, simd=True):
     """The compiled prefill kernel itself (simd=False: its portable C)."""
     kernel = quant._quant.prefill_q8_0 if layer.bits == 8 else quant._quant.prefill_q4_0
     return kernel(layer.qweight, layer.scales.view(np.uint16), layer._padded(x), None, threads, simd,
-                  **layer._x_bits())
+                  **layer._x_kwargs())
 
 
 @st.composite
