@@ -66,7 +66,7 @@ cdef extern from "quant_amx.h" nogil:
         const float *dxp
         const int32_t *ridx
         const int32_t *pick
-        int T, P
+        int T, P, planes
     int bcnp_amx_enable()
     int bcnp_amx_padded(int T)
     void bcnp_amx_rows(const int8_t *q8, const uint8_t *q4, const uint16_t *d, int64_t nb, int64_t g0, int64_t g1,
@@ -275,10 +275,11 @@ TOKENS_KERNEL_PROMPT = {16: 32, 8: 2**62}
 # instruction (bcnp_amx_blocks; before, two passes of 8 over each group of rows, each unpacking the codes and
 # moving lanes), the 5 int4 linears of a 13B layer ran at 393-482 GFLOP/s best from 16 to 512 tokens against the
 # panel GEMM's 186-248 in the same runs, and against 245-271 for the two passes (best of 4 alternated rounds; the
-# two passes had beaten the GEMM only up to 64 tokens, so int4 prompts past 64 went to the GEMM then).  int8
-# (two byte planes) stays at 16: the same measurement gave 200-210 against 174-211 from 32 to 64 tokens, 253
-# against 285 at 512.
-AMX_PROMPT_TOKENS = {8: 16, 4: 2**62}
+# two passes had beaten the GEMM only up to 64 tokens, so int4 prompts past 64 went to the GEMM then).  An int16 x
+# (int8 weights, two byte planes) stays at 16: the same measurement gave 200-210 against 174-211 from 32 to 64
+# tokens, 253 against 285 at 512.  An int8 x (one plane: int4 weights, and an int4 model's int8 lm_head) always.
+# Keyed by the bits of x.
+AMX_PROMPT_TOKENS = {16: 16, 8: 2**62}
 
 
 def _aligned_empty(Py_ssize_t n, dtype):
@@ -525,12 +526,12 @@ cdef void _rows_past_the_groups(const int8_t[:, ::1] q8, const uint8_t[:, ::1] q
 
 
 cdef _amx(const int8_t[:, ::1] q8, const uint8_t[:, ::1] q4, const uint16_t[:, ::1] d, const int16_t[::1] xv,
-          const float[::1] dv, Py_ssize_t n, Py_ssize_t T, float[:, ::1] yv, int nt, int bits):
+          const float[::1] dv, Py_ssize_t n, Py_ssize_t T, float[:, ::1] yv, int nt, int bits, int x_bits):
     """Y = X W^T by the AMX kernel (T <= 16: up to 4 tokens two blocks an instruction, 5 to 16 one block an
     instruction) for the rows in whole groups of 16; the rest by the portable C, which adds the same terms in the
     same order."""
     cdef Py_ssize_t rows = yv.shape[1], nb = n // 32, groups = rows // BCNP_AMX_ROWS, g0, g1
-    cdef int i, na = max(1, min(nt, groups)), planes = 2 if bits == 8 else 1, P = bcnp_amx_padded(<int>T)
+    cdef int i, na = max(1, min(nt, groups)), planes = 2 if x_bits == 16 else 1, P = bcnp_amx_padded(<int>T)
     cdef const int8_t *p8 = &q8[0, 0] if bits == 8 else NULL
     cdef const uint8_t *p4 = &q4[0, 0] if bits == 4 else NULL
     cdef Py_ssize_t tile_bytes = 32 * P * planes * nb if P >= 8 else BCNP_AMX_PAIR_BYTES * ((nb + 1) // 2)
@@ -545,7 +546,7 @@ cdef _amx(const int8_t[:, ::1] q8, const uint8_t[:, ::1] q4, const uint16_t[:, :
                 bcnp_amx_prepare_blocks(&xv[0], &dv[0], n, <int>T, planes, &tiles[0], &dxp[0], P, &ridx[0])
             else:
                 bcnp_amx_prepare(&xv[0], &dv[0], n, <int>T, planes, &tiles[0], &dxp[0], &ridx[0], &pick[0])
-            xt.tiles, xt.dxp, xt.ridx, xt.pick, xt.T, xt.P = &tiles[0], &dxp[0], &ridx[0], &pick[0], <int>T, P
+            xt.tiles, xt.dxp, xt.ridx, xt.pick, xt.T, xt.P, xt.planes = &tiles[0], &dxp[0], &ridx[0], &pick[0], <int>T, P, planes
             for i in prange(na, num_threads=na, schedule="static", chunksize=1):
                 g0 = groups * i // na
                 g1 = groups * (i + 1) // na
@@ -593,9 +594,9 @@ cdef _gemm(q, const uint16_t[:, ::1] d, const float[:, ::1] x, float[:, ::1] yv,
     cdef const int8_t[:, ::1] q8 = q if bits == 8 else None
     cdef const uint8_t[:, ::1] q4 = q if bits == 4 else None
     cdef Py_ssize_t chunk = BCNP_AMX_MAX_TOKENS, t0
-    if simd and AMX and _AMX_GRANTED and T <= AMX_PROMPT_TOKENS[bits]:
+    if simd and AMX and _AMX_GRANTED and T <= AMX_PROMPT_TOKENS[x_bits]:
         for t0 in range(0, T, chunk):
-            _amx(q8, q4, d, xv[t0 * n:], dv[t0 * nb:], n, min(chunk, T - t0), yv[t0:], nt, bits)
+            _amx(q8, q4, d, xv[t0 * n:], dv[t0 * nb:], n, min(chunk, T - t0), yv[t0:], nt, bits, x_bits)
         return
     if simd and TOKENS_KERNEL and BCNP_TOKENS and T <= TOKENS_KERNEL_PROMPT[x_bits]:
         for t0 in range(0, T, BCNP_TOKENS_MAX):

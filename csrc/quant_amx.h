@@ -10,7 +10,7 @@
  * instruction.  It multiplies bytes, so for Q8_0 weights the int16 activation goes in as two byte planes,
  * x = 256 hi + lo (hi signed, lo unsigned: tdpbssd and tdpbsud against the int8 codes), two int32 tiles recombined
  * exactly (|256 hi-sum| <= 2^27); for Q4_0 (codes - 8 unpacked to a scratch) the int8 activation is one plane,
- * one tdpbssd, one C tile.
+ * one tdpbssd, one C tile, and so is the int8 x that an int4 model's Q8_0 lm_head meets (bcnp.layout.activation_bits).
  *
  * Up to 4 tokens, two blocks per instruction (bcnp_amx_group): the per-block scales need each block's sum on its
  * own, but a tile row holds 64 bytes, two blocks of codes.  So A = 16 weight rows x blocks b, b + 1, and B is
@@ -60,6 +60,8 @@ typedef struct {
     const int32_t *ridx;        /* P x 16: the row (0..15) of each flat output lane (P <= 8) */
     const int32_t *pick;        /* 2 x 16: the lanes of two C vectors that hold block b's, block b + 1's sums (P <= 8) */
     int T, P;                   /* tokens, and P: T rounded up to 1, 2, 4 (two blocks an instruction), 8 or 16 (one) */
+    int planes;                 /* byte planes of x: 2 for an int16 x (Q8_0 weights), 1 for an int8 x (Q4_0, or
+                                   Q8_0 in an int4 model's lm_head) */
 } bcnp_amx_tokens;
 
 static inline int bcnp_amx_padded(int T) { return T <= 1 ? 1 : T <= 2 ? 2 : T <= 4 ? 4 : T <= 8 ? 8 : 16; }
@@ -188,7 +190,7 @@ static inline const int8_t *bcnp_amx_codes(const uint8_t *q4, int64_t nb, int64_
     return scratch + 32 * (b % BCNP_AMX_CHUNK);
 }
 
-/* 16 rows (Q8_0 codes at q8, row stride 32 nb, planes = 2; or Q4_0 at q4, planes = 1) against x: out[P * r + t].
+/* 16 rows (Q8_0 codes at q8, row stride 32 nb; or Q4_0 at q4) against x (planes = 2: int16, 1: int8): out[P * r + t].
    A software pipeline three pairs deep, because a tile store takes as long as the products and the vector loads
    after it wait for it: step p multiplies pair p (A tiles and C tiles alternate between even and odd pairs, so that
    pair p + 1 need not wait for pair p), stores pair p - 1's C tiles and adds up pair p - 2. */
@@ -312,7 +314,7 @@ static void bcnp_amx_rows(const int8_t *q8, const uint8_t *q4, const uint16_t *d
     int8_t *tail = (int8_t *)aligned_alloc(64, 16 * 64);
     int32_t *cbuf = (int32_t *)aligned_alloc(64, 3 * 512 * sizeof(int32_t));
     float out[16 * 16];
-    const int T = x->T, P = x->P, planes = q8 ? 2 : 1;
+    const int T = x->T, P = x->P, planes = x->planes;
     memset(tail, 0, 16 * 64);
     /* an odd last block's partner in the scratch holds zeros here or an earlier chunk's codes: either way it meets
        the zeros of B's second half */
