@@ -139,7 +139,7 @@ def test_a_token_gets_the_same_bits_alone_in_any_batch_and_in_a_prompt(bits, x_b
 @pytest.mark.parametrize("tokens", [1, 3, 5, 8, 9, 12, 16, 17, 33, 40])
 def test_the_gemm_at_13b_width_has_the_same_bits_with_every_kernel(bits, x_bits, tokens, kernel):
     """Each padding of the tile unit's tokens two blocks an instruction (1, 3), one block an instruction (5, 8, 9, 12,
-    16), int8's switch to the panel GEMM past 16 (AMX) or 32 (the tokens kernel), calls of 16 tokens and a rest
+    16), an int16 x's switch to the panel GEMM past 16 (AMX) or 32 (the tokens kernel), calls of 16 tokens and a rest
     (17, 33, 40); 40 rows: two groups of 16 for the tile unit or the tokens kernel, 8 left for the portable C; 160
     and 428 blocks (pairs, chunks)."""
     rng = np.random.default_rng(tokens)
