@@ -1,10 +1,13 @@
 """torch's float32 `pow` on the CPU, value for value: SLEEF's `powf_u10` as built with FMA (AVX2, AVX-512, NEON).
 
 Why: Baichuan-7B-style RoPE computes its frequency table as `1.0 / (base ** (torch.arange(0, dim, 2).float() /
-dim))`, and that float32 `pow` is SLEEF's, accurate to 1 ulp but not correctly rounded. At head_dim 128 NumPy's
-correctly rounded table differs from it in 9 of 64 values (1-2 ulp), and the logits drift linearly with position
-(7.4e-5 scaled at 2048 positions at Baichuan-7B's widths). Baichuan2-7B's checkpoint stores no table, so bcnp
-recomputes SLEEF's: the double-float algorithm of `xpowf` (logkf, expkf; src/libm/sleefsimdsp.c and
+dim))`, and that float32 `pow` is SLEEF's, specified to 1 ulp, not correctly rounded. NumPy's float32 pow is no
+substitute: it depends on the machine (on AVX-512 builds, SVML's: at head_dim 128 it differed from torch's table in
+9 of 64 values, 1-2 ulp, and the logits drifted linearly with position, 7.4e-5 scaled at 2048 positions at
+Baichuan-7B's widths; on an AVX2 Zen 3 it agreed). At head_dim 128 SLEEF's double-float result is the correctly
+rounded power in all 64 values (tests/test_model.py), and a float64 formula rounded once differs in 19 (its
+division is not float32's). Baichuan2-7B's checkpoint stores no table, so bcnp recomputes SLEEF's, wherever it
+runs: the double-float algorithm of `xpowf` (logkf, expkf; src/libm/sleefsimdsp.c and
 src/common/df.h of SLEEF 3), one float32 operation at a time, with every fused multiply-add rounded once from
 the exact value. A float32 operation of NumPy scalars rounds exactly as the SIMD instruction does.
 """
