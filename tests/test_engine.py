@@ -231,9 +231,12 @@ def test_newcomers_are_prefilled_together_and_within_the_chunk_budget(fixture):
 def test_a_quantized_sequence_gets_its_own_bits_next_to_a_prompt_chunk(fixture, bits):
     """On AVX-512 builds every quantized kernel adds the same sums in the same order at any token count, so a
     decoding sequence whose step also carries another's 12-token prompt chunk (the prefill kernel's work) gets
-    exactly the logits it gets alone; elsewhere within float32 rounding."""
-    model, golden = fixture
-    model = model.quantize(bits)
+    exactly the logits it gets alone. Elsewhere (AVX2, portable C) the prompt GEMM's float sums are not the
+    matvec's: a last-bit difference can move the next layer's rounding of x by one step, so the logits differ by
+    far less than the quantization itself moves them, at most a tenth (measured on a Zen 3, AVX2: 0.008 of it
+    for int8, 0.05 for int4)."""
+    base, golden = fixture
+    model = base.quantize(bits)
     prompt, chunk = list(golden["prompt_1"]), list(golden["prompt_2"][:12])
     alone, cache, other = model.new_cache(64), model.new_cache(64), model.new_cache(64)
     model.forward(prompt, alone)
@@ -244,4 +247,5 @@ def test_a_quantized_sequence_gets_its_own_bits_next_to_a_prompt_chunk(fixture, 
     if quant._quant.GROUPS:
         assert got[0].tobytes() == want.tobytes()
     else:
-        assert scaled_error(got[0], want) <= 1e-5
+        quantization = scaled_error(want, base.logits(prompt + [7])[-1])
+        assert 0 < quantization and scaled_error(got[0], want) <= 0.1 * quantization

@@ -19,6 +19,7 @@ from bcnp import Model, generate, serve
 from bcnp.convert import convert
 from bcnp.engine import BatchCache
 from bcnp.forward import transformer
+from bcnp.quant import BATCH_TOKENS, _quant
 from bcnp.cache import FLOAT16_MAX, new_cache
 from conftest import FIXTURES, MODELS
 
@@ -131,15 +132,18 @@ def test_any_split_into_steps_gives_the_same_logits_over_a_float16_cache(fixture
 @pytest.fixture(scope="module", params=MODELS)
 def quantized(request):
     model, _ = open_fixture(request.param)
-    return model.quantize(4)
+    return model.quantize(4), model
 
 
 @settings(max_examples=10, deadline=None)
 @given(segments=st.lists(st.tuples(st.integers(0, 20), st.integers(1, 6)), min_size=1, max_size=5),
        seed=st.integers(0, 2**16))
 def test_a_sequence_in_a_batch_gets_what_it_gets_alone_over_float16_caches(quantized, segments, seed):
-    """As tests/test_engine.py's property, on an int4 model with its default float16 cache."""
-    model = quantized
+    """As tests/test_engine.py's property, on an int4 model with its default float16 cache: the same bits on
+    AVX-512 builds, where every kernel adds the same sums; elsewhere a step of more than BATCH_TOKENS tokens goes
+    through the prompt GEMM, whose float sums are not the matvec's, and a sequence's logits differ from its own
+    by at most a tenth of what int4 quantization moves them (see test_engine.py)."""
+    model, base = quantized
     rng = np.random.default_rng(seed)
     V = model.config.vocab_size
     prompts = [rng.integers(0, V, n) for n, _ in segments]
@@ -156,7 +160,12 @@ def test_a_sequence_in_a_batch_gets_what_it_gets_alone_over_float16_caches(quant
     batched = transformer(np, model.w, model.config, np.concatenate(new), BatchCache(caches, counts),
                           rows=np.cumsum(counts) - 1)
     for b, cache in enumerate(alone):
-        assert scaled_error(batched[b], model.forward(new[b], cache)[-1]) <= AGREEMENT
+        want = model.forward(new[b], cache)[-1]
+        if _quant.GROUPS or sum(counts) <= BATCH_TOKENS:
+            assert batched[b].tobytes() == want.tobytes()
+        else:
+            quantization = scaled_error(want, base.logits(np.concatenate([prompts[b], new[b]]))[-1])
+            assert 0 < quantization and scaled_error(batched[b], want) <= 0.1 * quantization
         assert caches[b].length == cache.length
 
 
