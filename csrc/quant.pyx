@@ -259,7 +259,8 @@ AMX = bool(_AMX_GRANTED)
 # int8 2 tokens 14.4 / 11.4, 3 tokens 21.3 / 13.3, 4 tokens 29.5 / 23.6.
 GROUP_TOKENS = {8: 2, 4: 2}                         # by bits
 GROUP_TOKENS_WITHOUT_AMX = {8: 1, 4: 2}
-# The tokens kernel (quant_tokens.h) is compiled in with the group matvec; TOKENS_KERNEL = False (tests set it)
+# The tokens kernel (quant_tokens.h) is compiled in with the group matvec (AVX-512), and on AVX2 builds for prompts
+# only (there one token and decode batches keep the lane-wise sums); TOKENS_KERNEL = False (tests set it)
 # sends what it would take to the panel GEMM.  It takes prompts 16 tokens a call up to TOKENS_KERNEL_PROMPT tokens,
 # past that the panel GEMM (the same bits): on Zen 4, the 5 linears of a 13B layer, tokens kernel / panel GEMM,
 # best of 3 alternated: int4 16 tokens 22.8 / 49.2 ms, 64 tokens 92.1 / 130.4, 128 tokens 191.7 / 247.4; int8
@@ -267,7 +268,8 @@ GROUP_TOKENS_WITHOUT_AMX = {8: 1, 4: 2}
 # 394.7 / 278.6 (its int16 x takes two products per pair of codes, and a panel read from L2 by 6 tokens at a
 # time repays its packing over many tokens).  Int8 weights meeting int8 x (an int4 model's lm_head) take one
 # product per four codes, as int4 does: 16000 rows of 5120, best of 3 alternated, 32 tokens 9.2 / 17.4 ms, 128
-# tokens 37.1 / 45.0, 512 tokens 145.3 / 152.0.  So the line is drawn by the bits of x.
+# tokens 37.1 / 45.0, 512 tokens 145.3 / 152.0.  So the line is drawn by the bits of x.  An AVX2 build on Zen 3
+# drew it in the same places (quant_tokens.h): int16 x 233 / 335 ms at 32 tokens, 470 / 442 at 64.
 TOKENS_KERNEL = bool(BCNP_TOKENS)
 TOKENS_KERNEL_PROMPT = {16: 32, 8: 2**62}
 # AMX_PROMPT_TOKENS: up to how many tokens a call goes through the AMX kernel (16 tokens at a time), past that

@@ -1,4 +1,4 @@
-/* A few tokens at once without AMX (AVX-512 VNNI): y[t][r] for 16 rows of Q8_0 / Q4_0 weights and T <= 16 tokens,
+/* A few tokens at once without AMX (AVX-512 VNNI; AVX2 below, for prompts): y[t][r] for 16 rows of Q8_0 / Q4_0 weights and T <= 16 tokens,
  * with the GEMM's sums (bcnp_gemm_q8_0_scalar): every (row, token, block) gets its exact integer block sum, and
  *   y[t, r] = sum over blocks b, in order, of  float(isum) * (d[r, b] * dx[t, b])        (float32, one accumulator)
  * -- the bits of the group matvec, the AMX kernel and the prefill GEMM, so a sequence's logits do not depend on
@@ -201,6 +201,214 @@ static void bcnp_tokens_q4_0(const uint8_t *w, const uint16_t *d, int64_t nb, co
         }
     }
     for (int t = 0; t < T; t++) _mm512_storeu_ps(y + t * ys, f[t]);
+}
+#elif defined(BCNP_AVX2)
+/* AVX2 (no VNNI): the same idea for 8 rows a vector.  A row's 32 bytes (two Q4_0 blocks, one Q8_0 block) are read
+ * as 8 words, and 8 rows' words transposed 8 x 8, so that a vector holds the same four codes of 8 rows, one row a
+ * lane.  vpmaddubsw multiplies them as unsigned bytes by a token's four matching int8 x broadcast, into int16
+ * pairs: Q4_0's codes (<= 15) against |x| <= 127 make at most 3810 a pair, so a block's 8 products add up in
+ * int16 (at most 30480) before one vpmaddwd by ones turns them into the 8 rows' int32 block sums; Q8_0's codes go in
+ * as |q| with x given q's sign (vpsignb; at most 32512 a pair), each product widened at once; Q8_0 against int16 x
+ * takes int16 pairs of codes by shifts and vpmaddwd, as the AVX-512 kernel does.
+ *
+ * AVX2 builds use it for prompts only (up to TOKENS_KERNEL_PROMPT tokens, csrc/quant.pyx): its sums are the panel
+ * GEMM's, not the lane-wise matvec's that one token and a decode batch share there, and at one token it read memory
+ * at 0.7-0.8x of that matvec's speed (8 rows read at once; one 13696 x 5120 int4 weight, 2 threads, on a 2-core
+ * Zen 3: 3.2-4.1 ms against 2.4-3.0).  The 5 linears of a 13B layer on that machine, best of 3, against the panel
+ * GEMM (the same bits): int4 16 / 32 / 64 / 128 / 512 tokens 90 / 129 / 248 / 493 / 2290 ms against 237 / 227 /
+ * 305 / 576 / 2511; int8 with int16 x 113 / 233 / 470 / 833 against 313 / 335 / 442 / 661 (so up to 32 tokens);
+ * with int8 x 98 / 194 / 390 / 731 / 2920 against 461 / 428 / 640 / 748 / 2707. */
+#define BCNP_TOKENS 1
+/* 8 vectors of 8 int32 transposed in place: v[c] lane r <- v[r] lane c. */
+static inline __attribute__((always_inline)) void bcnp_transpose8(__m256i v[8])
+{
+    __m256 a[8], b[8];
+    for (int i = 0; i < 4; i++) {
+        a[2 * i] = _mm256_unpacklo_ps(_mm256_castsi256_ps(v[2 * i]), _mm256_castsi256_ps(v[2 * i + 1]));
+        a[2 * i + 1] = _mm256_unpackhi_ps(_mm256_castsi256_ps(v[2 * i]), _mm256_castsi256_ps(v[2 * i + 1]));
+    }
+    for (int i = 0; i < 2; i++)
+        for (int j = 0; j < 2; j++) {
+            b[4 * i + 2 * j] = _mm256_shuffle_ps(a[4 * i + j], a[4 * i + j + 2], 0x44);
+            b[4 * i + 2 * j + 1] = _mm256_shuffle_ps(a[4 * i + j], a[4 * i + j + 2], 0xEE);
+        }
+    for (int i = 0; i < 4; i++) {
+        v[i] = _mm256_castps_si256(_mm256_permute2f128_ps(b[i], b[i + 4], 0x20));
+        v[i + 4] = _mm256_castps_si256(_mm256_permute2f128_ps(b[i], b[i + 4], 0x31));
+    }
+}
+
+/* The scales of 8 rows (d, row stride nb) for blocks b .. b + count - 1 (count <= 8), transposed: dw[8 k + r] =
+   d[r][b + k]. */
+static inline void bcnp_scales8(const uint16_t *d, int64_t nb, int64_t b, int64_t count, float *dw)
+{
+    __m256i v[8];
+    for (int r = 0; r < 8; r++) {
+        const uint16_t *dr = d + r * nb + b;
+        uint16_t part[8] = {0};
+        if (count < 8) memcpy(part, dr, 2 * (size_t)count);
+        v[r] = _mm256_castps_si256(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(count < 8 ? part : dr))));
+    }
+    bcnp_transpose8(v);
+    for (int k = 0; k < 8; k++) _mm256_store_si256((__m256i *)(dw + 8 * k), v[k]);
+}
+
+/* 8 rows' 32 bytes at w + offset (row stride `stride` bytes), transposed: raw[i] lane r = word i of row r.  `words`
+   < 8: only the first `words` words are read (a row's end). */
+static inline __attribute__((always_inline))
+void bcnp_load8(const char *w, int64_t stride, int words, __m256i raw[8])
+{
+    const __m256i m = _mm256_cmpgt_epi32(_mm256_set1_epi32(words), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    for (int r = 0; r < 8; r++) {
+        const char *wr = w + r * stride;
+        _mm_prefetch(wr + BCNP_GROUP_AHEAD, _MM_HINT_T0);
+        raw[r] = words == 8 ? _mm256_loadu_si256((const __m256i *)wr) : _mm256_maskload_epi32((const int *)wr, m);
+    }
+    bcnp_transpose8(raw);
+}
+
+/* y[t * ys + r], r < 8, t < NT <= 8: 8 Q4_0 rows at w (row stride 16 nb) against NT tokens' int8 x (x8, bias).
+   One copy per token count (bcnp_tokens8_q4_0): with NT a run-time bound inside the loop GCC kept its counters and
+   sums on the stack, and at one token this ran at a third of the lane-wise matvec's speed. */
+static inline __attribute__((always_inline))
+void bcnp_tokens8_q4_0_n(const uint8_t *w, const uint16_t *d, int64_t nb, const int8_t *x8, const int32_t *bias,
+                         const float *dx, float *y, int64_t ys, const int NT)
+{
+    __attribute__((aligned(32))) float dw[8 * 8];
+    __m256 f[8];
+    const __m256i nibble = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+    const int64_t n = 32 * nb;
+    for (int t = 0; t < NT; t++) f[t] = _mm256_setzero_ps();
+    for (int64_t b0 = 0; b0 < nb; b0 += 8) {
+        const int64_t count = nb - b0 < 8 ? nb - b0 : 8;
+        bcnp_scales8(d, nb, b0, count, dw);
+        for (int64_t k = 0; k < count; k += 2) {       /* two blocks: 32 bytes of each row */
+            const int64_t b = b0 + k, blocks = count - k < 2 ? 1 : 2;
+            __m256i raw[8];
+            bcnp_load8((const char *)(w + 16 * b), 16 * nb, 4 * (int)blocks, raw);
+            for (int64_t j = 0; j < blocks; j++) {
+                __m256i c[8];
+                for (int i = 0; i < 4; i++) {
+                    c[i] = _mm256_and_si256(raw[4 * j + i], nibble);
+                    c[4 + i] = _mm256_and_si256(_mm256_srli_epi16(raw[4 * j + i], 4), nibble);
+                }
+                const __m256 scale = _mm256_load_ps(dw + 8 * (k + j));
+                for (int t = 0; t < NT; t++) {
+                    const int32_t *xt = (const int32_t *)(x8 + t * n + 32 * (b + j));
+                    __m256i s = _mm256_maddubs_epi16(c[0], _mm256_set1_epi32(xt[0]));
+                    for (int i = 1; i < 8; i++) s = _mm256_add_epi16(s, _mm256_maddubs_epi16(c[i], _mm256_set1_epi32(xt[i])));
+                    const __m256i sum = _mm256_add_epi32(_mm256_madd_epi16(s, ones), _mm256_set1_epi32(bias[t * nb + b + j]));
+                    f[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_mul_ps(scale, _mm256_set1_ps(dx[t * nb + b + j])), f[t]);
+                }
+            }
+        }
+    }
+    for (int t = 0; t < NT; t++) _mm256_storeu_ps(y + t * ys, f[t]);
+}
+
+static void bcnp_tokens8_q4_0(const uint8_t *w, const uint16_t *d, int64_t nb, const int8_t *x8, const int32_t *bias,
+                              const float *dx, int T, float *y, int64_t ys)
+{
+    for (int t0 = 0; t0 < T; t0 += 8) {
+        const int8_t *x = x8 + t0 * 32 * nb;
+        const int32_t *bs = bias + t0 * nb;
+        const float *dxt = dx + t0 * nb;
+        float *yt = y + t0 * ys;
+        switch (T - t0 < 8 ? T - t0 : 8) {
+        case 1: bcnp_tokens8_q4_0_n(w, d, nb, x, bs, dxt, yt, ys, 1); break;
+        case 2: bcnp_tokens8_q4_0_n(w, d, nb, x, bs, dxt, yt, ys, 2); break;
+        case 3: bcnp_tokens8_q4_0_n(w, d, nb, x, bs, dxt, yt, ys, 3); break;
+        case 4: bcnp_tokens8_q4_0_n(w, d, nb, x, bs, dxt, yt, ys, 4); break;
+        case 5: bcnp_tokens8_q4_0_n(w, d, nb, x, bs, dxt, yt, ys, 5); break;
+        case 6: bcnp_tokens8_q4_0_n(w, d, nb, x, bs, dxt, yt, ys, 6); break;
+        case 7: bcnp_tokens8_q4_0_n(w, d, nb, x, bs, dxt, yt, ys, 7); break;
+        default: bcnp_tokens8_q4_0_n(w, d, nb, x, bs, dxt, yt, ys, 8); break;
+        }
+    }
+}
+
+/* y[t * ys + r], r < 8, t < NT <= 8: 8 Q8_0 rows at w (row stride 32 nb) against NT tokens' int16 x (bcnp_tokens_x16's
+   order), or (xq NULL) int8 x (x8); one copy per token count, as bcnp_tokens8_q4_0_n. */
+static inline __attribute__((always_inline))
+void bcnp_tokens8_q8_0_n(const int8_t *w, const uint16_t *d, int64_t nb, const int16_t *xq, const int8_t *x8,
+                         const float *dx, float *y, int64_t ys, const int NT)
+{
+    __attribute__((aligned(32))) float dw[8 * 8];
+    __m256 f[8];
+    const __m256i ones = _mm256_set1_epi16(1);
+    const int64_t n = 32 * nb;
+    for (int t = 0; t < NT; t++) f[t] = _mm256_setzero_ps();
+    for (int64_t b0 = 0; b0 < nb; b0 += 8) {
+        const int64_t count = nb - b0 < 8 ? nb - b0 : 8;
+        bcnp_scales8(d, nb, b0, count, dw);
+        for (int64_t k = 0; k < count; k++) {
+            const int64_t b = b0 + k;
+            const __m256 scale = _mm256_load_ps(dw + 8 * k);
+            __m256i raw[8];
+            bcnp_load8((const char *)(w + 32 * b), 32 * nb, 8, raw);
+            if (!xq) {
+                __m256i a[8];
+                for (int i = 0; i < 8; i++) a[i] = _mm256_abs_epi8(raw[i]);
+                for (int t = 0; t < NT; t++) {
+                    const int32_t *xt = (const int32_t *)(x8 + t * n + 32 * b);
+                    __m256i s = _mm256_setzero_si256();
+                    for (int i = 0; i < 8; i++)
+                        s = _mm256_add_epi32(s, _mm256_madd_epi16(_mm256_maddubs_epi16(
+                                a[i], _mm256_sign_epi8(_mm256_set1_epi32(xt[i]), raw[i])), ones));
+                    f[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(scale, _mm256_set1_ps(dx[t * nb + b])), f[t]);
+                }
+                continue;
+            }
+            __m256i v[16];
+            for (int i = 0; i < 8; i++) {
+                v[2 * i] = _mm256_srai_epi16(_mm256_slli_epi16(raw[i], 8), 8);
+                v[2 * i + 1] = _mm256_srai_epi16(raw[i], 8);
+            }
+            for (int t = 0; t < NT; t++) {
+                const int32_t *xt = (const int32_t *)(xq + t * n + 32 * b);
+                __m256i s = _mm256_madd_epi16(v[0], _mm256_set1_epi32(xt[0]));
+                for (int p = 1; p < 16; p++) s = _mm256_add_epi32(s, _mm256_madd_epi16(v[p], _mm256_set1_epi32(xt[p])));
+                f[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(scale, _mm256_set1_ps(dx[t * nb + b])), f[t]);
+            }
+        }
+    }
+    for (int t = 0; t < NT; t++) _mm256_storeu_ps(y + t * ys, f[t]);
+}
+
+static void bcnp_tokens8_q8_0(const int8_t *w, const uint16_t *d, int64_t nb, const int16_t *xq, const int8_t *x8,
+                              const float *dx, int T, float *y, int64_t ys)
+{
+    for (int t0 = 0; t0 < T; t0 += 8) {
+        const int16_t *x16 = xq ? xq + t0 * 32 * nb : NULL;
+        const int8_t *xb = x8 + (xq ? 0 : t0 * 32 * nb);
+        const float *dxt = dx + t0 * nb;
+        float *yt = y + t0 * ys;
+        switch (T - t0 < 8 ? T - t0 : 8) {
+        case 1: bcnp_tokens8_q8_0_n(w, d, nb, x16, xb, dxt, yt, ys, 1); break;
+        case 2: bcnp_tokens8_q8_0_n(w, d, nb, x16, xb, dxt, yt, ys, 2); break;
+        case 3: bcnp_tokens8_q8_0_n(w, d, nb, x16, xb, dxt, yt, ys, 3); break;
+        case 4: bcnp_tokens8_q8_0_n(w, d, nb, x16, xb, dxt, yt, ys, 4); break;
+        case 5: bcnp_tokens8_q8_0_n(w, d, nb, x16, xb, dxt, yt, ys, 5); break;
+        case 6: bcnp_tokens8_q8_0_n(w, d, nb, x16, xb, dxt, yt, ys, 6); break;
+        case 7: bcnp_tokens8_q8_0_n(w, d, nb, x16, xb, dxt, yt, ys, 7); break;
+        default: bcnp_tokens8_q8_0_n(w, d, nb, x16, xb, dxt, yt, ys, 8); break;
+        }
+    }
+}
+
+/* The entry points of the AVX-512 kernel: 16 rows as two sets of 8 (bias, for Q8_0, and `next` unused). */
+static void bcnp_tokens_q8_0(const int8_t *w, const uint16_t *d, int64_t nb, const int16_t *xq, const int8_t *x8,
+                             const int32_t *bias, const float *dx, int T, float *y, int64_t ys, int next)
+{
+    bcnp_tokens8_q8_0(w, d, nb, xq, x8, dx, T, y, ys);
+    bcnp_tokens8_q8_0(w + 8 * 32 * nb, d + 8 * nb, nb, xq, x8, dx, T, y + 8, ys);
+}
+
+static void bcnp_tokens_q4_0(const uint8_t *w, const uint16_t *d, int64_t nb, const int8_t *x8, const int32_t *bias,
+                             const float *dx, int T, float *y, int64_t ys, int next)
+{
+    bcnp_tokens8_q4_0(w, d, nb, x8, bias, dx, T, y, ys);
+    bcnp_tokens8_q4_0(w + 8 * 16 * nb, d + 8 * nb, nb, x8, bias, dx, T, y + 8, ys);
 }
 #else
 #define BCNP_TOKENS 0
