@@ -219,6 +219,21 @@ static void bcnp_tokens_q4_0(const uint8_t *w, const uint16_t *d, int64_t nb, co
  * 305 / 576 / 2511; int8 with int16 x 113 / 233 / 470 / 833 against 313 / 335 / 442 / 661 (so up to 32 tokens);
  * with int8 x 98 / 194 / 390 / 731 / 2920 against 461 / 428 / 640 / 748 / 2707. */
 #define BCNP_TOKENS 1
+/* call(NT) with NT the constant equal to count (1 .. 8): one copy of a kernel per token count. */
+#define BCNP_BY_COUNT(count, call)                                                                                  \
+    do {                                                                                                            \
+        switch (count) {                                                                                            \
+        case 1: call(1); break;                                                                                     \
+        case 2: call(2); break;                                                                                     \
+        case 3: call(3); break;                                                                                     \
+        case 4: call(4); break;                                                                                     \
+        case 5: call(5); break;                                                                                     \
+        case 6: call(6); break;                                                                                     \
+        case 7: call(7); break;                                                                                     \
+        default: call(8); break;                                                                                    \
+        }                                                                                                           \
+    } while (0)
+
 /* 8 vectors of 8 int32 transposed in place: v[c] lane r <- v[r] lane c. */
 static inline __attribute__((always_inline)) void bcnp_transpose8(__m256i v[8])
 {
@@ -314,16 +329,9 @@ static void bcnp_tokens8_q4_0(const uint8_t *w, const uint16_t *d, int64_t nb, c
         const int32_t *bs = bias + t0 * nb;
         const float *dxt = dx + t0 * nb;
         float *yt = y + t0 * ys;
-        switch (T - t0 < 8 ? T - t0 : 8) {
-        case 1: bcnp_tokens8_q4_0_n(w, d, nb, x, bs, dxt, yt, ys, 1); break;
-        case 2: bcnp_tokens8_q4_0_n(w, d, nb, x, bs, dxt, yt, ys, 2); break;
-        case 3: bcnp_tokens8_q4_0_n(w, d, nb, x, bs, dxt, yt, ys, 3); break;
-        case 4: bcnp_tokens8_q4_0_n(w, d, nb, x, bs, dxt, yt, ys, 4); break;
-        case 5: bcnp_tokens8_q4_0_n(w, d, nb, x, bs, dxt, yt, ys, 5); break;
-        case 6: bcnp_tokens8_q4_0_n(w, d, nb, x, bs, dxt, yt, ys, 6); break;
-        case 7: bcnp_tokens8_q4_0_n(w, d, nb, x, bs, dxt, yt, ys, 7); break;
-        default: bcnp_tokens8_q4_0_n(w, d, nb, x, bs, dxt, yt, ys, 8); break;
-        }
+#define BCNP_CALL(NT) bcnp_tokens8_q4_0_n(w, d, nb, x, bs, dxt, yt, ys, NT)
+        BCNP_BY_COUNT(T - t0 < 8 ? T - t0 : 8, BCNP_CALL);
+#undef BCNP_CALL
     }
 }
 
@@ -383,16 +391,9 @@ static void bcnp_tokens8_q8_0(const int8_t *w, const uint16_t *d, int64_t nb, co
         const int8_t *xb = x8 + (xq ? 0 : t0 * 32 * nb);
         const float *dxt = dx + t0 * nb;
         float *yt = y + t0 * ys;
-        switch (T - t0 < 8 ? T - t0 : 8) {
-        case 1: bcnp_tokens8_q8_0_n(w, d, nb, x16, xb, dxt, yt, ys, 1); break;
-        case 2: bcnp_tokens8_q8_0_n(w, d, nb, x16, xb, dxt, yt, ys, 2); break;
-        case 3: bcnp_tokens8_q8_0_n(w, d, nb, x16, xb, dxt, yt, ys, 3); break;
-        case 4: bcnp_tokens8_q8_0_n(w, d, nb, x16, xb, dxt, yt, ys, 4); break;
-        case 5: bcnp_tokens8_q8_0_n(w, d, nb, x16, xb, dxt, yt, ys, 5); break;
-        case 6: bcnp_tokens8_q8_0_n(w, d, nb, x16, xb, dxt, yt, ys, 6); break;
-        case 7: bcnp_tokens8_q8_0_n(w, d, nb, x16, xb, dxt, yt, ys, 7); break;
-        default: bcnp_tokens8_q8_0_n(w, d, nb, x16, xb, dxt, yt, ys, 8); break;
-        }
+#define BCNP_CALL(NT) bcnp_tokens8_q8_0_n(w, d, nb, x16, xb, dxt, yt, ys, NT)
+        BCNP_BY_COUNT(T - t0 < 8 ? T - t0 : 8, BCNP_CALL);
+#undef BCNP_CALL
     }
 }
 
