@@ -1,5 +1,6 @@
-/* A few tokens at once without AMX (AVX-512 VNNI; AVX2 below, for prompts): y[t][r] for 16 rows of Q8_0 / Q4_0 weights and T <= 16 tokens,
- * with the GEMM's sums (bcnp_gemm_q8_0_scalar): every (row, token, block) gets its exact integer block sum, and
+/* A few tokens at once without AMX (AVX-512 VNNI; AVX2 below, for prompts): y[t][r] for 16 rows of Q8_0 / Q4_0
+ * weights and T <= 16 tokens, with the GEMM's sums (bcnp_gemm_q8_0_scalar): every (row, token, block) gets its
+ * exact integer block sum, and
  *   y[t, r] = sum over blocks b, in order, of  float(isum) * (d[r, b] * dx[t, b])        (float32, one accumulator)
  * -- the bits of the group matvec, the AMX kernel and the prefill GEMM, so a sequence's logits do not depend on
  * what shares its step.
@@ -311,9 +312,12 @@ void bcnp_tokens8_q4_0_n(const uint8_t *w, const uint16_t *d, int64_t nb, const 
                 for (int t = 0; t < NT; t++) {
                     const int32_t *xt = (const int32_t *)(x8 + t * n + 32 * (b + j));
                     __m256i s = _mm256_maddubs_epi16(c[0], _mm256_set1_epi32(xt[0]));
-                    for (int i = 1; i < 8; i++) s = _mm256_add_epi16(s, _mm256_maddubs_epi16(c[i], _mm256_set1_epi32(xt[i])));
-                    const __m256i sum = _mm256_add_epi32(_mm256_madd_epi16(s, ones), _mm256_set1_epi32(bias[t * nb + b + j]));
-                    f[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_mul_ps(scale, _mm256_set1_ps(dx[t * nb + b + j])), f[t]);
+                    for (int i = 1; i < 8; i++)
+                        s = _mm256_add_epi16(s, _mm256_maddubs_epi16(c[i], _mm256_set1_epi32(xt[i])));
+                    const __m256i sum = _mm256_add_epi32(_mm256_madd_epi16(s, ones),
+                                                         _mm256_set1_epi32(bias[t * nb + b + j]));
+                    f[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum),
+                                           _mm256_mul_ps(scale, _mm256_set1_ps(dx[t * nb + b + j])), f[t]);
                 }
             }
         }
@@ -363,7 +367,8 @@ void bcnp_tokens8_q8_0_n(const int8_t *w, const uint16_t *d, int64_t nb, const i
                     for (int i = 0; i < 8; i++)
                         s = _mm256_add_epi32(s, _mm256_madd_epi16(_mm256_maddubs_epi16(
                                 a[i], _mm256_sign_epi8(_mm256_set1_epi32(xt[i]), raw[i])), ones));
-                    f[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(scale, _mm256_set1_ps(dx[t * nb + b])), f[t]);
+                    f[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(scale, _mm256_set1_ps(dx[t * nb + b])),
+                                           f[t]);
                 }
                 continue;
             }
@@ -375,8 +380,10 @@ void bcnp_tokens8_q8_0_n(const int8_t *w, const uint16_t *d, int64_t nb, const i
             for (int t = 0; t < NT; t++) {
                 const int32_t *xt = (const int32_t *)(xq + t * n + 32 * b);
                 __m256i s = _mm256_madd_epi16(v[0], _mm256_set1_epi32(xt[0]));
-                for (int p = 1; p < 16; p++) s = _mm256_add_epi32(s, _mm256_madd_epi16(v[p], _mm256_set1_epi32(xt[p])));
-                f[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(scale, _mm256_set1_ps(dx[t * nb + b])), f[t]);
+                for (int p = 1; p < 16; p++)
+                    s = _mm256_add_epi32(s, _mm256_madd_epi16(v[p], _mm256_set1_epi32(xt[p])));
+                f[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(scale, _mm256_set1_ps(dx[t * nb + b])),
+                                       f[t]);
             }
         }
     }
