@@ -130,6 +130,15 @@ def common_prefix(a, b):
 # per layer, and at 256 tokens the prefill GEMM is near its best speed per token (tools/bench.py kernels).
 PREFILL_CHUNK = 256
 
+# A newcomer waits a step for a prompt in this step's batch that computes a prefix it shares, when the newcomers
+# that would reuse that prefix save this many prompt tokens or more together. Waiting costs a waiter one more pass
+# over the weights (~15 ms for 2 layers of 13B width, int4, 2 Zen 4 cores) and a prompt token costs ~2.5 ms there
+# (prefill is bound by arithmetic), so 16 tokens saved pay for it. The group counts, not each newcomer alone: chat
+# requests that come together share a template and a question's first words (14-16 tokens), the caches of earlier
+# turns hold 5 of them, and 7 newcomers with 9-11 tokens each to gain save 70 together. A burst of 8 such prompts
+# (tools/bench.py batch, `burst_ttft`) has 138 of its 248 prompt tokens computed; with a threshold per newcomer, 208.
+SHARED_PREFIX_MIN = 16
+
 
 class Engine:
     """Runs many `Sequence`s over one model: `submit`, then `step` (or `run`) until they are done."""
@@ -259,12 +268,25 @@ class Engine:
         self.prompt_tokens += len(seq.prompt)
         self.reused_tokens += best_n
 
+    def _held(self, prompt):
+        """The longest prefix of `prompt` that a cache holds: a finished sequence's, or an active one's so far."""
+        return max([common_prefix(tokens, prompt) for tokens, _ in self.idle]
+                   + [common_prefix(s.cached, prompt) for s in self.active if s.cache is not None] + [0])
+
     def _waits_for_shared_prefix(self, seq, batch):
-        """True when a sequence in this step's batch is computing a longer prefix of `seq`'s prompt than any cache
-        holds yet: starting after it lets `seq` reuse that prefix (the same system prompt, few-shot examples)."""
-        cached = max([common_prefix(tokens, seq.prompt) for tokens, _ in self.idle]
-                     + [common_prefix(s.cached, seq.prompt) for s in self.active if s.cache is not None] + [0])
-        return any(common_prefix(s.prompt, seq.prompt) >= cached + 16 for s in batch if len(s.cached) < len(s.prompt))
+        """True when a prompt this step's batch is computing shares with `seq` more than any cache holds, and the
+        newcomers that would take that prefix from it save SHARED_PREFIX_MIN prompt tokens or more together:
+        starting a step later lets them reuse it (the same system prompt, few-shot examples, a chat template)."""
+        held = self._held(seq.prompt)
+        newcomers = [(s, self._held(s.prompt)) for s in self.active if s.cache is None]
+        for leader in [s for s in batch if len(s.cached) < len(s.prompt)]:
+            if common_prefix(leader.prompt, seq.prompt) <= held:
+                continue
+            saved = sum(max(0, min(common_prefix(leader.prompt, s.prompt), len(s.prompt) - 1) - n)
+                        for s, n in newcomers)
+            if saved >= SHARED_PREFIX_MIN:
+                return True
+        return False
 
     def _forward(self, batch):
         """One forward pass over [(sequence, its new tokens)]; samples where a sequence's prompt is complete."""

@@ -129,3 +129,17 @@ def test_the_llama_cpp_gguf_holds_the_bench_weights_as_bcnp_quantizes_them(tmp_p
                            timeout=120, cwd=ROOT)
     assert again.returncode == 1 and again.stderr == f"error: {out}: exists; pass --force to replace it\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bench.gguf"]
+
+
+@pytest.mark.slow
+def test_batch_reports_every_width_a_chat_turn_and_a_burst_that_shares_its_prefix():
+    report = run_json(TOOLS / "bench.py", "batch", "--smoke", "--json")
+    for kind in KINDS:
+        assert list(report[kind]) == ["1", "2", "4", "8", "16"] and all(r > 0 for r in report[kind].values())
+        assert report[kind + "_vs_b1"]["8"] == pytest.approx(report[kind]["8"] / report[kind]["1"])
+    assert report["chat_turn_int4"]["reused_tokens"] >= report["chat_turn_int4"]["history"]
+    burst = report["burst_int4"]
+    # 8 prompts of 31 tokens; an earlier burst's cache holds 5 of them, and they share 10 more: the first computes
+    # its 26, each of the others its own 16
+    assert (burst["clients"], burst["prompt_tokens"]) == (8, 8 * 31)
+    assert burst["computed"] == 26 + 7 * 16 and burst["seconds"] > 0

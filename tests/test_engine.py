@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from bcnp import Model, quant
-from bcnp.engine import BatchCache, Engine
+from bcnp.engine import SHARED_PREFIX_MIN, BatchCache, Engine
 from bcnp.forward import transformer
 from conftest import FIXTURES, MODELS
 
@@ -114,6 +114,32 @@ def test_a_shared_prefix_is_computed_once(fixture):
     for i, seq in enumerate(seqs):
         assert seq.generated == list(model.generate(prefix + [5 + i, 7], max_new_tokens=3, do_sample=False,
                                                     repetition_penalty=1.0))
+
+
+def test_newcomers_wait_for_a_shared_prefix_when_together_they_save_enough(fixture):
+    """A cache holds the first 5 tokens of a prefix that three new prompts share; each of the two that could wait
+    saves 9 tokens, under SHARED_PREFIX_MIN alone, over it together: both wait and reuse the whole prefix."""
+    model, golden = fixture
+    held, gain = 5, SHARED_PREFIX_MIN // 2 + 1
+    prefix = list(golden["prompt_2"][:held + gain])
+    engine = Engine(model, max_batch=4)
+    engine.submit(prefix[:held] + [9, 9], max_new_tokens=2, **GREEDY)
+    run_all(engine)
+    seqs = [engine.submit(prefix + [5 + i, 7], max_new_tokens=3, **GREEDY) for i in range(3)]
+    run_all(engine)
+    assert [s.reused for s in seqs] == [held, held + gain, held + gain]
+    for i, seq in enumerate(seqs):
+        assert seq.generated == list(model.generate(prefix + [5 + i, 7], max_new_tokens=3, do_sample=False,
+                                                    repetition_penalty=1.0))
+
+
+def test_a_newcomer_does_not_wait_to_save_a_few_tokens(fixture):
+    model, golden = fixture
+    prefix = list(golden["prompt_2"][:SHARED_PREFIX_MIN - 1])
+    engine = Engine(model, max_batch=4)
+    seqs = [engine.submit(prefix + [5 + i, 7], max_new_tokens=2, **GREEDY) for i in range(2)]
+    engine.step()
+    assert [len(s.generated) for s in seqs] == [1, 1] and [s.reused for s in seqs] == [0, 0]
 
 
 def test_stop_tokens_budgets_cancellation_and_the_queue(fixture):

@@ -32,7 +32,9 @@ after a 16-token prompt each (the widths take turns, one engine step each, best 
 the aggregate decode tokens/s per weight kind ({"int4": {"1": tok/s,
 ...}, ...} with --json, plus "vs_b1" ratios and the chat turn below); then a chat turn after a 512-token history
 (--quick: 256): the time to its first token, reusing the history's cache, against the same turn's new tokens alone
-on a fresh engine, each the best of 3 (taking turns).
+on a fresh engine, each the best of 3 (taking turns); then a burst of 8 chat prompts that share a template and
+their first words, submitted together after an earlier burst (`burst_ttft`): the time until each has its first token
+and how many of their prompt tokens the engine computed (the rest it took from a cache).
 
 `kernels` prints one JSON object: for the five linears of one 13B layer in float32 (BLAS), int8 and int4,
   - "decode": B = 1, 2, 4, 8, 16 tokens per call (the batched kernels; float32: x @ W.T), aggregate tokens/s and
@@ -410,6 +412,37 @@ def chat_turn_ttft(model, history, rounds=3):
             "rounds": rounds}
 
 
+def burst_ttft(model, clients=8, rounds=3):
+    """A burst of `clients` chat requests after an earlier burst: the time until every one has its first token
+    and the prompt tokens the engine computed for them, each the best of `rounds`. The prompts are built like
+    tools/serve_bench.py's: a template whose first 5 tokens the earlier burst's caches still hold, 10 more that
+    the burst's prompts share (a question's first words), and 16 of each prompt's own."""
+    from bcnp.engine import Engine
+    rng = np.random.default_rng(7)
+    held, shared = (list(rng.integers(0, model.config.vocab_size, n)) for n in (5, 10))
+
+    def burst(engine):
+        prompts = [held + shared + list(rng.integers(0, model.config.vocab_size, 16)) for _ in range(clients)]
+        computed = engine.prompt_tokens - engine.reused_tokens
+        start = time.perf_counter()
+        seqs = [engine.submit(p, max_new_tokens=1, do_sample=False, stop_ids=[]) for p in prompts]
+        while engine.busy:
+            engine.step()
+        assert all(len(s.generated) == 1 for s in seqs)
+        return time.perf_counter() - start, engine.prompt_tokens - engine.reused_tokens - computed
+
+    best, computed = math.inf, None
+    for _ in range(rounds):
+        engine = Engine(model, max_batch=clients)
+        engine.submit(held + list(rng.integers(0, model.config.vocab_size, 20)), max_new_tokens=1, stop_ids=[])
+        for _ in engine.run():
+            pass
+        seconds, computed = burst(engine)
+        best = min(best, seconds)
+    return {"clients": clients, "prompt_tokens": clients * (len(held) + len(shared) + 16), "computed": computed,
+            "seconds": best, "rounds": rounds}
+
+
 def engine_report():
     config, pool = model_config(args.layers, args.smoke), RandomPool()
     # best of 8 steps per width: with 4, B = 1 moved by 20% from run to run on this shared machine, and every ratio
@@ -426,6 +459,9 @@ def engine_report():
             say(f"chat turn after {c['history']} tokens (int4): first token {c['ttft_s']:.2f} s reusing "
                 f"{c['reused_tokens']} cached tokens, against {c['alone_s']:.2f} s for its "
                 f"{c['new_tokens']} new tokens alone (ratio {c['ratio']:.2f})")
+            b = report["burst_int4"] = burst_ttft(model, rounds=1 if args.smoke else 3)
+            say(f"a burst of {b['clients']} chat prompts after another (int4): every first token in "
+                f"{b['seconds']:.2f} s, {b['computed']} of their {b['prompt_tokens']} prompt tokens computed")
         del model
     return report
 

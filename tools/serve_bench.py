@@ -9,8 +9,9 @@ demo model's tokenizer, so the vocabulary is cut to its 1000 pieces: the decoder
 are threads speaking raw HTTP (http.client: they only wait on sockets, the engine keeps the cores). Each client sends
 `--requests` streamed chat requests one after another, each a different question ("Question r from client c: what
 is mountain number ...?", 30-34 tokens with the role tokens; the demo tokenizer cuts words small, so requests with
-the same r share their first 14-16 tokens, and the engine computes such a prefix once when 16 or more match),
-greedy, `--max-tokens` long; eos is ignored so every reply has the same length.
+the same r share their first 14-16 tokens: a round's first request reaches an idle server and is prefilled alone,
+and the others, a few ms behind it, take those tokens from its cache), greedy, `--max-tokens` long; eos is ignored
+so every reply has the same length.
 
 Per concurrency level: aggregate completion tokens/s (all completion tokens / wall time of the level) and the time
 from sending a request to its first content delta (TTFT), p50 and p95 over all its requests.
