@@ -194,12 +194,12 @@ class Engine:
         self._retire()
         self._admit()
         batch = [(s, [s.pending]) for s in self.active if s.pending is not None and not s.done]
-        budget = self.prefill_chunk
+        budget, held = self.prefill_chunk, {}
         for seq in [s for s in self.active if s.cache is None or len(s.cached) < len(s.prompt)]:
             if budget == 0:
                 break
             if seq.cache is None:
-                if self._waits_for_shared_prefix(seq, [s for s, _ in batch]):
+                if self._waits_for_shared_prefix(seq, [s for s, _ in batch], held):
                     continue
                 self._attach_cache(seq)
             chunk = seq.prompt[len(seq.cached):len(seq.cached) + budget]
@@ -273,17 +273,20 @@ class Engine:
         return max([common_prefix(tokens, prompt) for tokens, _ in self.idle]
                    + [common_prefix(s.cached, prompt) for s in self.active if s.cache is not None] + [0])
 
-    def _waits_for_shared_prefix(self, seq, batch):
+    def _waits_for_shared_prefix(self, seq, batch, held):
         """True when a prompt this step's batch is computing shares with `seq` more than any cache holds, and the
         newcomers that would take that prefix from it save SHARED_PREFIX_MIN prompt tokens or more together:
-        starting a step later lets them reuse it (the same system prompt, few-shot examples, a chat template)."""
-        held = self._held(seq.prompt)
-        newcomers = [(s, self._held(s.prompt)) for s in self.active if s.cache is None]
+        starting a step later lets them reuse it (the same system prompt, few-shot examples, a chat template).
+        `held` keeps each newcomer's `_held` for the step: a cache attached in it holds a prefix of another's."""
+        newcomers = [s for s in self.active if s.cache is None]
+        for s in newcomers:
+            if s.id not in held:
+                held[s.id] = self._held(s.prompt)
         for leader in [s for s in batch if len(s.cached) < len(s.prompt)]:
-            if common_prefix(leader.prompt, seq.prompt) <= held:
+            if common_prefix(leader.prompt, seq.prompt) <= held[seq.id]:
                 continue
-            saved = sum(max(0, min(common_prefix(leader.prompt, s.prompt), len(s.prompt) - 1) - n)
-                        for s, n in newcomers)
+            saved = sum(max(0, min(common_prefix(leader.prompt, s.prompt), len(s.prompt) - 1) - held[s.id])
+                        for s in newcomers)
             if saved >= SHARED_PREFIX_MIN:
                 return True
         return False
