@@ -139,7 +139,7 @@ def test_batch_reports_every_width_a_chat_turn_and_a_burst_that_shares_its_prefi
         assert report[kind + "_vs_b1"]["8"] == pytest.approx(report[kind]["8"] / report[kind]["1"])
     assert report["chat_turn_int4"]["reused_tokens"] >= report["chat_turn_int4"]["history"]
     burst = report["burst_int4"]
-    # 8 prompts of 31 tokens; an earlier burst's cache holds 5 of them, and they share 10 more: the first computes
+    # 8 prompts of 31 tokens; an earlier request's cache holds 5 of them, and they share 10 more: the first computes
     # its 26, each of the others its own 16
     assert (burst["clients"], burst["prompt_tokens"]) == (8, 8 * 31)
     assert burst["computed"] == 26 + 7 * 16 and burst["seconds"] > 0

@@ -33,8 +33,8 @@ the aggregate decode tokens/s per weight kind ({"int4": {"1": tok/s,
 ...}, ...} with --json, plus "vs_b1" ratios and the chat turn below); then a chat turn after a 512-token history
 (--quick: 256): the time to its first token, reusing the history's cache, against the same turn's new tokens alone
 on a fresh engine, each the best of 3 (taking turns); then a burst of 8 chat prompts that share a template and
-their first words, submitted together after an earlier burst (`burst_ttft`): the time until each has its first token
-and how many of their prompt tokens the engine computed (the rest it took from a cache).
+their first words, submitted together after an earlier request (`burst_ttft`): the time until each has its first
+token and how many of their prompt tokens the engine computed (the rest it took from a cache).
 
 `kernels` prints one JSON object: for the five linears of one 13B layer in float32 (BLAS), int8 and int4,
   - "decode": B = 1, 2, 4, 8, 16 tokens per call (the batched kernels; float32: x @ W.T), aggregate tokens/s and
@@ -413,9 +413,9 @@ def chat_turn_ttft(model, history, rounds=3):
 
 
 def burst_ttft(model, clients=8, rounds=3):
-    """A burst of `clients` chat requests after an earlier burst: the time until every one has its first token
+    """A burst of `clients` chat requests after an earlier request: the time until every one has its first token
     and the prompt tokens the engine computed for them, each the best of `rounds`. The prompts are built like
-    tools/serve_bench.py's: a template whose first 5 tokens the earlier burst's caches still hold, 10 more that
+    tools/serve_bench.py's: a template whose first 5 tokens the earlier request's cache still holds, 10 more that
     the burst's prompts share (a question's first words), and 16 of each prompt's own."""
     from bcnp.engine import Engine
     rng = np.random.default_rng(7)
@@ -460,7 +460,7 @@ def engine_report():
                 f"{c['reused_tokens']} cached tokens, against {c['alone_s']:.2f} s for its "
                 f"{c['new_tokens']} new tokens alone (ratio {c['ratio']:.2f})")
             b = report["burst_int4"] = burst_ttft(model, rounds=1 if args.smoke else 3)
-            say(f"a burst of {b['clients']} chat prompts after another (int4): every first token in "
+            say(f"a burst of {b['clients']} chat prompts after a request (int4): every first token in "
                 f"{b['seconds']:.2f} s, {b['computed']} of their {b['prompt_tokens']} prompt tokens computed")
         del model
     return report
