@@ -143,3 +143,21 @@ def test_batch_reports_every_width_a_chat_turn_and_a_burst_that_shares_its_prefi
     # its 26, each of the others its own 16
     assert (burst["clients"], burst["prompt_tokens"]) == (8, 8 * 31)
     assert burst["computed"] == 26 + 7 * 16 and burst["seconds"] > 0
+
+
+@pytest.mark.slow
+def test_serve_bench_runs_every_level_in_turns_and_reports_burst_and_later_requests_apart():
+    report = run_json(TOOLS / "serve_bench.py", "--smoke", "--json")
+    assert [row["clients"] for row in report["levels"]] == [1, 2] and not report["same_length"]
+    for row in report["levels"]:
+        (run,) = row["runs"]                                   # --smoke: one round
+        assert run["requests"] == 2 * row["clients"] == row["requests"]
+        # each client's replies add up to 2 x 4 tokens (give or take the rounding of each): eos is ignored
+        assert abs(row["completion_tokens"] - 8 * row["clients"]) <= row["clients"]
+        assert row["tokens_per_s"] == run["tokens_per_s"]                      # the median of one round
+        assert run["tokens_per_s"] == pytest.approx(run["completion_tokens"] / run["seconds"], rel=0.05)
+        assert 0 < row["ttft_p50_s"] <= row["ttft_p95_s"] and row["burst_ttft_p95_s"] > 0
+    one, two = report["levels"]
+    assert one["tokens_per_s_vs_1"] == 1.0
+    assert two["tokens_per_s_vs_1"] == pytest.approx(two["tokens_per_s"] / one["tokens_per_s"], abs=0.01)
+    assert two["ttft_p95_vs_1"] == pytest.approx(two["ttft_p95_s"] / one["ttft_p95_s"], abs=0.01)

@@ -1,6 +1,7 @@
 """Serving benchmark: aggregate tokens/s and time to first token with 1, 4 and 8 concurrent streaming clients.
 
-    OMP_NUM_THREADS=2 python tools/serve_bench.py [--threads 2] [--bits 4] [--clients 1,4,8] [--json]
+    OMP_NUM_THREADS=2 python tools/serve_bench.py [--threads 2] [--bits 4] [--clients 1,4,8] [--rounds 3]
+                                                  [--requests 4] [--max-tokens 128] [--same-length] [--json]
 
 The model has 2 layers of Baichuan-13B's real widths (hidden 5120, intermediate 13696, 40 heads, ALiBi) with random
 weights (`bcnp.weights.random_weights`), quantized like a converted checkpoint (int4 linears, int8 lm_head), and the
@@ -9,17 +10,27 @@ demo model's tokenizer, so the vocabulary is cut to its 1000 pieces: the decoder
 are threads speaking raw HTTP (http.client: they only wait on sockets, the engine keeps the cores). Each client sends
 `--requests` streamed chat requests one after another, each a different question ("Question r from client c: what
 is mountain number ...?", 30-34 tokens with the role tokens; the demo tokenizer cuts words small, so requests with
-the same r share their first 14-16 tokens: a round's first request reaches an idle server and is prefilled alone,
-and the others, a few ms behind it, take those tokens from its cache), greedy, `--max-tokens` long; eos is ignored
-so every reply has the same length.
+the same r share their first 14-16 tokens), greedy, eos ignored.
+
+Replies are of different lengths, as a chat model's are (`reply_length`): every client does the same work, so
+they end together, but they drift apart after their first request, as real ones do: a request usually arrives
+while the others decode, and its prompt joins their step. --same-length gives every reply --max-tokens tokens:
+the clients stay in step, and every request of a round arrives with the others (the worst case for time to first
+token).
 
 Per concurrency level: aggregate completion tokens/s (all completion tokens / wall time of the level) and the time
-from sending a request to its first content delta (TTFT), p50 and p95 over all its requests.
+from sending a request to its first content delta (TTFT). Every client's first request arrives with the other
+clients' first ones, a burst; the TTFT p50 and p95 are those of the later requests, and the burst's p95 is reported
+apart. The machine this runs on is shared and its speed drifts by tens of percent from one minute to the next, so
+the levels take turns (1, 4, 8, 1, 4, 8, ... for --rounds rounds): a level's figures are medians over its rounds,
+and each ratio to one client is taken against the one-client run of the same round, then the median is reported.
+--smoke: the demo model, one round of 1 and 2 clients, 2 requests of 4 tokens (checks the script in seconds).
 """
 import argparse
 import dataclasses
 import json
 import os
+import random
 import sys
 import threading
 import time
@@ -31,13 +42,19 @@ def parse_args():
     p.add_argument("--bits", type=int, choices=(8, 4), default=4)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--clients", default="1,4,8", help="concurrency levels (default 1,4,8)")
-    p.add_argument("--requests", type=int, default=2, help="requests per client (default 2)")
-    p.add_argument("--max-tokens", type=int, default=16, help="completion tokens per request (default 16)")
+    p.add_argument("--rounds", type=int, default=3, help="turns of all the levels (default 3)")
+    p.add_argument("--requests", type=int, default=4, help="requests per client (default 4)")
+    p.add_argument("--max-tokens", type=int, default=128,
+                   help="mean completion tokens per request (default 128)")
+    p.add_argument("--same-length", action="store_true", help="every reply --max-tokens long (clients in step)")
+    p.add_argument("--smoke", action="store_true", help="the demo model, tiny run: checks the script")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     return p.parse_args()
 
 
 args = parse_args()
+if args.smoke:
+    args.clients, args.rounds, args.requests, args.max_tokens = "1,2", 1, 2, 4
 for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):    # before numpy starts its pools
     os.environ[var] = str(args.threads)
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
@@ -56,6 +73,8 @@ from bcnp.weights import random_weights  # noqa: E402
 
 
 def bench_model():
+    if args.smoke:
+        return Model.from_pretrained(build_demo_model()).quantize(args.bits)
     tokenizer = Tokenizer(os.path.join(build_demo_model(), "tokenizer.model"))
     config = dataclasses.replace(BAICHUAN_13B, num_hidden_layers=args.layers, vocab_size=tokenizer.vocab_size)
     model = Model(config, random_weights(config, seed=0), tokenizer=tokenizer,
@@ -68,10 +87,22 @@ def ignore_eos(engine):
     engine.submit = lambda *a, **kw: submit(*a, **{**kw, "stop_ids": []})
 
 
-def one_request(port, question):
+def reply_length(client, request):
+    """Client c's requests ask for lengths drawn from --max-tokens / 2 to 3 --max-tokens / 2 (seeded by c), scaled
+    so that they add up to --requests x --max-tokens: every client does the same work and they end together, while
+    their requests arrive at times of their own, as real clients' do (evenly spaced lengths made many clients'
+    sums meet, and their requests arrive in twos and fours)."""
+    if args.same_length:
+        return args.max_tokens
+    rng = random.Random(client)
+    draws = [rng.uniform(0.5, 1.5) for _ in range(args.requests)]
+    return max(1, round(args.max_tokens * draws[request] * args.requests / sum(draws)))
+
+
+def one_request(port, question, max_tokens):
     """(seconds to the first content delta, completion tokens) of one streamed greedy chat request."""
     body = json.dumps({"model": "bench", "messages": [{"role": "user", "content": question}], "stream": True,
-                       "max_tokens": args.max_tokens, "temperature": 0, "stream_options": {"include_usage": True}})
+                       "max_tokens": max_tokens, "temperature": 0, "stream_options": {"include_usage": True}})
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
     start = time.perf_counter()
     connection.request("POST", "/v1/chat/completions", body=body, headers={"Content-Type": "application/json"})
@@ -90,14 +121,21 @@ def one_request(port, question):
     return first, tokens
 
 
+def percentile(values, q):
+    return round(float(np.percentile(values, q)), 3)
+
+
 def level(port, clients):
+    """One run of `clients` concurrent clients: tokens/s, and the TTFT of the burst (every client's first request)
+    and of the later requests."""
     results, lock = [], threading.Lock()
 
     def client(c):
         for r in range(args.requests):
-            out = one_request(port, f"Question {r} from client {c}: what is mountain number {c * 100 + r}?")
+            question = f"Question {r} from client {c}: what is mountain number {c * 100 + r}?"
+            first, tokens = one_request(port, question, reply_length(c, r))
             with lock:
-                results.append(out)
+                results.append((r, first, tokens))
     threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
     start = time.perf_counter()
     for t in threads:
@@ -105,44 +143,69 @@ def level(port, clients):
     for t in threads:
         t.join()
     wall = time.perf_counter() - start
-    ttft = np.array([first for first, _ in results])
-    tokens = sum(n for _, n in results)
+    tokens = sum(n for _, _, n in results)
+    burst = [first for r, first, _ in results if r == 0]
+    later = [first for r, first, _ in results if r > 0] or burst
     return {"clients": clients, "requests": len(results), "completion_tokens": tokens, "seconds": round(wall, 3),
-            "tokens_per_s": round(tokens / wall, 2), "ttft_p50_s": round(float(np.percentile(ttft, 50)), 3),
-            "ttft_p95_s": round(float(np.percentile(ttft, 95)), 3)}
+            "tokens_per_s": round(tokens / wall, 2), "ttft_p50_s": percentile(later, 50),
+            "ttft_p95_s": percentile(later, 95), "burst_ttft_p95_s": percentile(burst, 95)}
+
+
+def median_of(runs, key):
+    return round(float(np.median([run[key] for run in runs])), 3)
+
+
+def summary(runs, base_runs):
+    """A level's medians over its rounds, and its ratios to one client, each taken within a round."""
+    row = {"clients": runs[0]["clients"], "rounds": len(runs), "requests": sum(r["requests"] for r in runs),
+           "completion_tokens": sum(r["completion_tokens"] for r in runs)}
+    for key in ("tokens_per_s", "ttft_p50_s", "ttft_p95_s", "burst_ttft_p95_s"):
+        row[key] = median_of(runs, key)
+    for key, name in (("tokens_per_s", "tokens_per_s_vs_1"), ("ttft_p95_s", "ttft_p95_vs_1"),
+                      ("burst_ttft_p95_s", "burst_ttft_p95_vs_1")):
+        row[name] = round(float(np.median([r[key] / b[key] for r, b in zip(runs, base_runs)])), 2)
+    row["runs"] = runs
+    return row
 
 
 def main():
     levels = [int(c) for c in args.clients.split(",")]
     t = time.perf_counter()
     model = bench_model()
-    print(f"model: {args.layers} layers of Baichuan-13B width, int{args.bits}, vocab {model.config.vocab_size}, "
-          f"built in {time.perf_counter() - t:.1f} s; {args.threads} threads; load average {os.getloadavg()[0]:.1f}"
-          "", file=sys.stderr)
+    print(f"model: {model.config.num_hidden_layers} layers of hidden {model.config.hidden_size}, int{args.bits}, "
+          f"vocab {model.config.vocab_size}, built in {time.perf_counter() - t:.1f} s; {args.threads} threads; "
+          f"{args.rounds} rounds of {args.clients} clients, {args.requests} requests each of "
+          f"{'' if args.same_length else 'about '}{args.max_tokens} tokens; load average {os.getloadavg()[0]:.1f}",
+          file=sys.stderr)
     server = Server(("127.0.0.1", 0), model, model_name="bench", max_batch=max(levels), max_waiting=max(levels),
                     io_timeout=600, log=lambda line: None)
     ignore_eos(server.loop.engine)
     threading.Thread(target=server.serve_forever, daemon=True).start()
+    runs = {c: [] for c in levels}
     try:
-        one_request(server.port, "warm up")
-        rows = [level(server.port, c) for c in levels]
+        one_request(server.port, "warm up", args.max_tokens)
+        for n in range(args.rounds):
+            for c in levels:
+                runs[c].append(level(server.port, c))
+                r = runs[c][-1]
+                print(f"round {n + 1}: {c} client{'s' if c > 1 else ''} {r['tokens_per_s']:.1f} tok/s, TTFT p95 {r['ttft_p95_s']:.3f} s, "
+                      f"burst p95 {r['burst_ttft_p95_s']:.3f} s", file=sys.stderr)
     finally:
         server.close()
-    base = rows[0]
-    for row in rows:
-        row["tokens_per_s_vs_1"] = round(row["tokens_per_s"] / base["tokens_per_s"], 2)
-        row["ttft_p95_vs_1"] = round(row["ttft_p95_s"] / base["ttft_p95_s"], 2)
+    rows = [summary(runs[c], runs[levels[0]]) for c in levels]
     if args.json:
-        print(json.dumps({"threads": args.threads, "bits": args.bits, "layers": args.layers,
-                          "max_tokens": args.max_tokens,
-                          "load_average": os.getloadavg()[0], "levels": rows}, indent=2))
+        print(json.dumps({"threads": args.threads, "bits": args.bits, "layers": model.config.num_hidden_layers,
+                          "max_tokens": args.max_tokens, "same_length": args.same_length,
+                          "requests_per_client": args.requests, "load_average": os.getloadavg()[0],
+                          "levels": rows}, indent=2))
         return
-    print(f"{'clients':>7} {'requests':>8} {'tokens':>6} {'seconds':>8} {'tok/s':>7} {'x1':>5} "
-          f"{'TTFT p50':>9} {'TTFT p95':>9} {'x1':>5}")
+    print(f"{'clients':>7} {'requests':>8} {'tok/s':>7} {'x1':>5} {'TTFT p50':>9} {'TTFT p95':>9} {'x1':>5} "
+          f"{'burst p95':>9} {'x1':>5}")
     for r in rows:
-        print(f"{r['clients']:>7} {r['requests']:>8} {r['completion_tokens']:>6} {r['seconds']:>8.2f} "
-              f"{r['tokens_per_s']:>7.2f} {r['tokens_per_s_vs_1']:>5.2f} {r['ttft_p50_s']:>8.3f}s "
-              f"{r['ttft_p95_s']:>8.3f}s {r['ttft_p95_vs_1']:>5.2f}")
+        print(f"{r['clients']:>7} {r['requests']:>8} {r['tokens_per_s']:>7.2f} {r['tokens_per_s_vs_1']:>5.2f} "
+              f"{r['ttft_p50_s']:>8.3f}s {r['ttft_p95_s']:>8.3f}s {r['ttft_p95_vs_1']:>5.2f} "
+              f"{r['burst_ttft_p95_s']:>8.3f}s {r['burst_ttft_p95_vs_1']:>5.2f}")
+    print("(medians over the rounds; each x1 is the median of the ratios to the same round's first level)")
 
 
 if __name__ == "__main__":
