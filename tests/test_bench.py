@@ -161,3 +161,13 @@ def test_serve_bench_runs_every_level_in_turns_and_reports_burst_and_later_reque
     assert one["tokens_per_s_vs_1"] == 1.0
     assert two["tokens_per_s_vs_1"] == pytest.approx(two["tokens_per_s"] / one["tokens_per_s"], abs=0.01)
     assert two["ttft_p95_vs_1"] == pytest.approx(two["ttft_p95_s"] / one["ttft_p95_s"], abs=0.01)
+
+
+@pytest.mark.parametrize("argv, name", [(["--rounds", "0"], "--rounds"), (["--clients", "1,1"], "--clients"),
+                                        (["--max-tokens", "x"], "--max-tokens")])
+def test_serve_bench_refuses_a_bad_argument_in_one_line(argv, name):
+    result = subprocess.run([sys.executable, str(TOOLS / "serve_bench.py"), *argv], capture_output=True, text=True,
+                            timeout=60, cwd=ROOT)
+    assert result.returncode == 2 and result.stdout == ""
+    assert f"error: argument {name}: expected" in result.stderr.splitlines()[-1]
+    assert "Traceback" not in result.stderr

@@ -36,15 +36,31 @@ import threading
 import time
 
 
+def positive(text):
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return int(text)
+
+
+def client_counts(text):
+    try:
+        counts = [positive(c) for c in text.split(",")]
+    except argparse.ArgumentTypeError:
+        counts = []
+    if not counts or len(set(counts)) != len(counts):
+        raise argparse.ArgumentTypeError(f"expected distinct client counts >= 1 separated by commas, got {text!r}")
+    return counts
+
+
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--threads", type=int, default=2, help="threads for the kernels and BLAS (default 2)")
+    p.add_argument("--threads", type=positive, default=2, help="threads for the kernels and BLAS (default 2)")
     p.add_argument("--bits", type=int, choices=(8, 4), default=4)
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--clients", default="1,4,8", help="concurrency levels (default 1,4,8)")
-    p.add_argument("--rounds", type=int, default=3, help="turns of all the levels (default 3)")
-    p.add_argument("--requests", type=int, default=4, help="requests per client (default 4)")
-    p.add_argument("--max-tokens", type=int, default=128,
+    p.add_argument("--layers", type=positive, default=2)
+    p.add_argument("--clients", type=client_counts, default="1,4,8", help="concurrency levels (default 1,4,8)")
+    p.add_argument("--rounds", type=positive, default=3, help="turns of all the levels (default 3)")
+    p.add_argument("--requests", type=positive, default=4, help="requests per client (default 4)")
+    p.add_argument("--max-tokens", type=positive, default=128,
                    help="mean completion tokens per request (default 128)")
     p.add_argument("--same-length", action="store_true", help="every reply --max-tokens long (clients in step)")
     p.add_argument("--smoke", action="store_true", help="the demo model, tiny run: checks the script")
@@ -54,7 +70,7 @@ def parse_args():
 
 args = parse_args()
 if args.smoke:
-    args.clients, args.rounds, args.requests, args.max_tokens = "1,2", 1, 2, 4
+    args.clients, args.rounds, args.requests, args.max_tokens = [1, 2], 1, 2, 4
 for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):    # before numpy starts its pools
     os.environ[var] = str(args.threads)
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
@@ -169,12 +185,12 @@ def summary(runs, base_runs):
 
 
 def main():
-    levels = [int(c) for c in args.clients.split(",")]
+    levels = args.clients
     t = time.perf_counter()
     model = bench_model()
     print(f"model: {model.config.num_hidden_layers} layers of hidden {model.config.hidden_size}, int{args.bits}, "
           f"vocab {model.config.vocab_size}, built in {time.perf_counter() - t:.1f} s; {args.threads} threads; "
-          f"{args.rounds} rounds of {args.clients} clients, {args.requests} requests each of "
+          f"{args.rounds} rounds of {','.join(map(str, levels))} clients, {args.requests} requests each of "
           f"{'' if args.same_length else 'about '}{args.max_tokens} tokens; load average {os.getloadavg()[0]:.1f}",
           file=sys.stderr)
     server = Server(("127.0.0.1", 0), model, model_name="bench", max_batch=max(levels), max_waiting=max(levels),
