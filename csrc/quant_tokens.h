@@ -31,7 +31,7 @@
    the sums in memory and Q8_0 ran at a third of the speed. */
 #define BCNP_TOKENS_STEP 4
 /* Each token's block sum is also split over two chains (products 0-3 and 4-7 of Q4_0, 0-7 and 8-15 of Q8_0),
-   added at the end: the same integers, half the chain.  An Intel Xeon (family 6 model 207, vpdpbusd latency 5),
+   added at the end: the same integers, half the chain to wait for.  An Intel Xeon (family 6 model 207),
    alternated, best of 300 in L2 on one core / best of 24 from memory on 2 threads (one 13696 x 5120 int4
    weight, 12 copies in turn): int4 8 tokens 0.066 / 2.20 ms against 0.070-0.072 / 2.24 in one chain, 16 tokens
    0.104 / 3.24 against 0.113 / 3.38; int8 (int16 x) 8 tokens in L2 0.117-0.122 against 0.135.  Through

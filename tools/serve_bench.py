@@ -204,8 +204,8 @@ def main():
             for c in levels:
                 runs[c].append(level(server.port, c))
                 r = runs[c][-1]
-                print(f"round {n + 1}: {c} client{'s' if c > 1 else ''} {r['tokens_per_s']:.1f} tok/s, TTFT p95 {r['ttft_p95_s']:.3f} s, "
-                      f"burst p95 {r['burst_ttft_p95_s']:.3f} s", file=sys.stderr)
+                print(f"round {n + 1}: {c} client{'s' if c > 1 else ''} {r['tokens_per_s']:.1f} tok/s, "
+                      f"TTFT p95 {r['ttft_p95_s']:.3f} s, burst p95 {r['burst_ttft_p95_s']:.3f} s", file=sys.stderr)
     finally:
         server.close()
     rows = [summary(runs[c], runs[levels[0]]) for c in levels]
