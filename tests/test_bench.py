@@ -161,6 +161,9 @@ def test_serve_bench_runs_every_level_in_turns_and_reports_burst_and_later_reque
     assert one["tokens_per_s_vs_1"] == 1.0
     assert two["tokens_per_s_vs_1"] == pytest.approx(two["tokens_per_s"] / one["tokens_per_s"], abs=0.01)
     assert two["ttft_p95_vs_1"] == pytest.approx(two["ttft_p95_s"] / one["ttft_p95_s"], abs=0.01)
+    # one round: the best round is that round
+    assert two["best_tokens_per_s"] == two["tokens_per_s"] and two["best_ttft_p95_s"] == two["ttft_p95_s"]
+    assert two["best_tokens_per_s_vs_1"] == pytest.approx(two["tokens_per_s"] / one["tokens_per_s"], abs=0.01)
 
 
 @pytest.mark.parametrize("argv, name", [(["--rounds", "0"], "--rounds"), (["--clients", "1,1"], "--clients"),
