@@ -282,6 +282,15 @@ TOKENS_KERNEL_PROMPT = {16: 32, 8: 2**62}
 # tokens, 253 against 285 at 512.  An int8 x (one plane: int4 weights, and an int4 model's int8 lm_head) always.
 # Keyed by the bits of x.
 AMX_PROMPT_TOKENS = {16: 16, 8: 2**62}
+# TOKENS_SPAN_BYTES: the int8 x of the tokens that the tokens kernel takes over one group of rows in turn (16 a
+# call), so that the group's rows come from memory once for all of them: 512 KB, within the L2 of every core bcnp
+# has run on (Zen 3's 512 KB the smallest), so that the span's x does not push the rows out of L2.  A C harness,
+# spans against 16 tokens at a time, alternated in one process (one int4 weight from memory, 2 threads, 10-12
+# pairs, best / median ratio; Intel Xeon with 2 MB of L2): 13696 x 5120 (spans of 96) 0.91 / 0.96 at 32 tokens,
+# 0.88 / 0.94 at 64, 0.92 / 1.01 at 128, 0.99 / 0.98 at 256; 5120 x 13696 (spans of 32) 0.99 / 0.98 at 32, 0.98 /
+# 1.00 at 64, 0.97 / 1.02 at 128, 1.13 / 1.01 at 256.  The whole prompt as one span made the latter 1.10 / 1.01 at
+# 128 tokens and 1.10 / 1.06 at 256: 128 tokens' x of 13696 columns is 1.75 MB.
+TOKENS_SPAN_BYTES = 2**19
 
 
 def _aligned_empty(Py_ssize_t n, dtype):
@@ -561,7 +570,9 @@ cdef _tokens_kernel(const int8_t[:, ::1] q8, const uint8_t[:, ::1] q4, const uin
                  int bits, int x_bits):
     """Y = X W^T by the tokens kernel (quant_tokens.h) for the rows in whole groups of 16, BCNP_TOKENS_MAX tokens
     a call; the rest by the portable C, which adds the same terms in the same order."""
-    cdef Py_ssize_t rows = yv.shape[1], nb = n // 32, groups = rows // BCNP_GROUP_ROWS, g, t, c, t0, r0
+    cdef Py_ssize_t rows = yv.shape[1], nb = n // 32, groups = rows // BCNP_GROUP_ROWS, g, t, c, t0, r0, s, s0, s1, k
+    cdef bint ahead
+    cdef Py_ssize_t span = max(BCNP_TOKENS_MAX, TOKENS_SPAN_BYTES // n // BCNP_TOKENS_MAX * BCNP_TOKENS_MAX)
     cdef bint x8_kernel = x_bits == 8
     cdef int8_t[::1] x8 = _aligned_empty(T * n if x8_kernel else 1, np.int8)
     cdef int32_t[::1] bias = _aligned_empty(T * nb + 1 if x8_kernel else 1, np.int32)
@@ -577,25 +588,27 @@ cdef _tokens_kernel(const int8_t[:, ::1] q8, const uint8_t[:, ::1] q4, const uin
         # (Intel Xeon, 2 threads), two runs, medians: in the server with 8 streaming clients 48.5 and 47.1 ms
         # against static's 50.0 and 49.7; the engine alone 41.5 and 42.3 against 44.9 and 44.0; 128-token
         # prompts the same (int4 480 / 524 ms min / median against 476 / 548).
-        # Past 16 tokens, a group's rows take every 16 tokens in turn (the first call also fetches the next group's
-        # rows), so only the first 16 read them from memory and the rest from L2 (16 rows of 13696 int4 codes are
-        # 110 KB); each 16 tokens used to stream the whole weight again.  A C harness, one 13696 x 5120 int4
-        # weight from memory, 2 threads, the two orders alternated, best of 16 (Intel Xeon): 32 tokens 7.09 against
-        # 7.86 ms, 40 tokens 15.2 against 16.5, 64 tokens 15.4-20.3 against 17.2-22.4, 128 tokens 31.9 against
-        # 33.9; 24 tokens 6.30-7.41 against 6.67-7.40.
-        for g in prange(groups, num_threads=nt, schedule="guided"):
-            r0 = g * BCNP_GROUP_ROWS
-            for c in range((T + BCNP_TOKENS_MAX - 1) // BCNP_TOKENS_MAX):
-                t0 = c * BCNP_TOKENS_MAX
-                if bits == 8 and x8_kernel:
-                    bcnp_tokens_q8_0(&q8[r0, 0], &d[r0, 0], nb, NULL, &x8[t0 * n], &bias[t0 * nb], &dv[t0 * nb],
-                                     <int>min(BCNP_TOKENS_MAX, T - t0), &yv[t0, r0], rows, c == 0 and g + 1 < groups)
-                elif bits == 8:
-                    bcnp_tokens_q8_0(&q8[r0, 0], &d[r0, 0], nb, &x16[t0 * n], &x8[0], &bias[0], &dv[t0 * nb],
-                                     <int>min(BCNP_TOKENS_MAX, T - t0), &yv[t0, r0], rows, c == 0 and g + 1 < groups)
-                else:
-                    bcnp_tokens_q4_0(&q4[r0, 0], &d[r0, 0], nb, &x8[t0 * n], &bias[t0 * nb], &dv[t0 * nb],
-                                     <int>min(BCNP_TOKENS_MAX, T - t0), &yv[t0, r0], rows, c == 0 and g + 1 < groups)
+        # Past 16 tokens, a group's rows take every 16 tokens of a span in turn (the first call also fetches the
+        # next group's rows), so they are read from memory once a span and then from L2; each 16 tokens used to
+        # stream the whole weight again.  A span's int8 x stays within TOKENS_SPAN_BYTES.
+        for s in range((T + span - 1) // span):
+            s0 = s * span
+            s1 = min(T, s0 + span)
+            for g in prange(groups, num_threads=nt, schedule="guided"):
+                r0 = g * BCNP_GROUP_ROWS
+                for c in range((s1 - s0 + BCNP_TOKENS_MAX - 1) // BCNP_TOKENS_MAX):
+                    t0 = s0 + c * BCNP_TOKENS_MAX
+                    k = min(BCNP_TOKENS_MAX, s1 - t0)
+                    ahead = c == 0 and g + 1 < groups
+                    if bits == 8 and x8_kernel:
+                        bcnp_tokens_q8_0(&q8[r0, 0], &d[r0, 0], nb, NULL, &x8[t0 * n], &bias[t0 * nb], &dv[t0 * nb],
+                                         <int>k, &yv[t0, r0], rows, ahead)
+                    elif bits == 8:
+                        bcnp_tokens_q8_0(&q8[r0, 0], &d[r0, 0], nb, &x16[t0 * n], &x8[0], &bias[0], &dv[t0 * nb],
+                                         <int>k, &yv[t0, r0], rows, ahead)
+                    else:
+                        bcnp_tokens_q4_0(&q4[r0, 0], &d[r0, 0], nb, &x8[t0 * n], &bias[t0 * nb], &dv[t0 * nb], <int>k,
+                                         &yv[t0, r0], rows, ahead)
         _rows_past_the_groups(q8, q4, d, xv, dv, nb, T, yv, groups * BCNP_GROUP_ROWS, bits)
 
 
