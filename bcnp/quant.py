@@ -207,6 +207,10 @@ class NumpyKernels:
         return 1
 
     @staticmethod
+    def release_threads():
+        return False
+
+    @staticmethod
     def quantize_q8_0(w, name="weight", threads=0):
         qweight, scales = quantize(w, 8, name)
         return qweight, scales.view(np.uint16)

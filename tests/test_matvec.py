@@ -1,7 +1,11 @@
 """The fused decode matvec (QuantizedWeight.matvec: the activation rounded per block, to int16 or int8 for 8-bit
 weights (x_bits) and int8 for 4-bit ones, exact integer block sums) within its documented bound of the float
 product, exact where every float step is, on padded rows and non-finite inputs; the BLAS fallback and the thread
-count."""
+count, and the OpenMP threads a thread keeps."""
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -213,3 +217,39 @@ def test_nbytes_counts_codes_and_scales(bits):
     layer = QuantizedWeight.from_float(np.ones((64, 5120 // 8), np.float32), bits)
     per_block = 34 if bits == 8 else 18                     # GGML's Q8_0 / Q4_0 block sizes
     assert layer.nbytes == 64 * (5120 // 8 // 32) * per_block
+
+
+TASKS = "import os, time\ntasks = lambda: set(os.listdir('/proc/self/task'))\n"
+
+
+def threads_left(code):
+    """Run `code` in a fresh process with 2 kernel threads; what it prints."""
+    r = subprocess.run([sys.executable, "-c", TASKS + code], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "2"})
+    assert r.returncode == 0, r.stderr
+    return r.stdout.split()
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task") or quant._quant is quant.NumpyKernels,
+                    reason="counts a process's threads in Linux's /proc; needs the compiled kernels")
+def test_release_threads_lets_the_calling_threads_openmp_team_go_and_the_next_kernel_brings_it_back():
+    """A thread that has run a parallel kernel keeps a team of OpenMP threads; a second thread's team beside it
+    leaves more threads than cores, and libgomp then wakes its threads for every loop (bcnp.server's loop releases
+    the loading thread's)."""
+    code = """import numpy as np
+from bcnp.quant import _quant, quantize_fast
+before = tasks()
+q, d = quantize_fast(np.random.default_rng(0).standard_normal((256, 512)).astype(np.float32), 8)
+x = np.random.default_rng(1).standard_normal(512).astype(np.float32)
+y = _quant.matvec_q8_0(q, d.view(np.uint16), x, None, 2)
+team = tasks() - before
+released = _quant.release_threads()
+for _ in range(500):
+    if not team & tasks():
+        break
+    time.sleep(0.01)
+gone = not team & tasks()
+again = _quant.matvec_q8_0(q, d.view(np.uint16), x, None, 2)
+print(len(team), released, gone, len(tasks() - before), np.array_equal(again, y))
+"""
+    assert threads_left(code) == ["1", "True", "True", "1", "True"]

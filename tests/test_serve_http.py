@@ -286,3 +286,28 @@ def test_command_line_mistakes_are_one_error_line(args, message):
     process = run_cli(*args)
     _, err = process.communicate(timeout=60)
     assert process.returncode != 0 and err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts a process's threads in Linux's /proc")
+def test_a_server_lets_the_loading_threads_kernel_threads_go(demo_dir):
+    """The engine runs on the loop's thread; the OpenMP team the loading thread kept would leave more threads than
+    cores, and every parallel loop of a step would then wait for its threads to wake (bcnp._quant.release_threads;
+    serve_bench's decode step of 8: 52 ms against 36)."""
+    code = f"""import os, time
+tasks = lambda: set(os.listdir('/proc/self/task'))
+from bcnp import Model
+from serve_helpers import running
+before = tasks()
+model = Model.from_pretrained({str(demo_dir)!r}).quantize(4)
+team = tasks() - before
+with running(model):
+    for _ in range(500):
+        if not team & tasks():
+            break
+        time.sleep(0.01)
+    print(len(team), not team & tasks())
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT / "tests",
+                       env={**os.environ, "OMP_NUM_THREADS": "2", "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["1", "True"]

@@ -13,6 +13,7 @@ import threading
 from collections import namedtuple
 
 from ..errors import one_line
+from ..quant import _quant
 from .protocol import ApiError
 from .text import ChoiceText
 
@@ -52,6 +53,11 @@ class EngineLoop:
         self.thread = threading.Thread(target=self._run, name="bcnp-engine", daemon=True)
 
     def start(self):
+        # From here the kernels run on the loop thread. The OpenMP threads the calling thread kept from loading the
+        # model would leave libgomp more threads than cores, and it then stops spinning between parallel loops:
+        # every loop of a step waits for its threads to wake (bcnp._quant.release_threads: 52 ms against 36 for
+        # serve_bench's decode step of 8).
+        _quant.release_threads()
         self.thread.start()
         return self
 
