@@ -70,7 +70,7 @@ cdef extern from "quant_amx.h" nogil:
     int bcnp_amx_enable()
     int bcnp_amx_padded(int T)
     void bcnp_amx_rows(const int8_t *q8, const uint8_t *q4, const uint16_t *d, int64_t nb, int64_t g0, int64_t g1,
-                       const bcnp_amx_tokens *x, float *y, int64_t ys)
+                       const bcnp_amx_tokens *xs, int chunks, float *y, int64_t ys)
     void bcnp_amx_prepare(const int16_t *xq, const float *dx, int64_t n, int T, int planes, uint8_t *tiles, float *dxp,
                           int32_t *ridx, int32_t *pick)
     void bcnp_amx_prepare_blocks(const int16_t *xq, const float *dx, int64_t n, int T, int planes, uint8_t *tiles,
@@ -289,7 +289,7 @@ GROUP_TOKENS_WITHOUT_AMX = {8: 1, 4: 2}
 # drew it in the same places (quant_tokens.h): int16 x 233 / 335 ms at 32 tokens, 470 / 442 at 64.
 TOKENS_KERNEL = bool(BCNP_TOKENS)
 TOKENS_KERNEL_PROMPT = {16: 32, 8: 2**62}
-# AMX_PROMPT_TOKENS: up to how many tokens a call goes through the AMX kernel (16 tokens at a time), past that
+# AMX_PROMPT_TOKENS: up to how many tokens a call goes through the AMX kernel (sets of 16 tokens), past that
 # through the panel GEMM (the same bits).  int4 always: since 9 to 16 tokens take one pass, one block an
 # instruction (bcnp_amx_blocks; before, two passes of 8 over each group of rows, each unpacking the codes and
 # moving lanes), the 5 int4 linears of a 13B layer ran at 393-482 GFLOP/s best from 16 to 512 tokens against the
@@ -307,6 +307,12 @@ AMX_PROMPT_TOKENS = {16: 16, 8: 2**62}
 # 0.88 / 0.94 at 64, 0.92 / 1.01 at 128, 0.99 / 0.98 at 256; 5120 x 13696 (spans of 32) 0.99 / 0.98 at 32, 0.98 /
 # 1.00 at 64, 0.97 / 1.02 at 128, 1.13 / 1.01 at 256.  The whole prompt as one span made the latter 1.10 / 1.01 at
 # 128 tokens and 1.10 / 1.06 at 256: 128 tokens' x of 13696 columns is 1.75 MB.
+# The AMX kernel takes its sets of 16 tokens in spans by the same bound on their B tiles (a set of 16 int8 tokens
+# is as many bytes as their x).  Against one pass over the weight per set, the 5 int4 linears of a 13B layer, 2
+# threads, best of 7 (two alternated runs): 17 tokens 29.2 / 29.0 -> 25.7 / 25.5 ms, 20 tokens 29.2 / 29.3 ->
+# 27.7 / 27.0, 32 tokens 34.1 -> 32.3 / 31.9, 64 tokens 66.7 / 67.9 -> 63.4 / 63.2, 128 tokens 132.2 / 134.8 ->
+# 125.5 / 118.8 (16 tokens 17.0-17.4 either way): past the first set the kernel is bound by its arithmetic, not
+# by reading the rows.
 TOKENS_SPAN_BYTES = 2**19
 
 
@@ -555,30 +561,58 @@ cdef void _rows_past_the_groups(const int8_t[:, ::1] q8, const uint8_t[:, ::1] q
 
 cdef _amx(const int8_t[:, ::1] q8, const uint8_t[:, ::1] q4, const uint16_t[:, ::1] d, const int16_t[::1] xv,
           const float[::1] dv, Py_ssize_t n, Py_ssize_t T, float[:, ::1] yv, int nt, int bits, int x_bits):
-    """Y = X W^T by the AMX kernel (T <= 16: up to 4 tokens two blocks an instruction, 5 to 16 one block an
-    instruction) for the rows in whole groups of 16; the rest by the portable C, which adds the same terms in the
-    same order."""
+    """Y = X W^T by the AMX kernel for the rows in whole groups of 16, the tokens in sets of 16 (up to 4 tokens two
+    blocks an instruction, 5 to 16 one block an instruction): a group of rows takes the sets of a span in turn, a
+    span's B tiles within TOKENS_SPAN_BYTES (so they stay in L2 beside the rows); the rest by the portable C, which
+    adds the same terms in the same order."""
     cdef Py_ssize_t rows = yv.shape[1], nb = n // 32, groups = rows // BCNP_AMX_ROWS, g0, g1
-    cdef int i, na = max(1, min(nt, groups)), planes = 2 if x_bits == 16 else 1, P = bcnp_amx_padded(<int>T)
+    cdef int i, na = max(1, min(nt, groups)), planes = 2 if x_bits == 16 else 1, P
     cdef const int8_t *p8 = &q8[0, 0] if bits == 8 else NULL
     cdef const uint8_t *p4 = &q4[0, 0] if bits == 4 else NULL
-    cdef Py_ssize_t tile_bytes = 32 * P * planes * nb if P >= 8 else BCNP_AMX_PAIR_BYTES * ((nb + 1) // 2)
-    cdef uint8_t[::1] tiles = _aligned_empty(tile_bytes, np.uint8)
-    cdef float[::1] dxp = _aligned_empty(16 * (1 if P >= 8 else P) * nb, np.float32)
-    cdef int32_t[::1] ridx = _aligned_empty(16 * BCNP_AMX_TOKENS, np.int32)
-    cdef int32_t[::1] pick = _aligned_empty(32, np.int32)
-    cdef bcnp_amx_tokens xt
+    cdef Py_ssize_t sets = (T + BCNP_AMX_MAX_TOKENS - 1) // BCNP_AMX_MAX_TOKENS, s0, s1, c, j, t0, k
+    cdef Py_ssize_t P0 = bcnp_amx_padded(<int>min(T, BCNP_AMX_MAX_TOKENS))
+    cdef Py_ssize_t pair_bytes = BCNP_AMX_PAIR_BYTES * ((nb + 1) // 2)                # the tiles of P <= 4
+    cdef Py_ssize_t set_bytes = (32 * P0 * planes * nb if P0 >= 8 else pair_bytes) if sets == 1 else \
+        max(32 * BCNP_AMX_MAX_TOKENS * planes * nb, pair_bytes)      # room for a last set of any P
+    cdef Py_ssize_t span = max(1, min(sets, TOKENS_SPAN_BYTES // set_bytes))
+    cdef Py_ssize_t dxp_floats = 16 * BCNP_AMX_TOKENS * nb          # a set's dxp at any P (P <= 4: 16 P nb; else 16 nb)
+    if groups:
+        tiles_buffer = _aligned_empty(span * set_bytes, np.uint8)
+        dxp_buffer = _aligned_empty(span * dxp_floats, np.float32)
+        ridx_buffer = _aligned_empty(span * 16 * BCNP_AMX_TOKENS, np.int32)
+        pick_buffer = _aligned_empty(span * 32, np.int32)
+        sets_buffer = np.empty(span * sizeof(bcnp_amx_tokens), np.uint8)
+    cdef uint8_t[::1] tiles = tiles_buffer if groups else None
+    cdef float[::1] dxp = dxp_buffer if groups else None
+    cdef int32_t[::1] ridx = ridx_buffer if groups else None
+    cdef int32_t[::1] pick = pick_buffer if groups else None
+    cdef uint8_t[::1] set_bytes_view = sets_buffer if groups else None
+    cdef bcnp_amx_tokens *xs = <bcnp_amx_tokens *>&set_bytes_view[0] if groups else NULL
     with nogil:
         if groups:
-            if P >= 8:
-                bcnp_amx_prepare_blocks(&xv[0], &dv[0], n, <int>T, planes, &tiles[0], &dxp[0], P, &ridx[0])
-            else:
-                bcnp_amx_prepare(&xv[0], &dv[0], n, <int>T, planes, &tiles[0], &dxp[0], &ridx[0], &pick[0])
-            xt.tiles, xt.dxp, xt.ridx, xt.pick, xt.T, xt.P, xt.planes = &tiles[0], &dxp[0], &ridx[0], &pick[0], <int>T, P, planes
-            for i in prange(na, num_threads=na, schedule="static", chunksize=1):
-                g0 = groups * i // na
-                g1 = groups * (i + 1) // na
-                bcnp_amx_rows(p8, p4, &d[0, 0], nb, g0, g1, &xt, &yv[0, 0], rows)
+            s0 = 0
+            while s0 < sets:
+                s1 = min(sets, s0 + span)
+                for c in range(s0, s1):
+                    j = c - s0
+                    t0 = c * BCNP_AMX_MAX_TOKENS
+                    k = min(<Py_ssize_t>BCNP_AMX_MAX_TOKENS, T - t0)
+                    P = bcnp_amx_padded(<int>k)
+                    if P >= 8:
+                        bcnp_amx_prepare_blocks(&xv[t0 * n], &dv[t0 * nb], n, <int>k, planes, &tiles[j * set_bytes],
+                                                &dxp[j * dxp_floats], P, &ridx[j * 16 * BCNP_AMX_TOKENS])
+                    else:
+                        bcnp_amx_prepare(&xv[t0 * n], &dv[t0 * nb], n, <int>k, planes, &tiles[j * set_bytes],
+                                         &dxp[j * dxp_floats], &ridx[j * 16 * BCNP_AMX_TOKENS], &pick[j * 32])
+                    xs[j].tiles, xs[j].dxp = &tiles[j * set_bytes], &dxp[j * dxp_floats]
+                    xs[j].ridx, xs[j].pick = &ridx[j * 16 * BCNP_AMX_TOKENS], &pick[j * 32]
+                    xs[j].T, xs[j].P, xs[j].planes = <int>k, P, planes
+                for i in prange(na, num_threads=na, schedule="static", chunksize=1):
+                    g0 = groups * i // na
+                    g1 = groups * (i + 1) // na
+                    bcnp_amx_rows(p8, p4, &d[0, 0], nb, g0, g1, xs, <int>(s1 - s0),
+                                  &yv[s0 * BCNP_AMX_MAX_TOKENS, 0], rows)
+                s0 = s1
         _rows_past_the_groups(q8, q4, d, xv, dv, nb, T, yv, groups * BCNP_AMX_ROWS, bits)
 
 
@@ -641,10 +675,8 @@ cdef _gemm(q, const uint16_t[:, ::1] d, const float[:, ::1] x, float[:, ::1] yv,
     cdef float[::1] dv = dx
     cdef const int8_t[:, ::1] q8 = q if bits == 8 else None
     cdef const uint8_t[:, ::1] q4 = q if bits == 4 else None
-    cdef Py_ssize_t chunk = BCNP_AMX_MAX_TOKENS, t0
     if simd and AMX and _AMX_GRANTED and T <= AMX_PROMPT_TOKENS[x_bits]:
-        for t0 in range(0, T, chunk):
-            _amx(q8, q4, d, xv[t0 * n:], dv[t0 * nb:], n, min(chunk, T - t0), yv[t0:], nt, bits, x_bits)
+        _amx(q8, q4, d, xv, dv, n, T, yv, nt, bits, x_bits)
         return
     if simd and TOKENS_KERNEL and BCNP_TOKENS and T <= TOKENS_KERNEL_PROMPT[x_bits]:
         _tokens_kernel(q8, q4, d, xv, dv, n, T, yv, nt, bits, x_bits)

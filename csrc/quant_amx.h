@@ -45,12 +45,12 @@
 #include "quant_group.h"
 
 #define BCNP_AMX_TOKENS 8       /* lanes per row of the lane tables, accumulators of bcnp_amx_group (P <= 4 there) */
-#define BCNP_AMX_MAX_TOKENS 16  /* tokens per call */
+#define BCNP_AMX_MAX_TOKENS 16  /* tokens per set (bcnp_amx_rows takes several sets in turn) */
 #define BCNP_AMX_ROWS 16        /* weight rows per group: an A tile's rows */
 #define BCNP_AMX_CHUNK 16       /* Q4_0 blocks unpacked at a time (16 rows x 16 blocks x 32 bytes = 8 KiB, in L1) */
 #define BCNP_AMX_PAIR_BYTES 2048        /* per pair of blocks: the B tiles of the high and the low bytes (Q8_0) */
 
-/* A call's tokens, prepared once for all row groups (bcnp_amx_prepare, bcnp_amx_prepare_blocks). */
+/* A set of up to 16 tokens, prepared once for all row groups (bcnp_amx_prepare, bcnp_amx_prepare_blocks). */
 typedef struct {
     const uint8_t *tiles;       /* (nb + 1) / 2 x BCNP_AMX_PAIR_BYTES: per pair of blocks the B tile of the high
                                    bytes, then of the low (Q8_0), or the one of the int8 activation (Q4_0);
@@ -303,50 +303,60 @@ void bcnp_amx_blocks(const int8_t *q8, const uint8_t *q4, const uint16_t *d, int
     for (int r = 0; r < 16; r++) _mm512_storeu_ps(out + 16 * r, acc[r]);
 }
 
-/* Row groups g0 .. g1 - 1 (16 rows each, from row 16 g0 of the weight) against the tokens x (x->P = 1, 2, 4: two
-   blocks an instruction, bcnp_amx_group; 8 or 16: one block, bcnp_amx_blocks): y[t * ys + r], one thread.  q8 is
-   NULL for Q4_0 weights (then q4 holds them).  The next group is fetched while one computes. */
+/* Row groups g0 .. g1 - 1 (16 rows each, from row 16 g0 of the weight) against `chunks` sets of up to 16 tokens,
+   xs[0 .. chunks - 1], set c's at rows 16 c of y: y[(16 c + t) * ys + r], one thread.  Each set's x->P = 1, 2, 4:
+   two blocks an instruction (bcnp_amx_group); 8 or 16: one block (bcnp_amx_blocks).  q8 is NULL for Q4_0 weights
+   (then q4 holds them).  A group takes the sets in turn, so its rows come from memory for the first (which also
+   fetches the next group's) and from L2 for the others: each 16 tokens used to stream the whole weight again (the
+   10 int4 linears of 2 13B layers, 2 threads: 17 tokens 55 ms against 34 at 16, 32 tokens 67). */
 static void bcnp_amx_rows(const int8_t *q8, const uint8_t *q4, const uint16_t *d, int64_t nb, int64_t g0, int64_t g1,
-                          const bcnp_amx_tokens *x, float *y, int64_t ys)
+                          const bcnp_amx_tokens *xs, int chunks, float *y, int64_t ys)
 {
     float *dw = (float *)aligned_alloc(64, 32 * 16 * sizeof(float));
     int8_t *scratch = (int8_t *)aligned_alloc(64, 16 * 32 * BCNP_AMX_CHUNK + 64);
     int8_t *tail = (int8_t *)aligned_alloc(64, 16 * 64);
     int32_t *cbuf = (int32_t *)aligned_alloc(64, 3 * 512 * sizeof(int32_t));
     float out[16 * 16];
-    const int T = x->T, P = x->P, planes = x->planes;
+    int configured = 0;
     memset(tail, 0, 16 * 64);
     /* an odd last block's partner in the scratch holds zeros here or an earlier chunk's codes: either way it meets
        the zeros of B's second half */
     memset(scratch, 0, 16 * 32 * BCNP_AMX_CHUNK + 64);
-    bcnp_amx_configure(P);
-    for (int64_t g = g0; g < g1; g++) {
-        const int64_t r0 = 16 * g;
-        const int8_t *w8 = q8 ? q8 + r0 * 32 * nb : NULL;
-        const uint8_t *w4 = q8 ? NULL : q4 + r0 * 16 * nb;
-        const char *next = g + 1 >= g1 ? NULL
-                           : q8 ? (const char *)(w8 + 16 * 32 * nb) : (const char *)(w4 + 16 * 16 * nb);
+    for (int64_t g = g0; g < g1; g++)
+        for (int c = 0; c < chunks; c++) {
+            const bcnp_amx_tokens *x = xs + c;
+            const int T = x->T, P = x->P, planes = x->planes;
+            const int64_t r0 = 16 * g;
+            const int8_t *w8 = q8 ? q8 + r0 * 32 * nb : NULL;
+            const uint8_t *w4 = q8 ? NULL : q4 + r0 * 16 * nb;
+            const char *next = c > 0 || g + 1 >= g1 ? NULL
+                               : q8 ? (const char *)(w8 + 16 * 32 * nb) : (const char *)(w4 + 16 * 16 * nb);
+            float *yc = y + 16 * (int64_t)c * ys;
+            if (P != configured) {          /* only a last, shorter set differs */
+                bcnp_amx_configure(P);
+                configured = P;
+            }
 #define BCNP_AMX_GROUP(P, planes) \
     bcnp_amx_group(w8, w4, d + r0 * nb, nb, x, P, planes, next, dw, scratch, tail, cbuf, out)
 #define BCNP_AMX_BLOCKS(N, planes) bcnp_amx_blocks(w8, w4, d + r0 * nb, nb, x, planes, N, next, dw, scratch, cbuf, out)
-        switch (P + planes * 32) {          /* each (P, planes) a function of its own: the loops unroll */
-        case 1 + 64: BCNP_AMX_GROUP(1, 2); break;
-        case 2 + 64: BCNP_AMX_GROUP(2, 2); break;
-        case 4 + 64: BCNP_AMX_GROUP(4, 2); break;
-        case 8 + 64: BCNP_AMX_BLOCKS(8, 2); break;
-        case 16 + 64: BCNP_AMX_BLOCKS(16, 2); break;
-        case 1 + 32: BCNP_AMX_GROUP(1, 1); break;
-        case 2 + 32: BCNP_AMX_GROUP(2, 1); break;
-        case 4 + 32: BCNP_AMX_GROUP(4, 1); break;
-        case 8 + 32: BCNP_AMX_BLOCKS(8, 1); break;
-        default: BCNP_AMX_BLOCKS(16, 1); break;
-        }
+            switch (P + planes * 32) {      /* each (P, planes) a function of its own: the loops unroll */
+            case 1 + 64: BCNP_AMX_GROUP(1, 2); break;
+            case 2 + 64: BCNP_AMX_GROUP(2, 2); break;
+            case 4 + 64: BCNP_AMX_GROUP(4, 2); break;
+            case 8 + 64: BCNP_AMX_BLOCKS(8, 2); break;
+            case 16 + 64: BCNP_AMX_BLOCKS(16, 2); break;
+            case 1 + 32: BCNP_AMX_GROUP(1, 1); break;
+            case 2 + 32: BCNP_AMX_GROUP(2, 1); break;
+            case 4 + 32: BCNP_AMX_GROUP(4, 1); break;
+            case 8 + 32: BCNP_AMX_BLOCKS(8, 1); break;
+            default: BCNP_AMX_BLOCKS(16, 1); break;
+            }
 #undef BCNP_AMX_GROUP
 #undef BCNP_AMX_BLOCKS
-        for (int i = 0; i < 16 * P; i++)    /* out[i]: row i / P, token i % P */
-            if (i % P < T) y[(i % P) * ys + r0 + i / P] = out[i];
-    }
-    _tile_release();
+            for (int i = 0; i < 16 * P; i++)    /* out[i]: row i / P, token i % P */
+                if (i % P < T) yc[(i % P) * ys + r0 + i / P] = out[i];
+        }
+    if (configured) _tile_release();
     free(dw);
     free(scratch);
     free(tail);
@@ -418,7 +428,7 @@ static void bcnp_amx_prepare_blocks(const int16_t *xq, const float *dx, int64_t 
 #define BCNP_AMX_BUILT 0
 static int bcnp_amx_enable(void) { return 0; }
 static void bcnp_amx_rows(const int8_t *q8, const uint8_t *q4, const uint16_t *d, int64_t nb, int64_t g0, int64_t g1,
-                          const bcnp_amx_tokens *x, float *y, int64_t ys) {}
+                          const bcnp_amx_tokens *xs, int chunks, float *y, int64_t ys) {}
 static void bcnp_amx_prepare(const int16_t *xq, const float *dx, int64_t n, int T, int planes, uint8_t *tiles,
                              float *dxp, int32_t *ridx, int32_t *pick) {}
 static void bcnp_amx_prepare_blocks(const int16_t *xq, const float *dx, int64_t n, int T, int planes, uint8_t *tiles,

@@ -149,18 +149,20 @@ def test_the_gemm_at_13b_width_has_the_same_bits_with_every_kernel(bits, x_bits,
         assert same_bits(gemm(layer, x), gemm(layer, x, simd=False))
 
 
-@pytest.mark.skipif(not quant._quant.TOKENS_KERNEL, reason="the tokens kernel is not in this build (no AVX-512)")
+@pytest.mark.parametrize("which", [k for k in KERNELS if k != "panel"])     # none without AVX-512: skipped
 @pytest.mark.parametrize("bits, x_bits", WEIGHT_KINDS)
 @pytest.mark.parametrize("span_bytes", [1, 5120 * 32, 2**40])
-@pytest.mark.parametrize("tokens", [31, 57])
-def test_how_many_tokens_take_a_group_of_rows_in_turn_changes_no_bit(bits, x_bits, span_bytes, tokens, monkeypatch):
-    """The tokens kernel runs every 16 tokens of a span over one group of rows before the next group (the rows read
-    from memory once a span): spans of 16 tokens (the least), of 32, or the whole prompt give the portable C's
-    bits, over 31 tokens (int16 x takes the tokens kernel up to 32) and 57 (spans and calls that do not divide
-    them), and 40 rows (two groups and a rest)."""
-    monkeypatch.setattr(quant._quant, "AMX", False)
+@pytest.mark.parametrize("tokens", [18, 20, 31, 57])
+def test_how_many_tokens_take_a_group_of_rows_in_turn_changes_no_bit(bits, x_bits, span_bytes, tokens, which,
+                                                                    monkeypatch):
+    """The AMX kernel and the tokens kernel run every 16 tokens of a span over one group of rows before the next
+    group (the rows read from memory once a span): spans of 16 tokens (the least), of 32 (AMX: of one set), or the
+    whole prompt give the portable C's bits, over 18 and 20 tokens (a last set of 2 and 4: two blocks an
+    instruction), 31 (int16 x takes the tokens kernel up to 32) and 57 (spans and calls that do not divide them),
+    and 40 rows (two groups and a rest)."""
+    monkeypatch.setattr(quant._quant, "AMX", which == "amx")
     monkeypatch.setattr(quant._quant, "TOKENS_SPAN_BYTES", span_bytes)
-    rng = np.random.default_rng(span_bytes % 1000)
+    rng = np.random.default_rng(span_bytes % 1000 + tokens)
     layer = QuantizedWeight.from_float(rng.standard_normal((40, 5120)).astype(np.float32), bits, x_bits=x_bits)
     x = rng.standard_normal((tokens, 5120)).astype(np.float32)
     assert same_bits(gemm(layer, x), gemm(layer, x, simd=False))
