@@ -219,25 +219,16 @@ def test_nbytes_counts_codes_and_scales(bits):
     assert layer.nbytes == 64 * (5120 // 8 // 32) * per_block
 
 
-TASKS = "import os, time\ntasks = lambda: set(os.listdir('/proc/self/task'))\n"
-
-
-def threads_left(code):
-    """Run `code` in a fresh process with 2 kernel threads; what it prints."""
-    r = subprocess.run([sys.executable, "-c", TASKS + code], capture_output=True, text=True, timeout=300,
-                       env={**os.environ, "OMP_NUM_THREADS": "2"})
-    assert r.returncode == 0, r.stderr
-    return r.stdout.split()
-
-
 @pytest.mark.skipif(not os.path.isdir("/proc/self/task") or quant._quant is quant.NumpyKernels,
                     reason="counts a process's threads in Linux's /proc; needs the compiled kernels")
 def test_release_threads_lets_the_calling_threads_openmp_team_go_and_the_next_kernel_brings_it_back():
     """A thread that has run a parallel kernel keeps a team of OpenMP threads; a second thread's team beside it
     leaves more threads than cores, and libgomp then wakes its threads for every loop (bcnp.server's loop releases
     the loading thread's)."""
-    code = """import numpy as np
+    code = """import os, time
+import numpy as np
 from bcnp.quant import _quant, quantize_fast
+tasks = lambda: set(os.listdir('/proc/self/task'))
 before = tasks()
 q, d = quantize_fast(np.random.default_rng(0).standard_normal((256, 512)).astype(np.float32), 8)
 x = np.random.default_rng(1).standard_normal(512).astype(np.float32)
@@ -252,4 +243,7 @@ gone = not team & tasks()
 again = _quant.matvec_q8_0(q, d.view(np.uint16), x, None, 2)
 print(len(team), released, gone, len(tasks() - before), np.array_equal(again, y))
 """
-    assert threads_left(code) == ["1", "True", "True", "1", "True"]
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "2"})                  # a fresh process, 2 threads
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["1", "True", "True", "1", "True"]

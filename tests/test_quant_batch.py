@@ -156,10 +156,10 @@ def test_the_gemm_at_13b_width_has_the_same_bits_with_every_kernel(bits, x_bits,
 def test_how_many_tokens_take_a_group_of_rows_in_turn_changes_no_bit(bits, x_bits, span_bytes, tokens, which,
                                                                     monkeypatch):
     """The AMX kernel and the tokens kernel run every 16 tokens of a span over one group of rows before the next
-    group (the rows read from memory once a span): spans of 16 tokens (the least), of 32 (AMX: of one set), or the
-    whole prompt give the portable C's bits, over 18 and 20 tokens (a last set of 2 and 4: two blocks an
-    instruction), 31 (int16 x takes the tokens kernel up to 32) and 57 (spans and calls that do not divide them),
-    and 40 rows (two groups and a rest)."""
+    group (the rows read from memory once a span): spans of 16 tokens (the least), of 32, or the whole prompt give
+    the portable C's bits, over 18 and 20 tokens (AMX: a last set of 2 and 4, two blocks an instruction), 31 (int16
+    x takes the tokens kernel up to 32) and 57 (spans and calls that do not divide them), and 40 rows (two groups
+    and a rest)."""
     monkeypatch.setattr(quant._quant, "AMX", which == "amx")
     monkeypatch.setattr(quant._quant, "TOKENS_SPAN_BYTES", span_bytes)
     rng = np.random.default_rng(span_bytes % 1000 + tokens)
