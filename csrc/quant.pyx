@@ -581,13 +581,13 @@ cdef _amx(const int8_t[:, ::1] q8, const uint8_t[:, ::1] q4, const uint16_t[:, :
         dxp_buffer = _aligned_empty(span * dxp_floats, np.float32)
         ridx_buffer = _aligned_empty(span * 16 * BCNP_AMX_TOKENS, np.int32)
         pick_buffer = _aligned_empty(span * 32, np.int32)
-        sets_buffer = np.empty(span * sizeof(bcnp_amx_tokens), np.uint8)
+        sets_buffer = _aligned_empty(span * sizeof(bcnp_amx_tokens), np.uint8)      # the sets' structs
     cdef uint8_t[::1] tiles = tiles_buffer if groups else None
     cdef float[::1] dxp = dxp_buffer if groups else None
     cdef int32_t[::1] ridx = ridx_buffer if groups else None
     cdef int32_t[::1] pick = pick_buffer if groups else None
-    cdef uint8_t[::1] set_bytes_view = sets_buffer if groups else None
-    cdef bcnp_amx_tokens *xs = <bcnp_amx_tokens *>&set_bytes_view[0] if groups else NULL
+    cdef uint8_t[::1] structs = sets_buffer if groups else None
+    cdef bcnp_amx_tokens *xs = <bcnp_amx_tokens *>&structs[0] if groups else NULL
     with nogil:
         if groups:
             s0 = 0
