@@ -67,7 +67,7 @@ def attend_f16(const float[:, :, :] q not None, const uint16_t[:, :, ::1] k not 
     cdef Py_ssize_t h, t, hb, shared_bias = bias.shape[0] == 1
     cdef float sqrt_hd = np.sqrt(np.float32(hd))
     with nogil:
-        for h in prange(nh, num_threads=nt, schedule="static"):
+        for h in prange(nh, num_threads=nt, schedule="guided"):     # guided: as bcnp._quant's kernels
             hb = 0 if shared_bias else h
             for t in range(T):
                 bcnp_attend_row(p, &q[h, t, 0], &k[h, 0, 0], &v[h, 0, 0], &bias[hb, t, 0], S, hd, sqrt_hd,

@@ -338,7 +338,7 @@ cdef void _rows_q8_0(const int8_t[:, ::1] q, const uint16_t[:, ::1] d, const int
     cdef Py_ssize_t rows = q.shape[0], nb = q.shape[1] // 32, groups = 0, g, r
     if simd and BCNP_GROUPS:
         groups = rows // BCNP_GROUP_ROWS
-        for g in prange(groups, num_threads=nt, schedule="static"):
+        for g in prange(groups, num_threads=nt, schedule="guided"):        # guided: as in _tokens_kernel
             bcnp_group_q8_0(&q[g * BCNP_GROUP_ROWS, 0], &d[g * BCNP_GROUP_ROWS, 0], nb, xq, dx, &y[g * BCNP_GROUP_ROWS],
                             g + 1 < groups)
         for r in range(groups * BCNP_GROUP_ROWS, rows):
@@ -357,7 +357,7 @@ cdef void _rows_q4_0(const uint8_t[:, ::1] q, const uint16_t[:, ::1] d, const in
     cdef Py_ssize_t rows = q.shape[0], nb = 2 * q.shape[1] // 32, groups = 0, g, r
     if simd and BCNP_GROUPS:
         groups = rows // BCNP_GROUP_ROWS
-        for g in prange(groups, num_threads=nt, schedule="static"):
+        for g in prange(groups, num_threads=nt, schedule="guided"):        # guided: as in _tokens_kernel
             bcnp_group_q4_0(&q[g * BCNP_GROUP_ROWS, 0], &d[g * BCNP_GROUP_ROWS, 0], nb, xq, dx, bias,
                             &y[g * BCNP_GROUP_ROWS], g + 1 < groups)
         for r in range(groups * BCNP_GROUP_ROWS, rows):
@@ -457,7 +457,7 @@ cdef _token_by_token(q, const uint16_t[:, ::1] d, const float[:, ::1] x, float[:
         for t in range(T):
             bcnp_quantize_activation(&x[t, 0], n, bcnp_activation_limit(x_bits), q4_layout, &xq[t * n], &dx[t * nb],
                                      &bias[t * bs])
-        for g in prange(groups, num_threads=nt, schedule="static"):
+        for g in prange(groups, num_threads=nt, schedule="guided"):        # guided: as in _tokens_kernel
             t = 0
             while bits == 4 and t + 2 <= T:         # Q4_0: two tokens share each unpacking of the codes
                 bcnp_group2_q4_0(&q4[g * BCNP_GROUP_ROWS, 0], &d[g * BCNP_GROUP_ROWS, 0], nb, &xq[t * n],
@@ -567,6 +567,14 @@ cdef _amx(const int8_t[:, ::1] q8, const uint8_t[:, ::1] q4, const uint16_t[:, :
     adds the same terms in the same order."""
     cdef Py_ssize_t rows = yv.shape[1], nb = n // 32, groups = rows // BCNP_AMX_ROWS, g0, g1
     cdef int i, na = max(1, min(nt, groups)), planes = 2 if x_bits == 16 else 1, P
+    # The groups in 8 pieces a thread, taken in turn (dynamic): a thread that another takes the core from (a
+    # server's handlers and clients, on 2 cores) does fewer of them, where halves fixed in advance kept the other
+    # thread waiting at the end of every linear (as in _tokens_kernel).  Engine steps of 8 int4 sequences (2 layers
+    # of 13B width, Xeon with AMX, 2 threads) beside 8 Python threads busy 10% of the time each (as tools/bench.py
+    # batch --busy 8), medians of 40 steps, three alternated runs: 96, 118, 112 ms in halves against 87, 87, 78 in
+    # pieces (with the matvec's and attention's guided loops); alone 33.1-34.4 against 33.4-35.4.  serve_bench's
+    # clients load the cores less: its tokens/s did not move (8 clients 190 and 193 against 188 and 197).
+    cdef int pieces = <int>min(groups, 8 * na) if groups else 1
     cdef const int8_t *p8 = &q8[0, 0] if bits == 8 else NULL
     cdef const uint8_t *p4 = &q4[0, 0] if bits == 4 else NULL
     cdef Py_ssize_t sets = (T + BCNP_AMX_MAX_TOKENS - 1) // BCNP_AMX_MAX_TOKENS, s0, s1, c, j, t0, k
@@ -607,9 +615,9 @@ cdef _amx(const int8_t[:, ::1] q8, const uint8_t[:, ::1] q4, const uint16_t[:, :
                     xs[j].tiles, xs[j].dxp = &tiles[j * set_bytes], &dxp[j * dxp_floats]
                     xs[j].ridx, xs[j].pick = &ridx[j * 16 * BCNP_AMX_TOKENS], &pick[j * 32]
                     xs[j].T, xs[j].P, xs[j].planes = <int>k, P, planes
-                for i in prange(na, num_threads=na, schedule="static", chunksize=1):
-                    g0 = groups * i // na
-                    g1 = groups * (i + 1) // na
+                for i in prange(pieces, num_threads=na, schedule="dynamic", chunksize=1):
+                    g0 = groups * i // pieces
+                    g1 = groups * (i + 1) // pieces
                     bcnp_amx_rows(p8, p4, &d[0, 0], nb, g0, g1, xs, <int>(s1 - s0),
                                   &yv[s0 * BCNP_AMX_MAX_TOKENS, 0], rows)
                 s0 = s1

@@ -146,6 +146,22 @@ def test_batch_reports_every_width_a_chat_turn_and_a_burst_that_shares_its_prefi
 
 
 @pytest.mark.slow
+def test_batch_busy_runs_the_widths_beside_python_threads_and_says_how_many():
+    report = run_json(TOOLS / "bench.py", "batch", "--smoke", "--json", "--busy", "2")
+    assert report["busy"] == 2
+    assert all(list(report[kind]) == ["1", "2", "4", "8", "16"] and all(r > 0 for r in report[kind].values())
+               for kind in KINDS)
+
+
+@pytest.mark.parametrize("value", ["-1", "two"])
+def test_batch_busy_refuses_what_is_not_a_count_in_one_line(value):
+    result = subprocess.run([sys.executable, str(TOOLS / "bench.py"), "batch", "--busy", value], capture_output=True,
+                            text=True, timeout=60, cwd=ROOT)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.splitlines()[-1].endswith(f"error: argument --busy: expected an integer >= 0, got '{value}'")
+
+
+@pytest.mark.slow
 def test_serve_bench_runs_every_level_in_turns_and_reports_burst_and_later_requests_apart():
     report = run_json(TOOLS / "serve_bench.py", "--smoke", "--json")
     assert [row["clients"] for row in report["levels"]] == [1, 2] and not report["same_length"]

@@ -1,7 +1,7 @@
 """CPU prefill / decode benchmark at Baichuan-13B width against this machine's two ceilings, all from one run.
 
     python tools/bench.py [--threads N] [--layers 2] [--quick] [--json] [--cache-dtype {float16,float32}]
-    python tools/bench.py batch [--threads N] [--quick] [--json]   (the engine: B sequences decoding together)
+    python tools/bench.py batch [--threads N] [--quick] [--json] [--busy N]   (the engine: B sequences together)
     python tools/bench.py kernels [--threads N] [--quick]          (JSON: the linears at several tokens per call)
 
 The default report, for float32, int8 and int4 models of `--layers` layers of Baichuan-13B's widths (hidden 5120,
@@ -34,7 +34,9 @@ the aggregate decode tokens/s per weight kind ({"int4": {"1": tok/s,
 (--quick: 256): the time to its first token, reusing the history's cache, against the same turn's new tokens alone
 on a fresh engine, each the best of 3 (taking turns); then a burst of 8 chat prompts that share a template and
 their first words, submitted together after an earlier request (`burst_ttft`): the time until each has its first
-token and how many of their prompt tokens the engine computed (the rest it took from a cache).
+token and how many of their prompt tokens the engine computed (the rest it took from a cache).  --busy N runs N
+Python threads beside the decoding widths, each busy building JSON 0.3 ms of every 3.3 ms, as a server's request
+handlers and its clients share the cores with the engine.
 
 `kernels` prints one JSON object: for the five linears of one 13B layer in float32 (BLAS), int8 and int4,
   - "decode": B = 1, 2, 4, 8, 16 tokens per call (the batched kernels; float32: x @ W.T), aggregate tokens/s and
@@ -43,10 +45,12 @@ token and how many of their prompt tokens the engine computed (the rest it took 
     to the float32 BLAS GEMM of the same layer at the same length, measured in the same run.
 """
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
 import os
+import threading
 import time
 
 
@@ -61,7 +65,15 @@ def parse_args():
     p.add_argument("command", nargs="?", choices=["batch", "kernels"],
                    help="batch: the engine, B sequences at once; kernels: the linears at several tokens per call")
     p.add_argument("--json", action="store_true", help="one JSON object on stdout, nothing else")
+    p.add_argument("--busy", type=non_negative, default=0, metavar="N",
+                   help="batch: N Python threads beside the engine, each busy 10%% of the time (default 0)")
     return p.parse_args()
+
+
+def non_negative(text):
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return int(text)
 
 
 args = parse_args()
@@ -383,6 +395,28 @@ def engine_decode_rates(model, batches, steps):
     return {batch: batch / best[batch] for batch in batches}
 
 
+@contextlib.contextmanager
+def busy_threads(n):
+    """n Python threads, each building JSON for 0.3 ms of every 3.3 ms until the block ends."""
+    done = threading.Event()
+
+    def busy():
+        while not done.is_set():
+            start = time.perf_counter()
+            while time.perf_counter() - start < 0.0003:
+                json.dumps({"choices": [{"delta": {"content": "mountain"}}], "id": "chatcmpl-0"})
+            done.wait(0.003)
+    threads = [threading.Thread(target=busy, daemon=True) for _ in range(n)]
+    for t in threads:
+        t.start()
+    try:
+        yield
+    finally:
+        done.set()
+        for t in threads:
+            t.join()
+
+
 def chat_turn_ttft(model, history, rounds=3):
     """(time to the first token of a turn after `history` tokens, reusing them; the same turn's new tokens alone),
     each the best of `rounds`, taking turns: one first token is a single measurement, and on this shared machine a
@@ -447,10 +481,11 @@ def engine_report():
     config, pool = model_config(args.layers, args.smoke), RandomPool()
     # best of 8 steps per width: with 4, B = 1 moved by 20% from run to run on this shared machine, and every ratio
     # to it with it (engine_decode_rates interleaves the widths for the same reason)
-    report, steps = {"threads": THREADS, "layers": args.layers}, 2 if args.quick else 8
+    report, steps = {"threads": THREADS, "layers": args.layers, "busy": args.busy}, 2 if args.quick else 8
     for kind, bits in KINDS.items():
         model = random_model(config, pool, bits)
-        rates = engine_decode_rates(model, BATCHES, steps)
+        with busy_threads(args.busy):
+            rates = engine_decode_rates(model, BATCHES, steps)
         report[kind] = {str(b): r for b, r in rates.items()}
         report[kind + "_vs_b1"] = {str(b): r / rates[1] for b, r in rates.items()}
         say(f"{kind:8} " + "  ".join(f"B={b}: {r:6.1f} tok/s ({r / rates[1]:4.1f}x)" for b, r in rates.items()))
