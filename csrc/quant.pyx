@@ -574,7 +574,7 @@ cdef _amx(const int8_t[:, ::1] q8, const uint8_t[:, ::1] q4, const uint16_t[:, :
     # batch --busy 8), medians of 40 steps, three alternated runs: 96, 118, 112 ms in halves against 87, 87, 78 in
     # pieces (with the matvec's and attention's guided loops); alone 33.1-34.4 against 33.4-35.4.  serve_bench's
     # clients load the cores less: its tokens/s did not move (8 clients 190 and 193 against 188 and 197).
-    cdef int pieces = <int>min(groups, 8 * na) if groups else 1
+    cdef int pieces = <int>min(groups, 8 * na)
     cdef const int8_t *p8 = &q8[0, 0] if bits == 8 else NULL
     cdef const uint8_t *p4 = &q4[0, 0] if bits == 4 else NULL
     cdef Py_ssize_t sets = (T + BCNP_AMX_MAX_TOKENS - 1) // BCNP_AMX_MAX_TOKENS, s0, s1, c, j, t0, k
